@@ -1,0 +1,80 @@
+import cluster from 'node:cluster'
+import { readFileSync } from 'node:fs'
+import { Command, CommanderError, Option } from 'commander'
+import { loadConfig, OPTIONS, workerConfigFromEnv, type Config } from './config.js'
+import { ConfigError } from './errors.js'
+import { startPrimary } from './primary.js'
+import { startWorker } from './worker.js'
+
+/**
+ * The edge: the `meliproxy` command. In the primary it parses flags and the environment into a Config and starts
+ * the primary; in a forked worker it reads the Config the primary passed and starts the worker.
+ */
+
+const EXIT_USAGE = 2
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }
+  return pkg.version
+}
+
+function buildProgram(ver: string): Command {
+  const program = new Command('meliproxy')
+    .description('An API proxy that controls and measures HTTP traffic to one upstream.')
+    .version(ver, '-v, --version')
+    .helpOption('-h, --help', 'show this help')
+    .exitOverride()
+    .configureOutput({ outputError: (str, write) => write(str.split('\n')[0] + '\n') })
+    .addHelpText(
+      'after',
+      '\nEvery option can also be set by its environment variable or by its camelCase key in the config file.\n' +
+        'Precedence: flag > environment > config file > default.\n\nEnvironment variables:\n' +
+        OPTIONS.map((o) => `  ${o.env.padEnd(28)} ${o.flags.replace(/^-\w, /, '')}`).join('\n') +
+        '\n',
+    )
+  for (const o of OPTIONS) {
+    const option = new Option(o.flags, `${o.help} (default: ${o.defaultText}; env ${o.env})`)
+    program.addOption(option)
+  }
+  return program
+}
+
+/** Parses argv and env into a Config; throws ConfigError or CommanderError. */
+function configFrom(program: Command, env: NodeJS.ProcessEnv): Config {
+  const opts = program.opts<Record<string, unknown>>()
+  const flags: Record<string, unknown> = {}
+  for (const o of OPTIONS) {
+    const name = o.key === 'configFile' ? 'config' : o.key
+    if (program.getOptionValueSource(name) === 'cli') flags[o.key] = opts[name]
+  }
+  return loadConfig({ flags, env })
+}
+
+function fail(message: string): never {
+  process.stderr.write(`meliproxy: ${message}\n`)
+  process.exit(EXIT_USAGE)
+}
+
+/** Runs the command line. */
+export async function main(argv: string[], env: NodeJS.ProcessEnv): Promise<void> {
+  if (cluster.isWorker) {
+    await startWorker(workerConfigFromEnv(env))
+    return
+  }
+  const ver = version()
+  const program = buildProgram(ver)
+  let config: Config
+  try {
+    program.parse(argv)
+    config = configFrom(program, env)
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.exitCode === 0) process.exit(0)
+      process.exit(EXIT_USAGE)
+    }
+    if (err instanceof ConfigError) fail(err.message)
+    throw err
+  }
+  await startPrimary({ config, reloadConfig: () => configFrom(program, env), version: ver })
+  process.exit(0)
+}

@@ -1,0 +1,297 @@
+import { readFileSync } from 'node:fs'
+import { availableParallelism } from 'node:os'
+import { extname } from 'node:path'
+import { parse as parseYaml } from 'yaml'
+import { ConfigError } from './errors.js'
+import { parseCidr, type Cidr } from './net/ip.js'
+
+/**
+ * The one place that turns flags, environment and the config file into a validated, frozen Config.
+ * Precedence: flag > environment (MELIPROXY_*) > config file > default.
+ */
+
+/** Log levels, least to most severe. */
+export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
+/** One of LOG_LEVELS. */
+export type LogLevel = (typeof LOG_LEVELS)[number]
+
+/** A Redis Sentinel address. */
+export interface HostPort {
+  readonly host: string
+  readonly port: number
+}
+
+/** The whole validated configuration, deep-frozen. */
+export interface Config {
+  readonly configFile: string | null
+  readonly port: number
+  readonly host: string
+  readonly upstream: string
+  readonly workers: number
+  readonly adminPort: number
+  readonly adminHost: string
+  readonly adminToken: string | null
+  readonly redisUrl: string | null
+  readonly redisSentinels: readonly HostPort[]
+  readonly redisMaster: string
+  readonly redisPassword: string | null
+  readonly trustProxy: readonly Cidr[]
+  readonly logLevel: LogLevel
+  readonly accessLog: boolean
+  readonly connectTimeout: number
+  readonly headersTimeout: number
+  readonly bodyTimeout: number
+  readonly drainTimeout: number
+}
+
+type Parser<T> = (raw: unknown) => T
+
+/** One option: its key in the file, its flag, its environment variable, default, parser and help. */
+export interface OptionSpec {
+  readonly key: keyof Config
+  readonly flags: string
+  readonly env: string
+  readonly help: string
+  readonly defaultText: string
+  readonly fileKey: boolean
+}
+
+/** A parser's complaint: the caller adds which field and which source. */
+class BadValue extends Error {}
+
+function text(raw: unknown): string {
+  if (typeof raw === 'string') return raw.trim()
+  if (typeof raw === 'number' || typeof raw === 'boolean') return String(raw)
+  throw new BadValue(`expected a string, got ${JSON.stringify(raw)}`)
+}
+
+function integer(min: number, max: number, what: string): Parser<number> {
+  return (raw) => {
+    const s = text(raw)
+    if (!/^\d+$/.test(s) || Number(s) < min || Number(s) > max) {
+      throw new BadValue(`"${s}" is not ${what} (${min}-${max})`)
+    }
+    return Number(s)
+  }
+}
+
+const port = integer(1, 65535, 'a port')
+const portOrZero = integer(0, 65535, 'a port')
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
+
+/** Parses `250`, `250ms`, `5s`, `1m`, `1h` into milliseconds. */
+export function parseDuration(raw: unknown): number {
+  const s = text(raw)
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(s)
+  if (!m) throw new BadValue(`"${s}" is not a duration (e.g. 500ms, 5s, 1m, 1h)`)
+  const ms = Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!
+  if (ms <= 0 || ms > 86_400_000) throw new BadValue(`"${s}" is out of range (above 0, at most 24h)`)
+  return Math.round(ms)
+}
+
+function httpUrl(raw: unknown): string {
+  const s = text(raw)
+  let url: URL
+  try {
+    url = new URL(s)
+  } catch {
+    throw new BadValue(`"${s}" is not a URL`)
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new BadValue(`"${s}" must be http:// or https://`)
+  if (url.pathname !== '/' || url.search || url.hash || url.username) {
+    throw new BadValue(`"${s}" must be an origin only (scheme, host, port)`)
+  }
+  return url.origin
+}
+
+function redisUrl(raw: unknown): string | null {
+  const s = text(raw)
+  if (s === '') return null
+  let url: URL
+  try {
+    url = new URL(s)
+  } catch {
+    throw new BadValue(`"${s}" is not a URL`)
+  }
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') throw new BadValue(`"${s}" must be redis:// or rediss://`)
+  return s
+}
+
+function list(raw: unknown): string[] {
+  if (Array.isArray(raw)) return raw.map(text).filter((s) => s !== '')
+  return text(raw)
+    .split(',')
+    .map((s) => s.trim())
+    .filter((s) => s !== '')
+}
+
+function hostPorts(raw: unknown): HostPort[] {
+  return list(raw).map((item) => {
+    const m = /^(.+):(\d+)$/.exec(item)
+    if (!m) throw new BadValue(`"${item}" is not host:port`)
+    return { host: m[1]!.replace(/^\[|\]$/g, ''), port: port(m[2]) }
+  })
+}
+
+function cidrs(raw: unknown): Cidr[] {
+  return list(raw).map((item) => {
+    const c = parseCidr(item)
+    if (typeof c === 'string') throw new BadValue(c)
+    return c
+  })
+}
+
+function nonEmpty(raw: unknown): string {
+  const s = text(raw)
+  if (s === '') throw new BadValue('must not be empty')
+  return s
+}
+
+function optionalSecret(raw: unknown): string | null {
+  const s = text(raw)
+  return s === '' ? null : s
+}
+
+function bool(raw: unknown): boolean {
+  if (typeof raw === 'boolean') return raw
+  const s = text(raw).toLowerCase()
+  if (['1', 'true', 'yes', 'on'].includes(s)) return true
+  if (['0', 'false', 'no', 'off'].includes(s)) return false
+  throw new BadValue(`"${s}" is not a boolean (true/false)`)
+}
+
+function logLevel(raw: unknown): LogLevel {
+  const s = text(raw).toLowerCase()
+  if (!(LOG_LEVELS as readonly string[]).includes(s)) throw new BadValue(`"${s}" is not one of ${LOG_LEVELS.join(', ')}`)
+  return s as LogLevel
+}
+
+interface Option<T> extends OptionSpec {
+  readonly parse: Parser<T>
+  readonly default: T
+}
+
+function opt<T>(
+  key: keyof Config,
+  flags: string,
+  help: string,
+  parse: Parser<T>,
+  def: T,
+  defaultText = def === null ? 'none' : String(def),
+): Option<T> {
+  const env = 'MELIPROXY_' + key.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase()
+  return { key, flags, env, help, parse, default: def, defaultText, fileKey: key !== 'configFile' }
+}
+
+/** Every option, in --help order. The file uses the same camelCase keys. */
+export const OPTIONS: readonly Option<unknown>[] = [
+  opt('port', '-p, --port <n>', 'proxy listening port', port, 8080),
+  opt('host', '--host <addr>', 'proxy listening address', nonEmpty, '0.0.0.0'),
+  opt('upstream', '-u, --upstream <url>', 'upstream origin every request is forwarded to', httpUrl, 'https://api.mercadolibre.com'),
+  opt('workers', '-w, --workers <n>', 'worker processes', integer(1, 256, 'a worker count'), availableParallelism(), 'CPU count'),
+  opt('configFile', '-c, --config <file>', 'config file (YAML, or JSON by .json extension)', nonEmpty, null),
+  opt('adminPort', '--admin-port <n>', 'admin listener port (health, metrics)', portOrZero, 9090),
+  opt('adminHost', '--admin-host <addr>', 'admin listener address', nonEmpty, '127.0.0.1'),
+  opt('adminToken', '--admin-token <token>', 'bearer token for the admin API', optionalSecret, null),
+  opt('redisUrl', '--redis-url <url>', 'standalone Redis, redis://[:password@]host:port[/db]', redisUrl, null),
+  opt('redisSentinels', '--redis-sentinels <host:port,...>', 'Redis Sentinel addresses', hostPorts, [], 'none'),
+  opt('redisMaster', '--redis-master <name>', 'Sentinel master name', nonEmpty, 'mymaster'),
+  opt('redisPassword', '--redis-password <pw>', 'Redis password', optionalSecret, null),
+  opt('trustProxy', '--trust-proxy <cidr,...>', 'peers whose X-Forwarded-For is believed', cidrs, [], 'none'),
+  opt('logLevel', '--log-level <level>', `log level: ${LOG_LEVELS.join(', ')}`, logLevel, 'info'),
+  opt('accessLog', '--no-access-log', 'turn off the JSON access log on stdout', bool, true),
+  opt('connectTimeout', '--connect-timeout <duration>', 'upstream connect timeout', parseDuration, 5000, '5s'),
+  opt('headersTimeout', '--headers-timeout <duration>', 'upstream response headers timeout (504 after)', parseDuration, 30_000, '30s'),
+  opt('bodyTimeout', '--body-timeout <duration>', 'upstream body idle timeout', parseDuration, 30_000, '30s'),
+  opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', parseDuration, 30_000, '30s'),
+]
+
+/** What the edge hands to loadConfig: flag values given on the command line, and the environment. */
+export interface ConfigSources {
+  readonly flags: Readonly<Record<string, unknown>>
+  readonly env: Readonly<Record<string, string | undefined>>
+}
+
+function readConfigFile(path: string): Record<string, unknown> {
+  let body: string
+  try {
+    body = readFileSync(path, 'utf8')
+  } catch (err) {
+    throw new ConfigError('--config', `cannot read "${path}": ${(err as NodeJS.ErrnoException).code ?? String(err)}`)
+  }
+  let doc: unknown
+  try {
+    doc = extname(path) === '.json' ? JSON.parse(body) : parseYaml(body)
+  } catch (err) {
+    const first = String((err as Error).message).split('\n')[0]
+    throw new ConfigError('--config', `"${path}" is not valid ${extname(path) === '.json' ? 'JSON' : 'YAML'}: ${first}`)
+  }
+  if (doc === null || doc === undefined) return {}
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError('--config', `"${path}" must hold a mapping of options`)
+  const known = new Set(OPTIONS.filter((o) => o.fileKey).map((o) => o.key as string))
+  for (const key of Object.keys(doc)) {
+    if (!known.has(key)) throw new ConfigError(key, `unknown key in "${path}"`)
+  }
+  return doc as Record<string, unknown>
+}
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    Object.freeze(value)
+    for (const v of Object.values(value)) deepFreeze(v)
+  }
+  return value
+}
+
+/** Builds the Config from flags, environment, file and defaults; throws ConfigError naming the field and value. */
+export function loadConfig(sources: ConfigSources): Config {
+  const { flags, env } = sources
+  const fileOpt = OPTIONS.find((o) => o.key === 'configFile')!
+  const filePath = (flags.configFile ?? env[fileOpt.env]) as string | undefined
+  const file = filePath ? readConfigFile(filePath) : {}
+  const out: Record<string, unknown> = {}
+  for (const o of OPTIONS) {
+    let raw: unknown
+    let field: string
+    if (flags[o.key] !== undefined) {
+      raw = flags[o.key]
+      field = o.flags.replace(/^-\w, /, '').split(' ')[0]!.replace('--no-', '--')
+    } else if (env[o.env] !== undefined) {
+      raw = env[o.env]
+      field = o.env
+    } else if (o.fileKey && file[o.key] !== undefined) {
+      raw = file[o.key]
+      field = `${o.key} (in ${filePath})`
+    } else {
+      out[o.key] = o.default
+      continue
+    }
+    try {
+      out[o.key] = o.parse(raw)
+    } catch (err) {
+      if (err instanceof BadValue) throw new ConfigError(field, err.message)
+      throw err
+    }
+  }
+  const config = out as unknown as Config
+  if (config.redisUrl && config.redisSentinels.length > 0) {
+    throw new ConfigError('--redis-url', 'give either --redis-url or --redis-sentinels, not both')
+  }
+  return deepFreeze(config)
+}
+
+/** Serialises a Config for a worker (the primary passes it through the fork environment). */
+export function encodeConfig(config: Config): string {
+  return JSON.stringify(config)
+}
+
+/** The variable that carries the encoded Config to a forked worker. */
+export const WORKER_CONFIG_ENV = 'MELIPROXY_WORKER_CONFIG'
+
+/** Reads the Config the primary passed to this worker; it was validated there. */
+export function workerConfigFromEnv(env: Readonly<Record<string, string | undefined>>): Config {
+  const encoded = env[WORKER_CONFIG_ENV]
+  if (!encoded) throw new Error(`${WORKER_CONFIG_ENV} is not set: workers are started by the primary`)
+  return deepFreeze(JSON.parse(encoded) as Config)
+}

@@ -1,0 +1,83 @@
+import { LOG_LEVELS, type LogLevel } from './config.js'
+
+/**
+ * JSON-lines logging: access lines on stdout, everything else on stderr.
+ * Access lines are batched and written once per event-loop turn, so a busy worker makes one write()
+ * per turn instead of one per request.
+ */
+
+/** A destination with the shape of process.stdout. */
+export interface Sink {
+  write(chunk: string): unknown
+}
+
+/** A leveled JSON logger for operational events (stderr). */
+export interface Logger {
+  debug(msg: string, fields?: Record<string, unknown>): void
+  info(msg: string, fields?: Record<string, unknown>): void
+  warn(msg: string, fields?: Record<string, unknown>): void
+  error(msg: string, fields?: Record<string, unknown>): void
+}
+
+/** Creates a Logger writing one JSON object per line to `sink`, dropping lines below `level`. */
+export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>): Logger {
+  const min = LOG_LEVELS.indexOf(level)
+  const make =
+    (lvl: LogLevel) =>
+    (msg: string, fields?: Record<string, unknown>): void => {
+      if (LOG_LEVELS.indexOf(lvl) < min) return
+      sink.write(JSON.stringify({ time: new Date().toISOString(), level: lvl, msg, ...base, ...fields }) + '\n')
+    }
+  return { debug: make('debug'), info: make('info'), warn: make('warn'), error: make('error') }
+}
+
+/** One request as the access log records it. */
+export interface AccessEntry {
+  time: number
+  ip: string
+  method: string
+  path: string
+  status: number
+  bytes: number
+  durationMs: number
+  upstreamMs: number | null
+  cache?: string
+  limited?: string
+}
+
+/** Batches access-log lines and flushes them once per event-loop turn. */
+export class AccessLog {
+  readonly #sink: Sink
+  readonly #worker: number
+  #buffer = ''
+  #scheduled = false
+
+  constructor(sink: Sink, worker: number) {
+    this.#sink = sink
+    this.#worker = worker
+  }
+
+  /** Queues one line. */
+  write(e: AccessEntry): void {
+    this.#buffer +=
+      `{"time":"${new Date(e.time).toISOString()}","ip":${JSON.stringify(e.ip)},"method":${JSON.stringify(e.method)},` +
+      `"path":${JSON.stringify(e.path)},"status":${e.status},"bytes":${e.bytes},"durationMs":${e.durationMs.toFixed(3)},` +
+      `"upstreamMs":${e.upstreamMs === null ? 'null' : e.upstreamMs.toFixed(3)},` +
+      (e.cache ? `"cache":"${e.cache}",` : '') +
+      (e.limited ? `"limited":${JSON.stringify(e.limited)},` : '') +
+      `"worker":${this.#worker}}\n`
+    if (!this.#scheduled) {
+      this.#scheduled = true
+      setImmediate(this.flush)
+    }
+  }
+
+  /** Writes what is queued (bound, so it can be passed as a callback). */
+  readonly flush = (): void => {
+    this.#scheduled = false
+    if (this.#buffer === '') return
+    const out = this.#buffer
+    this.#buffer = ''
+    this.#sink.write(out)
+  }
+}
