@@ -252,26 +252,21 @@ export function loadConfig(sources: ConfigSources): Config {
   const file = filePath ? readConfigFile(filePath) : {}
   const out: Record<string, unknown> = {}
   for (const o of OPTIONS) {
-    let raw: unknown
-    let field: string
-    if (flags[o.key] !== undefined) {
-      raw = flags[o.key]
-      field = o.flags.replace(/^-\w, /, '').split(' ')[0]!.replace('--no-', '--')
-    } else if (env[o.env] !== undefined) {
-      raw = env[o.env]
-      field = o.env
-    } else if (o.fileKey && file[o.key] !== undefined) {
-      raw = file[o.key]
-      field = `${o.key} (in ${filePath})`
-    } else {
-      out[o.key] = o.default
-      continue
-    }
-    try {
-      out[o.key] = o.parse(raw)
-    } catch (err) {
-      if (err instanceof BadValue) throw new ConfigError(field, err.message)
-      throw err
+    // Every source that sets the option is validated, even one a higher source overrides: a bad value in the
+    // file is an error today, not a surprise on the day the flag is removed. The first present source wins.
+    const present: [raw: unknown, field: string][] = []
+    if (flags[o.key] !== undefined) present.push([flags[o.key], o.flags.replace(/^-\w, /, '').split(' ')[0]!.replace('--no-', '--')])
+    if (env[o.env] !== undefined) present.push([env[o.env], o.env])
+    if (o.fileKey && file[o.key] !== undefined) present.push([file[o.key], `${o.key} (in ${filePath})`])
+    out[o.key] = o.default
+    for (let i = present.length - 1; i >= 0; i--) {
+      const [raw, field] = present[i]!
+      try {
+        out[o.key] = o.parse(raw)
+      } catch (err) {
+        if (err instanceof BadValue) throw new ConfigError(field, err.message)
+        throw err
+      }
     }
   }
   const config = out as unknown as Config

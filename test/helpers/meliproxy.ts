@@ -1,0 +1,177 @@
+import { spawn, type ChildProcess } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+import { request } from 'undici'
+import { freePort } from './ports.js'
+
+/** The built binary the tests run (npm test builds it first). */
+export const BIN = fileURLToPath(new URL('../../bin/meliproxy', import.meta.url))
+
+/** A running meliproxy: the real binary, its primary and workers. */
+export interface RunningProxy {
+  readonly proc: ChildProcess
+  readonly port: number
+  readonly adminPort: number
+  readonly url: string
+  readonly adminUrl: string
+  readonly stdout: string[]
+  readonly stderr: string[]
+  /** PIDs of the primary's live child processes (the workers), read from /proc. */
+  workerPids(): number[]
+  /** Resolves with the exit code (or signal name) once the primary exits. */
+  readonly exited: Promise<number | string>
+  /** SIGTERM, wait; then SIGKILL whatever of ours is left. */
+  stop(): Promise<void>
+}
+
+/** Child PIDs of `pid`, from /proc (Linux). */
+export function childPids(pid: number): number[] {
+  const out: number[] = []
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1])
+      if (ppid === pid) out.push(Number(entry))
+    } catch {
+      // the process went away while we looked
+    }
+  }
+  return out
+}
+
+/**
+ * The command line that runs the binary. tap's process-info plugin injects its loaders into every spawned node
+ * through NODE_OPTIONS; `env -u` (which execs, keeping the PID) runs the binary as a user would.
+ */
+export function binCommand(args: string[]): [string, string[]] {
+  return ['env', ['-u', 'NODE_OPTIONS', process.execPath, BIN, ...args]]
+}
+
+/** An environment for the binary without tap's loader options. */
+export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k === 'NODE_OPTIONS' || k.startsWith('MELIPROXY_') || k.startsWith('TAP') || k.startsWith('_TAP')) continue
+    env[k] = v
+  }
+  return { ...env, ...extra }
+}
+
+/** Runs the binary to completion (for bad-input checks). */
+export function runBinary(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const [cmd, argv] = binCommand(args)
+    const p = spawn(cmd, argv, { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    p.stdout.on('data', (c: Buffer) => (stdout += c))
+    p.stderr.on('data', (c: Buffer) => (stderr += c))
+    const timer = setTimeout(() => p.kill('SIGKILL'), 10_000)
+    p.on('close', (code) => {
+      clearTimeout(timer)
+      resolve({ code, stdout, stderr })
+    })
+  })
+}
+
+/** Polls `check` every 50 ms until it returns true or `ms` pass; returns whether it did. */
+export async function waitFor(check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms
+  while (Date.now() < deadline) {
+    if (await check()) return true
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  return false
+}
+
+/** GET on the admin listener, parsed as JSON when it is. */
+export async function admin(p: RunningProxy, path: string): Promise<{ status: number; body: any; text: string }> {
+  const res = await request(p.adminUrl + path)
+  const text = await res.body.text()
+  let body: unknown = null
+  try {
+    body = JSON.parse(text)
+  } catch {
+    body = null
+  }
+  return { status: res.statusCode, body, text }
+}
+
+/** Starts the binary with free ports and `args`, and waits until /readyz says every worker listens. */
+export async function startMeliproxy(
+  args: string[],
+  opts: { env?: Record<string, string>; workers?: number } = {},
+): Promise<RunningProxy> {
+  const port = await freePort()
+  const adminPort = await freePort()
+  const workers = opts.workers ?? 2
+  const [cmd, argv] = binCommand([
+    '--port', String(port),
+    '--host', '127.0.0.1',
+    '--admin-port', String(adminPort),
+    '--workers', String(workers),
+    ...args,
+  ])
+  const proc = spawn(cmd, argv, { env: cleanEnv(opts.env), stdio: ['ignore', 'pipe', 'pipe'] })
+  const stdout: string[] = []
+  const stderr: string[] = []
+  const collect = (into: string[]) => {
+    let partial = ''
+    return (chunk: Buffer) => {
+      const lines = (partial + chunk.toString()).split('\n')
+      partial = lines.pop() ?? ''
+      into.push(...lines)
+    }
+  }
+  proc.stdout!.on('data', collect(stdout))
+  proc.stderr!.on('data', collect(stderr))
+  const exited = new Promise<number | string>((resolve) =>
+    proc.once('exit', (code, signal) => resolve(code ?? signal ?? 'unknown')),
+  )
+  let gone = false
+  void exited.then(() => (gone = true))
+  const running: RunningProxy = {
+    proc,
+    port,
+    adminPort,
+    url: `http://127.0.0.1:${port}`,
+    adminUrl: `http://127.0.0.1:${adminPort}`,
+    stdout,
+    stderr,
+    exited,
+    workerPids: () => childPids(proc.pid!),
+    async stop() {
+      if (gone) return
+      const workersLeft = childPids(proc.pid!)
+      proc.kill('SIGTERM')
+      const done = await Promise.race([exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 8_000))])
+      if (done) return
+      proc.kill('SIGKILL')
+      for (const pid of workersLeft) {
+        try {
+          process.kill(pid, 'SIGKILL')
+        } catch {
+          // already gone
+        }
+      }
+    },
+  }
+  const ready = await waitFor(async () => {
+    if (gone) return false
+    try {
+      const r = await admin(running, '/readyz')
+      return r.status === 200 && r.body?.workers?.listening === workers
+    } catch {
+      return false
+    }
+  }, 15_000)
+  if (!ready) {
+    await running.stop()
+    throw new Error(`meliproxy did not become ready; stderr:\n${stderr.join('\n')}`)
+  }
+  return running
+}

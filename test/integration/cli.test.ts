@@ -1,0 +1,57 @@
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import { runBinary } from '../helpers/meliproxy.js'
+
+const dir = mkdtempSync(join(tmpdir(), 'meliproxy-cli-'))
+const file = (name: string, body: string): string => {
+  const p = join(dir, name)
+  writeFileSync(p, body)
+  return p
+}
+
+/** Each bad input, and what the one error line must name. */
+const cases: { name: string; args: string[]; env?: Record<string, string>; names: RegExp }[] = [
+  { name: 'a port out of range', args: ['--port', '70000'], names: /--port.*"70000"/ },
+  { name: 'a port that is not a number', args: ['-p', 'eighty'], names: /--port.*"eighty"/ },
+  { name: 'a malformed upstream URL', args: ['--upstream', 'not a url'], names: /--upstream.*"not a url"/ },
+  { name: 'an upstream with a path', args: ['--upstream', 'http://x.test/api'], names: /--upstream.*origin/ },
+  { name: 'a missing config file', args: ['--config', join(dir, 'absent.yaml')], names: /--config.*absent\.yaml.*ENOENT/ },
+  { name: 'a YAML syntax error', args: ['--config', file('bad.yaml', 'port: [8080\nhost: x\n')], names: /--config.*bad\.yaml.*YAML/ },
+  { name: 'an unknown key in the file', args: ['--config', file('unknown.yaml', 'prot: 8080\n')], names: /^meliproxy: prot: unknown key/ },
+  { name: 'a bad value in the file', args: ['--config', file('val.yaml', 'workers: 0\n')], names: /workers \(in .*val\.yaml\).*"0"/ },
+  { name: 'a bad environment value', args: [], env: { MELIPROXY_ADMIN_PORT: '-1' }, names: /MELIPROXY_ADMIN_PORT.*"-1"/ },
+  { name: 'a bad trust-proxy CIDR', args: ['--trust-proxy', '10.0.0.0/33'], names: /--trust-proxy.*10\.0\.0\.0\/33/ },
+  { name: 'a bad duration', args: ['--headers-timeout', 'soon'], names: /--headers-timeout.*"soon"/ },
+  { name: 'an unknown flag', args: ['--prot', '1'], names: /unknown option '--prot'/ },
+]
+
+for (const c of cases) {
+  t.test(`${c.name} exits 2 with one line naming the field and the value`, async (t) => {
+    const r = await runBinary(c.args, c.env)
+    t.equal(r.code, 2, 'exit code 2')
+    const lines = r.stderr.trim().split('\n')
+    t.equal(lines.length, 1, `one line: ${r.stderr.trim()}`)
+    t.match(lines[0], c.names)
+    t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+  })
+}
+
+t.test('--help documents every flag, its environment variable and the precedence', async (t) => {
+  const r = await runBinary(['--help'])
+  t.equal(r.code, 0)
+  for (const flag of ['--port', '--host', '--upstream', '--workers', '--config', '--admin-port', '--admin-host',
+    '--admin-token', '--redis-url', '--redis-sentinels', '--redis-master', '--redis-password', '--trust-proxy',
+    '--log-level', '--no-access-log', '--version']) {
+    t.match(r.stdout, flag, `mentions ${flag}`)
+  }
+  t.match(r.stdout, /MELIPROXY_PORT/)
+  t.match(r.stdout, /flag > environment > config file > default/)
+})
+
+t.test('--version prints the package version', async (t) => {
+  const r = await runBinary(['--version'])
+  t.equal(r.code, 0)
+  t.match(r.stdout.trim(), /^\d+\.\d+\.\d+$/)
+})

@@ -1,0 +1,56 @@
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import { loadConfig, parseDuration } from '../../src/config.js'
+import { ConfigError } from '../../src/errors.js'
+
+const dir = mkdtempSync(join(tmpdir(), 'meliproxy-config-'))
+const yaml = join(dir, 'c.yaml')
+writeFileSync(yaml, 'port: 7000\nworkers: 3\nlogLevel: warn\nredisSentinels: [127.0.0.1:26379, "[::1]:26380"]\n')
+
+t.test('precedence is flag > environment > file > default', async (t) => {
+  const c = loadConfig({ flags: { configFile: yaml, port: '9000' }, env: { MELIPROXY_PORT: '8000', MELIPROXY_WORKERS: '5' } })
+  t.equal(c.port, 9000, 'the flag wins over env and file')
+  t.equal(c.workers, 5, 'env wins over the file')
+  t.equal(c.logLevel, 'warn', 'the file wins over the default')
+  t.equal(c.host, '0.0.0.0', 'the default fills the rest')
+  t.same(c.redisSentinels, [{ host: '127.0.0.1', port: 26379 }, { host: '::1', port: 26380 }])
+  t.ok(Object.isFrozen(c) && Object.isFrozen(c.redisSentinels[0]), 'the config is deep-frozen')
+})
+
+t.test('a JSON config file is read by its extension', async (t) => {
+  const json = join(dir, 'c.json')
+  writeFileSync(json, JSON.stringify({ upstream: 'http://127.0.0.1:1234', accessLog: false }))
+  const c = loadConfig({ flags: { configFile: json }, env: {} })
+  t.equal(c.upstream, 'http://127.0.0.1:1234')
+  t.equal(c.accessLog, false)
+})
+
+t.test('the config file is also found through MELIPROXY_CONFIG_FILE', async (t) => {
+  const c = loadConfig({ flags: {}, env: { MELIPROXY_CONFIG_FILE: yaml } })
+  t.equal(c.port, 7000)
+})
+
+t.test('durations take ms, s, m and h', async (t) => {
+  t.equal(parseDuration('250'), 250)
+  t.equal(parseDuration('250ms'), 250)
+  t.equal(parseDuration('1.5s'), 1500)
+  t.equal(parseDuration('2m'), 120_000)
+  t.equal(parseDuration('1h'), 3_600_000)
+  t.throws(() => parseDuration('0s'))
+  t.throws(() => parseDuration('5 minutes'))
+})
+
+t.test('redis-url and redis-sentinels together are refused', async (t) => {
+  t.throws(
+    () => loadConfig({ flags: { redisUrl: 'redis://127.0.0.1:6379', redisSentinels: '127.0.0.1:26379' }, env: {} }),
+    ConfigError,
+  )
+})
+
+t.test('an overridden but invalid file value is still an error', async (t) => {
+  const bad = join(dir, 'bad.yaml')
+  writeFileSync(bad, 'port: 0\n')
+  t.throws(() => loadConfig({ flags: { configFile: bad, port: '8080' }, env: {} }), /port \(in .*\): "0"/)
+})
