@@ -20,7 +20,12 @@ export async function steadyLoad(opts: {
   localAddress?: string
 }): Promise<LoadResult> {
   const result: LoadResult = { sent: 0, byStatus: {}, errors: [] }
-  const agent = new Agent({ keepAliveTimeout: 2_000, connect: opts.localAddress ? { localAddress: opts.localAddress } : {} })
+  const agent = new Agent({
+    keepAliveTimeout: 2_000,
+    headersTimeout: 10_000,
+    bodyTimeout: 10_000,
+    connect: opts.localAddress ? { localAddress: opts.localAddress } : {},
+  })
   const deadline = Date.now() + opts.maxMs
   let stopped = false
   void opts.until?.then(() => (stopped = true))

@@ -2,7 +2,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { loadConfig, parseDuration } from '../../src/config.js'
+import { loadConfig, OPTIONS, parseDuration } from '../../src/config.js'
 import { ConfigError } from '../../src/errors.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'meliproxy-config-'))
@@ -53,4 +53,15 @@ t.test('an overridden but invalid file value is still an error', async (t) => {
   const bad = join(dir, 'bad.yaml')
   writeFileSync(bad, 'port: 0\n')
   t.throws(() => loadConfig({ flags: { configFile: bad, port: '8080' }, env: {} }), /port \(in .*\): "0"/)
+})
+
+t.test('the example config file loads and documents every option', async (t) => {
+  const example = new URL('../../config/meliproxy.example.yaml', import.meta.url).pathname
+  const c = loadConfig({ flags: { configFile: example }, env: {} })
+  t.equal(c.upstream, 'https://api.mercadolibre.com')
+  const text = (await import('node:fs')).readFileSync(example, 'utf8')
+  for (const o of OPTIONS) {
+    if (o.key === 'configFile') continue
+    t.match(text, new RegExp(`^#? ?${o.key}:`, 'm'), `${o.key} is documented`)
+  }
 })

@@ -1,0 +1,158 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { createServer } from 'node:net'
+import { fileURLToPath } from 'node:url'
+
+/**
+ * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
+ * a fixed time with one load generator (wrk when installed, else autocannon), and prints req/s, p50/p99 latency and
+ * errors with meliproxy's ratios to the baselines. Options: --duration S (default 10), --connections N (default 64),
+ * --workers N (default 2).
+ */
+
+interface Figures {
+  name: string
+  rps: number
+  p50: number
+  p99: number
+  errors: number
+}
+
+const args = process.argv.slice(2)
+const flag = (name: string, def: number): number => {
+  const i = args.indexOf(name)
+  return i === -1 ? def : Number(args[i + 1])
+}
+const DURATION = flag('--duration', 10)
+const CONNECTIONS = flag('--connections', 64)
+const WORKERS = flag('--workers', 2)
+
+const here = (p: string): string => fileURLToPath(new URL(p, import.meta.url))
+const SERVERS = here('./servers.js')
+const BIN = here('../../bin/meliproxy')
+const AUTOCANNON = here('../../node_modules/autocannon/autocannon.js')
+const started: ChildProcess[] = []
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer()
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address()
+      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0))
+    })
+  })
+}
+
+function launch(cmd: string, argv: string[]): ChildProcess {
+  const p = spawn(cmd, argv, { stdio: ['ignore', 'ignore', 'inherit'] })
+  started.push(p)
+  return p
+}
+
+async function waitUp(url: string): Promise<void> {
+  const deadline = Date.now() + 15_000
+  while (Date.now() < deadline) {
+    try {
+      const r = await fetch(url)
+      await r.arrayBuffer()
+      if (r.status === 200) return
+    } catch {
+      // not yet
+    }
+    await new Promise((r) => setTimeout(r, 100))
+  }
+  throw new Error(`${url} did not come up`)
+}
+
+const hasWrk = spawnSync('sh', ['-c', 'command -v wrk']).status === 0
+
+function parseWrkLatency(text: string, pct: string): number {
+  const m = new RegExp(`^\\s*${pct}%\\s+([\\d.]+)(us|ms|s)`, 'm').exec(text)
+  if (!m) return NaN
+  const v = Number(m[1])
+  return m[2] === 'us' ? v / 1000 : m[2] === 's' ? v * 1000 : v
+}
+
+function load(name: string, url: string, seconds: number): Figures {
+  if (hasWrk) {
+    const r = spawnSync('wrk', ['-t1', `-c${CONNECTIONS}`, `-d${seconds}s`, '--latency', url], { encoding: 'utf8' })
+    const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(r.stdout)?.[1] ?? 0)
+    const non2xx = Number(/Non-2xx or 3xx responses:\s+(\d+)/.exec(r.stdout)?.[1] ?? 0)
+    const sockErr = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(r.stdout)
+    const errors = non2xx + (sockErr ? sockErr.slice(1).reduce((a, b) => a + Number(b), 0) : 0)
+    return { name, rps, p50: parseWrkLatency(r.stdout, '50'), p99: parseWrkLatency(r.stdout, '99'), errors }
+  }
+  const r = spawnSync(process.execPath, [AUTOCANNON, '-c', String(CONNECTIONS), '-d', String(seconds), '-j', url], {
+    encoding: 'utf8',
+    maxBuffer: 64 * 1024 * 1024,
+  })
+  const j = JSON.parse(r.stdout) as {
+    requests: { average: number }
+    latency: { p50: number; p99: number }
+    errors: number
+    timeouts: number
+    non2xx: number
+  }
+  return { name, rps: j.requests.average, p50: j.latency.p50, p99: j.latency.p99, errors: j.errors + j.timeouts + j.non2xx }
+}
+
+async function main(): Promise<void> {
+  const [upPort, barePort, undiciPort, mpPort, mpAdmin] = await Promise.all([
+    freePort(), freePort(), freePort(), freePort(), freePort(),
+  ])
+  const upstream = `http://127.0.0.1:${upPort}`
+  launch(process.execPath, [SERVERS, 'upstream', String(upPort)])
+  launch(process.execPath, [SERVERS, 'bare', String(barePort), String(WORKERS)])
+  launch(process.execPath, [SERVERS, 'undici-proxy', String(undiciPort), String(WORKERS), upstream])
+  launch(process.execPath, [
+    BIN, '--port', String(mpPort), '--host', '127.0.0.1', '--admin-port', String(mpAdmin),
+    '--workers', String(WORKERS), '--upstream', upstream, '--log-level', 'warn',
+  ])
+  const path = '/categories/MLA97994'
+  const targets = {
+    bare: `http://127.0.0.1:${barePort}${path}`,
+    undici: `http://127.0.0.1:${undiciPort}${path}`,
+    meliproxy: `http://127.0.0.1:${mpPort}${path}`,
+  }
+  for (const url of Object.values(targets)) await waitUp(url)
+
+  const generator = hasWrk ? 'wrk -t1' : 'autocannon'
+  console.log(`meliproxy bench: ${generator}, ${CONNECTIONS} connections, ${DURATION}s each, ${WORKERS} workers per server`)
+  const scenarios: [string, string][] = [
+    ['bare node (memory)', targets.bare],
+    ['bare undici proxy', targets.undici],
+    ['meliproxy proxy (access log on)', targets.meliproxy],
+  ]
+  const results: Figures[] = []
+  for (const [name, url] of scenarios) {
+    load(name, url, 2) // warm-up: JIT, keep-alive pools
+    results.push(load(name, url, DURATION))
+  }
+
+  console.log('\nscenario                          req/s     p50 ms   p99 ms   errors')
+  for (const r of results) {
+    console.log(
+      `${r.name.padEnd(32)} ${r.rps.toFixed(0).padStart(7)} ${r.p50.toFixed(2).padStart(9)} ${r.p99.toFixed(2).padStart(8)} ${String(r.errors).padStart(8)}`,
+    )
+  }
+  const by = (n: string): Figures => results.find((r) => r.name.startsWith(n))!
+  const mp = by('meliproxy proxy')
+  console.log(`\nmeliproxy proxy / bare undici proxy: ${(mp.rps / by('bare undici').rps).toFixed(2)}x (target >= 1.0x)`)
+  console.log(`meliproxy proxy / bare node (memory): ${(mp.rps / by('bare node').rps).toFixed(2)}x`)
+}
+
+function stopAll(): void {
+  for (const p of started) if (p.exitCode === null) p.kill('SIGTERM')
+}
+
+main()
+  .catch((err: Error) => {
+    console.error(err.message)
+    process.exitCode = 1
+  })
+  .finally(() => {
+    stopAll()
+    setTimeout(() => {
+      for (const p of started) if (p.exitCode === null) p.kill('SIGKILL')
+      process.exit()
+    }, 3_000).unref()
+  })
