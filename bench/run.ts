@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url'
  * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
  * a fixed time with one load generator (wrk when installed, else autocannon), and prints req/s, p50/p99 latency and
  * errors with meliproxy's ratios to the baselines. Options: --duration S (default 10), --connections N (default 64),
- * --workers N (default 2).
+ * --workers N (default 2), --rounds N (default 2).
  */
 
 interface Figures {
@@ -25,6 +25,7 @@ const flag = (name: string, def: number): number => {
 const DURATION = flag('--duration', 10)
 const CONNECTIONS = flag('--connections', 64)
 const WORKERS = flag('--workers', 2)
+const ROUNDS = flag('--rounds', 2)
 
 const here = (p: string): string => fileURLToPath(new URL(p, import.meta.url))
 const SERVERS = here('./servers.js')
@@ -116,17 +117,29 @@ async function main(): Promise<void> {
   for (const url of Object.values(targets)) await waitUp(url)
 
   const generator = hasWrk ? 'wrk -t1' : 'autocannon'
-  console.log(`meliproxy bench: ${generator}, ${CONNECTIONS} connections, ${DURATION}s each, ${WORKERS} workers per server`)
+  console.log(
+    `meliproxy bench: ${generator}, ${CONNECTIONS} connections, ${ROUNDS} rounds of ${DURATION}s each, ${WORKERS} workers per server`,
+  )
   const scenarios: [string, string][] = [
     ['bare node (memory)', targets.bare],
     ['bare undici proxy', targets.undici],
     ['meliproxy proxy (access log on)', targets.meliproxy],
   ]
-  const results: Figures[] = []
-  for (const [name, url] of scenarios) {
-    load(name, url, 2) // warm-up: JIT, keep-alive pools
-    results.push(load(name, url, DURATION))
+  for (const [name, url] of scenarios) load(name, url, 2) // warm-up: JIT, keep-alive pools
+  // Rounds interleave the scenarios so that a noisy moment on the machine does not favour one of them;
+  // each figure is the mean over the rounds.
+  const runs: Figures[][] = scenarios.map(() => [])
+  for (let round = 0; round < ROUNDS; round++) {
+    scenarios.forEach(([name, url], i) => runs[i]!.push(load(name, url, DURATION)))
   }
+  const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length
+  const results: Figures[] = runs.map((r) => ({
+    name: r[0]!.name,
+    rps: mean(r.map((x) => x.rps)),
+    p50: mean(r.map((x) => x.p50)),
+    p99: mean(r.map((x) => x.p99)),
+    errors: r.reduce((a, x) => a + x.errors, 0),
+  }))
 
   console.log('\nscenario                          req/s     p50 ms   p99 ms   errors')
   for (const r of results) {

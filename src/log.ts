@@ -51,6 +51,8 @@ export class AccessLog {
   readonly #worker: number
   #buffer = ''
   #scheduled = false
+  #lastTime = 0
+  #lastIso = ''
 
   constructor(sink: Sink, worker: number) {
     this.#sink = sink
@@ -59,8 +61,13 @@ export class AccessLog {
 
   /** Queues one line. */
   write(e: AccessEntry): void {
+    if (e.time !== this.#lastTime) {
+      // Many requests share a millisecond under load: format the timestamp once per millisecond.
+      this.#lastTime = e.time
+      this.#lastIso = new Date(e.time).toISOString()
+    }
     this.#buffer +=
-      `{"time":"${new Date(e.time).toISOString()}","ip":${JSON.stringify(e.ip)},"method":${JSON.stringify(e.method)},` +
+      `{"time":"${this.#lastIso}","ip":${JSON.stringify(e.ip)},"method":${JSON.stringify(e.method)},` +
       `"path":${JSON.stringify(e.path)},"status":${e.status},"bytes":${e.bytes},"durationMs":${e.durationMs.toFixed(3)},` +
       `"upstreamMs":${e.upstreamMs === null ? 'null' : e.upstreamMs.toFixed(3)},` +
       (e.cache ? `"cache":"${e.cache}",` : '') +

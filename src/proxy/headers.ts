@@ -20,8 +20,16 @@ const HOP_BY_HOP = new Set([
 /** The Via entry meliproxy adds. */
 export const VIA = '1.1 meliproxy'
 
+/**
+ * The field names a Connection header lists beyond the hop-by-hop set, or null when there are none
+ * (the common `keep-alive` / `close` values take the fast path).
+ */
 function connectionTokens(value: string | string[] | undefined): Set<string> | null {
   if (value === undefined) return null
+  if (typeof value === 'string') {
+    const v = value.length < 11 ? value.toLowerCase() : ''
+    if (v === 'keep-alive' || v === 'close') return null
+  }
   const joined = Array.isArray(value) ? value.join(',') : value
   const tokens = new Set<string>()
   for (const t of joined.split(',')) {
