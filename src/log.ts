@@ -2,9 +2,12 @@ import { LOG_LEVELS, type LogLevel } from './config.js'
 
 /**
  * JSON-lines logging: access lines on stdout, everything else on stderr.
- * Access lines are batched and written once per event-loop turn, so a busy worker makes one write()
- * per turn instead of one per request.
+ * Access lines are batched and written every ACCESS_FLUSH_MS (or at ACCESS_FLUSH_BYTES), so a busy worker makes
+ * a few write() calls a second instead of one per request. A worker that is SIGKILLed loses at most that window.
  */
+
+const ACCESS_FLUSH_MS = 50
+const ACCESS_FLUSH_BYTES = 64 * 1024
 
 /** A destination with the shape of process.stdout. */
 export interface Sink {
@@ -45,7 +48,7 @@ export interface AccessEntry {
   limited?: string
 }
 
-/** Batches access-log lines and flushes them once per event-loop turn. */
+/** Batches access-log lines and flushes them every ACCESS_FLUSH_MS or ACCESS_FLUSH_BYTES. */
 export class AccessLog {
   readonly #sink: Sink
   readonly #worker: number
@@ -73,9 +76,10 @@ export class AccessLog {
       (e.cache ? `"cache":"${e.cache}",` : '') +
       (e.limited ? `"limited":${JSON.stringify(e.limited)},` : '') +
       `"worker":${this.#worker}}\n`
-    if (!this.#scheduled) {
+    if (this.#buffer.length >= ACCESS_FLUSH_BYTES) this.flush()
+    else if (!this.#scheduled) {
       this.#scheduled = true
-      setImmediate(this.flush)
+      setTimeout(this.flush, ACCESS_FLUSH_MS)
     }
   }
 
