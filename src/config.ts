@@ -3,6 +3,7 @@ import { availableParallelism } from 'node:os'
 import { extname } from 'node:path'
 import { parse as parseYaml } from 'yaml'
 import { ConfigError } from './errors.js'
+import { parseIpList, parseRules, type RuleSpec } from './limiter/rules.js'
 import { parseCidr, type Cidr } from './net/ip.js'
 
 /**
@@ -42,6 +43,14 @@ export interface Config {
   readonly headersTimeout: number
   readonly bodyTimeout: number
   readonly drainTimeout: number
+  readonly instances: number
+  readonly limiterTimeout: number
+  /** Rate-limit rules (file or admin API only). */
+  readonly limits: readonly RuleSpec[]
+  /** Clients exempt from every limit. */
+  readonly allow: readonly Cidr[]
+  /** Clients refused with 403. */
+  readonly deny: readonly Cidr[]
 }
 
 type Parser<T> = (raw: unknown) => T
@@ -205,7 +214,16 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('headersTimeout', '--headers-timeout <duration>', 'upstream response headers timeout (504 after)', parseDuration, 30_000, '30s'),
   opt('bodyTimeout', '--body-timeout <duration>', 'upstream body idle timeout', parseDuration, 30_000, '30s'),
   opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', parseDuration, 30_000, '30s'),
+  opt('instances', '--instances <n>', 'instances sharing the limits: while Redis is down each enforces limit/n', integer(1, 10_000, 'an instance count'), 1),
+  opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', parseDuration, 100, '100ms'),
 ]
+
+/** Config-file sections that have no flag: validated by their own parsers. */
+const FILE_SECTIONS = {
+  limits: (raw: unknown) => parseRules(raw),
+  allow: (raw: unknown) => parseIpList(raw, 'allow'),
+  deny: (raw: unknown) => parseIpList(raw, 'deny'),
+} as const
 
 /** What the edge hands to loadConfig: flag values given on the command line, and the environment. */
 export interface ConfigSources {
@@ -229,7 +247,7 @@ function readConfigFile(path: string): Record<string, unknown> {
   }
   if (doc === null || doc === undefined) return {}
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError('--config', `"${path}" must hold a mapping of options`)
-  const known = new Set(OPTIONS.filter((o) => o.fileKey).map((o) => o.key as string))
+  const known = new Set([...OPTIONS.filter((o) => o.fileKey).map((o) => o.key as string), ...Object.keys(FILE_SECTIONS)])
   for (const key of Object.keys(doc)) {
     if (!known.has(key)) throw new ConfigError(key, `unknown key in "${path}"`)
   }
@@ -269,6 +287,7 @@ export function loadConfig(sources: ConfigSources): Config {
       }
     }
   }
+  for (const [key, parse] of Object.entries(FILE_SECTIONS)) out[key] = parse(file[key])
   const config = out as unknown as Config
   if (config.redisUrl && config.redisSentinels.length > 0) {
     throw new ConfigError('--redis-url', 'give either --redis-url or --redis-sentinels, not both')

@@ -11,6 +11,8 @@ export const ErrorCodes = {
   UPSTREAM_ERROR: 'upstream_error',
   BAD_REQUEST: 'bad_request',
   NOT_FOUND: 'not_found',
+  FORBIDDEN: 'forbidden',
+  RATE_LIMITED: 'rate_limited',
   SHUTTING_DOWN: 'shutting_down',
 } as const
 

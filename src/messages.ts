@@ -1,7 +1,10 @@
+import type { TakeItem, TakeResult } from './limiter/counter.js'
+import type { RuleSpec } from './limiter/rules.js'
+import type { Cidr } from './net/ip.js'
+
 /**
  * Every message between the primary and its workers, as one typed union.
- * (prom-client's AggregatorRegistry and rate-limiter-flexible's cluster limiter send their own messages on the
- * same channel; `isMeliproxyMessage` tells ours apart.)
+ * (prom-client's AggregatorRegistry sends its own messages on the same channel; `isMeliproxyMessage` tells ours apart.)
  */
 
 /** Primary -> worker: stop accepting, finish in-flight requests within the drain timeout, exit 0. */
@@ -9,8 +12,31 @@ export interface DrainMessage {
   readonly meliproxy: 'drain'
 }
 
+/** Worker -> primary: take one unit from each bucket in the primary's counter (embedded mode, or Redis fallback). */
+export interface LimitTakeMessage {
+  readonly meliproxy: 'limit-take'
+  readonly id: number
+  readonly items: readonly TakeItem[]
+}
+
+/** Primary -> worker: the answer to a LimitTakeMessage with the same id. */
+export interface LimitResultMessage {
+  readonly meliproxy: 'limit-result'
+  readonly id: number
+  readonly result: TakeResult
+}
+
+/** Primary -> worker: replace the rule set (already validated). */
+export interface SetLimitsMessage {
+  readonly meliproxy: 'set-limits'
+  readonly limits: readonly RuleSpec[]
+  readonly allow: readonly Cidr[]
+  readonly deny: readonly Cidr[]
+  readonly version: number
+}
+
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
-export type MeliproxyMessage = DrainMessage
+export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | SetLimitsMessage
 
 /** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
 export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {

@@ -4,7 +4,8 @@ import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
 import { encodeConfig, WORKER_CONFIG_ENV, type Config } from './config.js'
 import { createAdminServer, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
-import type { DrainMessage } from './messages.js'
+import { MemoryCounter } from './limiter/counter.js'
+import { isMeliproxyMessage, type DrainMessage, type LimitResultMessage } from './messages.js'
 import { createRedis } from './redis/client.js'
 
 /**
@@ -25,6 +26,11 @@ interface WorkerState {
   listening: boolean
   /** Set when we asked it to drain: its exit is expected and not replaced. */
   retiring: boolean
+}
+
+/** The longest rule window: buckets older than that are dropped from the primary's counter. */
+function maxWindowMs(config: Config): number {
+  return config.limits.reduce((m, r) => Math.max(m, r.windowMs), 60_000)
 }
 
 /** What the CLI hands the primary: the config, and how to read it again on SIGHUP. */
@@ -62,6 +68,16 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   void listeningGauge
 
   const redis = createRedis(config, 'primary', log)
+
+  // The instance's own limiter counter: the only one without Redis, the fallback with it (see src/limiter).
+  const counter = new MemoryCounter()
+  const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
+  sweep.unref()
+  cluster.on('message', (worker, msg: unknown) => {
+    if (!isMeliproxyMessage(msg) || msg.meliproxy !== 'limit-take') return
+    const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
+    if (worker.isConnected()) worker.send(reply)
+  })
 
   function countListening(): number {
     let n = 0

@@ -4,19 +4,59 @@ import { Server as NetServer, type Socket } from 'node:net'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
 import { ErrorCodes, MeliproxyError } from './errors.js'
+import { Limiter, type Verdict } from './limiter/limiter.js'
+import { LimiterMetrics } from './limiter/metrics.js'
+import { PrimaryCounter } from './limiter/primary-counter.js'
+import { RedisCounter } from './limiter/redis-counter.js'
+import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
+import { RuleSet, type RequestFacts } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
-import { isMeliproxyMessage } from './messages.js'
+import { isMeliproxyMessage, type LimitTakeMessage } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
+import { clientIp } from './net/client-ip.js'
 import { IpSet, normalizeIp } from './net/ip.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
+import { createRedis } from './redis/client.js'
 
 /**
  * A worker process: builds its dependencies from the Config, then serves the proxy on the socket it shares with
- * the other workers. The request path, top to bottom, is `handle()` below.
+ * the other workers. The request path, top to bottom: `handle()` (target check, deny list) -> limiter ->
+ * `forward()` (upstream); `finish()` records every request once.
  */
 
 const BAD_TARGET = new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'request target must be a path (origin-form)')
+const FORBIDDEN = new MeliproxyError(ErrorCodes.FORBIDDEN, 403, 'this client is not allowed')
+
+/** One request as it moves through the worker. */
+class Exchange implements RequestFacts {
+  readonly started = performance.now()
+  readonly time = Date.now()
+  readonly url: string
+  readonly path: string
+  readonly method: string
+  readonly headers: IncomingMessage['headers']
+  readonly peer: string
+  readonly ip: string
+  /** RateLimit-* fields to add to the response. */
+  rateHeaders: string[] | null = null
+  /** The rule that rejected it, for the access log. */
+  limitedBy: string | undefined = undefined
+
+  constructor(
+    readonly req: IncomingMessage,
+    readonly res: ServerResponse,
+    trusted: IpSet,
+  ) {
+    this.url = req.url!
+    const q = this.url.indexOf('?')
+    this.path = q === -1 ? this.url : this.url.slice(0, q)
+    this.method = req.method!
+    this.headers = req.headers
+    this.peer = normalizeIp(req.socket.remoteAddress ?? '')
+    this.ip = clientIp(this.peer, req.headers['x-forwarded-for'], trusted)
+  }
+}
 
 /** Starts serving; resolves once the proxy listens. */
 export async function startWorker(config: Config): Promise<void> {
@@ -27,7 +67,17 @@ export async function startWorker(config: Config): Promise<void> {
   const registry = new Registry()
   AggregatorRegistry.setRegistries([registry])
   new AggregatorRegistry() // answers the primary's metric requests over IPC (prom-client's cluster protocol)
-  const metrics = new WorkerMetrics(registry)
+  let inFlight = 0
+  const metrics = new WorkerMetrics(registry, () => inFlight)
+
+  const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout })
+  const primaryCounter = new PrimaryCounter((msg: LimitTakeMessage) => process.send!(msg))
+  const limiter = new Limiter(
+    new RuleSet(config.limits, config.allow, config.deny),
+    { redis: redis === null ? null : new RedisCounter(redis), primary: primaryCounter, instances: config.instances },
+    new LimiterMetrics(registry),
+    log,
+  )
 
   const upstreamHost = new URL(config.upstream).host
   const trusted = new IpSet(config.trustProxy)
@@ -38,55 +88,79 @@ export async function startWorker(config: Config): Promise<void> {
   })
 
   let draining = false
-  let inFlight = 0
 
-  /** One request: admission checks, then the upstream; measured when the response closes. */
+  /** Every request, once it is answered: metrics and the access log. */
+  function finish(x: Exchange, result: ForwardResult): void {
+    inFlight--
+    const durationMs = performance.now() - x.started
+    metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
+    if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
+    if (result.error !== null) {
+      metrics.upstreamErrors.labels(result.error.code).inc()
+      log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
+    }
+    accessLog?.write({
+      time: x.time,
+      ip: x.ip,
+      method: x.method,
+      path: x.url,
+      status: result.status,
+      bytes: result.bytes,
+      durationMs,
+      upstreamMs: result.upstreamMs,
+      limited: x.limitedBy,
+    })
+  }
+
+  function reject(x: Exchange, err: MeliproxyError): void {
+    const bytes = sendError(x.res, err)
+    finish(x, { status: err.status, bytes, upstreamMs: null, error: null })
+  }
+
+  /** The request path. */
   function handle(req: IncomingMessage, res: ServerResponse): void {
-    const started = performance.now()
-    const time = Date.now()
     inFlight++
-    metrics.inFlight.inc()
     if (draining) res.shouldKeepAlive = false
-    const peerIp = normalizeIp(req.socket.remoteAddress ?? '')
-    const url = req.url!
+    const x = new Exchange(req, res, trusted)
+    if (x.url.charCodeAt(0) !== 47 /* '/' */) return reject(x, BAD_TARGET)
+    if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
+    const verdict = limiter.check(x)
+    if (verdict === null) return forward(x)
+    verdict.then(
+      (v) => afterLimit(x, v),
+      (err: Error) => {
+        // The limiter's stores never reject (Redis failures fall back); this is a bug, not a client's problem.
+        log.error('limiter failed; request let through', { error: err.message })
+        forward(x)
+      },
+    )
+  }
 
-    const finish = (result: ForwardResult): void => {
-      inFlight--
-      metrics.inFlight.dec()
-      const durationMs = performance.now() - started
-      const route = metrics.route(url)
-      metrics.observe(req.method!, result.status, route, durationMs / 1000)
-      if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
-      if (result.error !== null) {
-        metrics.upstreamErrors.labels(result.error.code).inc()
-        log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: url })
-      }
-      accessLog?.write({
-        time,
-        ip: peerIp,
-        method: req.method!,
-        path: url,
-        status: result.status,
-        bytes: result.bytes,
-        durationMs,
-        upstreamMs: result.upstreamMs,
-      })
+  function afterLimit(x: Exchange, v: Verdict): void {
+    if (x.res.destroyed) return finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null })
+    if (v.allowed) {
+      x.rateHeaders = rateLimitHeaders(v)
+      return forward(x)
     }
+    x.limitedBy = v.rule.name
+    const body = rejectionBody(v)
+    const headers = rateLimitHeaders(v)
+    headers.push('retry-after', String(retryAfterSeconds(v)), 'content-type', 'application/json')
+    headers.push('content-length', String(Buffer.byteLength(body)))
+    x.res.writeHead(429, headers)
+    x.res.end(body)
+    finish(x, { status: 429, bytes: Buffer.byteLength(body), upstreamMs: null, error: null })
+  }
 
-    if (url.charCodeAt(0) !== 47 /* '/' */) {
-      const bytes = sendError(res, BAD_TARGET)
-      finish({ status: 400, bytes, upstreamMs: null, error: null })
-      return
-    }
-
+  function forward(x: Exchange): void {
     const headers = upstreamRequestHeaders({
-      rawHeaders: req.rawHeaders,
-      headers: req.headers,
-      peerIp,
-      peerTrusted: trusted.has(peerIp),
+      rawHeaders: x.req.rawHeaders,
+      headers: x.headers,
+      peerIp: x.peer,
+      peerTrusted: trusted.has(x.peer),
       upstreamHost,
     })
-    forwarder.forward(req, res, headers, finish)
+    forwarder.forward(x.req, x.res, headers, x.rateHeaders, (result) => finish(x, result))
   }
 
   const server: Server = createServer({ keepAliveTimeout: 5_000 }, handle)
@@ -123,6 +197,7 @@ export async function startWorker(config: Config): Promise<void> {
     exiting = true
     accessLog?.flush()
     log.info('drained, exiting')
+    redis?.disconnect()
     setTimeout(() => process.exit(0), 1_000).unref()
     void forwarder.close().finally(() => process.exit(0))
   }
@@ -146,7 +221,19 @@ export async function startWorker(config: Config): Promise<void> {
   }
 
   process.on('message', (msg: unknown) => {
-    if (isMeliproxyMessage(msg) && msg.meliproxy === 'drain') drain('primary asked')
+    if (!isMeliproxyMessage(msg)) return
+    switch (msg.meliproxy) {
+      case 'limit-result':
+        primaryCounter.deliver(msg)
+        break
+      case 'set-limits':
+        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version))
+        log.info('rate-limit rules replaced', { version: msg.version, rules: msg.limits.length })
+        break
+      case 'drain':
+        drain('primary asked')
+        break
+    }
   })
   process.on('SIGTERM', () => drain('SIGTERM'))
   process.on('SIGINT', () => drain('SIGINT'))

@@ -84,10 +84,19 @@ export class Forwarder {
     })
   }
 
-  /** Forwards `req` with the prepared upstream headers and streams the answer into `res`. */
-  forward(req: IncomingMessage, res: ServerResponse, headers: string[], done: ForwardDone): void {
+  /**
+   * Forwards `req` with the prepared upstream headers and streams the answer into `res`, adding `extraHeaders`
+   * (flat name/value list, e.g. RateLimit-*) to the response.
+   */
+  forward(
+    req: IncomingMessage,
+    res: ServerResponse,
+    headers: string[],
+    extraHeaders: readonly string[] | null,
+    done: ForwardDone,
+  ): void {
     const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined
-    const handler = new ProxyHandler(res, done)
+    const handler = new ProxyHandler(res, extraHeaders, done)
     res.once('close', handler.onClientClose)
     this.#pool.dispatch(
       {
@@ -112,14 +121,16 @@ export class Forwarder {
 /** Per-request state of one forward: the client's response and undici's controller. */
 class ProxyHandler implements Dispatcher.DispatchHandler {
   readonly #res: ServerResponse
+  readonly #extraHeaders: readonly string[] | null
   readonly #done: ForwardDone
   readonly #started = performance.now()
   #controller: Dispatcher.DispatchController | null = null
   #result: ForwardResult = { status: 0, bytes: 0, upstreamMs: null, error: null }
   #finished = false
 
-  constructor(res: ServerResponse, done: ForwardDone) {
+  constructor(res: ServerResponse, extraHeaders: readonly string[] | null, done: ForwardDone) {
     this.#res = res
+    this.#extraHeaders = extraHeaders
     this.#done = done
   }
 
@@ -140,8 +151,10 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
       controller.abort(new Error('client closed'))
       return
     }
-    if (statusMessage) this.#res.writeHead(statusCode, statusMessage, clientResponseHeaders(headers))
-    else this.#res.writeHead(statusCode, clientResponseHeaders(headers))
+    const out = clientResponseHeaders(headers)
+    if (this.#extraHeaders !== null) for (const h of this.#extraHeaders) out.push(h)
+    if (statusMessage) this.#res.writeHead(statusCode, statusMessage, out)
+    else this.#res.writeHead(statusCode, out)
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {

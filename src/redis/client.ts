@@ -18,13 +18,13 @@ export function redisConfigured(config: Config): boolean {
  * Opens a fail-fast client, or returns null when no Redis is configured. `name` shows in CLIENT LIST.
  * Connection errors are logged at debug level: callers see failures as rejected commands and fall back.
  */
-export function createRedis(config: Config, name: string, log: Logger): Redis | null {
-  const client = open(config, name)
+export function createRedis(config: Config, name: string, log: Logger, overrides: RedisOptions = {}): Redis | null {
+  const client = open(config, name, overrides)
   client?.on('error', (err: Error) => log.debug('redis error', { client: name, error: err.message }))
   return client
 }
 
-function open(config: Config, name: string): Redis | null {
+function open(config: Config, name: string, overrides: RedisOptions): Redis | null {
   const common: RedisOptions = {
     connectionName: `meliproxy-${name}`,
     enableOfflineQueue: false,
@@ -32,6 +32,7 @@ function open(config: Config, name: string): Redis | null {
     connectTimeout: 1_000,
     retryStrategy: (attempt: number) => Math.min(attempt * 50, 250),
     lazyConnect: false,
+    ...overrides,
   }
   if (config.redisSentinels.length > 0) {
     return new Redis({

@@ -24,7 +24,7 @@ export async function steadyLoad(opts: {
     keepAliveTimeout: 2_000,
     headersTimeout: 10_000,
     bodyTimeout: 10_000,
-    connect: opts.localAddress ? { localAddress: opts.localAddress } : {},
+    ...(opts.localAddress ? { localAddress: opts.localAddress } : {}),
   })
   const deadline = Date.now() + opts.maxMs
   let stopped = false

@@ -1,5 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
-import { readdirSync, readFileSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { request } from 'undici'
 import { freePort } from './ports.js'
@@ -174,4 +176,12 @@ export async function startMeliproxy(
     throw new Error(`meliproxy did not become ready; stderr:\n${stderr.join('\n')}`)
   }
   return running
+}
+
+/** Writes a config file (JSON, which the binary reads by its extension) into a fresh temp folder; returns its path. */
+export function writeConfig(doc: Record<string, unknown>, name = 'meliproxy.json'): string {
+  const dir = mkdtempSync(join(tmpdir(), 'meliproxy-config-'))
+  const path = join(dir, name)
+  writeFileSync(path, JSON.stringify(doc, null, 2))
+  return path
 }

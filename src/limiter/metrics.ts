@@ -1,0 +1,76 @@
+import { Counter, Histogram, type Registry } from 'prom-client'
+import { PendingCounts } from '../metrics.js'
+
+/** The limiter's Prometheus metrics (per worker; the primary sums them). */
+export class LimiterMetrics {
+  readonly #decisions = new PendingCounts<'rule' | 'outcome'>()
+  readonly duration: Histogram
+  readonly fallbacks: Counter
+  readonly redisErrors: Counter
+  #degradedSince: number | null = null
+  #degradedMs = 0
+
+  constructor(registry: Registry) {
+    const decisions = this.#decisions
+    new Counter({
+      name: 'meliproxy_limiter_requests_total',
+      help: 'Requests governed by a rule, by rule and outcome (allowed, limited)',
+      labelNames: ['rule', 'outcome'],
+      registers: [registry],
+      collect() {
+        decisions.flushInto(this)
+      },
+    })
+    this.duration = new Histogram({
+      name: 'meliproxy_limiter_duration_seconds',
+      help: 'Time to decide whether a request is within its limits',
+      buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
+      registers: [registry],
+    })
+    this.fallbacks = new Counter({
+      name: 'meliproxy_limiter_fallbacks_total',
+      help: 'Decisions made by the local (per-instance) counter because Redis was unusable',
+      registers: [registry],
+    })
+    this.redisErrors = new Counter({
+      name: 'meliproxy_limiter_redis_errors_total',
+      help: 'Limiter calls to Redis that failed or timed out',
+      registers: [registry],
+    })
+    const self = this
+    new Counter({
+      name: 'meliproxy_limiter_degraded_seconds_total',
+      help: 'Time the limiter spent on the local fallback instead of Redis',
+      registers: [registry],
+      collect() {
+        const ms = self.#degradedMs + (self.#degradedSince === null ? 0 : Date.now() - self.#degradedSince)
+        self.#degradedMs = 0
+        if (self.#degradedSince !== null) self.#degradedSince = Date.now()
+        if (ms > 0) this.inc(ms / 1000)
+      },
+    })
+  }
+
+  /** Counts a rule's outcome for one request. */
+  decision(rule: string, allowed: boolean): void {
+    const outcome = allowed ? 'allowed' : 'limited'
+    this.#decisions.add(rule + (allowed ? ' a' : ' l'), () => ({ rule, outcome }))
+  }
+
+  /** Marks the start of a degraded stretch (idempotent). */
+  degraded(): void {
+    if (this.#degradedSince === null) this.#degradedSince = Date.now()
+  }
+
+  /** Marks its end (idempotent). */
+  recovered(): void {
+    if (this.#degradedSince === null) return
+    this.#degradedMs += Date.now() - this.#degradedSince
+    this.#degradedSince = null
+  }
+
+  /** True while degraded. */
+  get isDegraded(): boolean {
+    return this.#degradedSince !== null
+  }
+}

@@ -1,0 +1,257 @@
+import type { IncomingHttpHeaders } from 'node:http'
+import { ConfigError } from '../errors.js'
+import { IpSet, parseCidr, type Cidr } from '../net/ip.js'
+import { compilePathGlob, compileValueGlob } from './glob.js'
+
+/**
+ * Rate-limit rules: validation of the operator's text (config file, admin API) into plain RuleSpecs, and
+ * compilation of RuleSpecs into matchers the hot path runs.
+ *
+ * A rule governs the requests its `match` selects (every listed criterion must hold; absent = every request).
+ * `per` splits its budget into buckets by ip, path, method or header:<name>; absent = one shared bucket.
+ */
+
+/** What a rule's `per` may split on. */
+export type PerKey = 'ip' | 'path' | 'method' | `header:${string}`
+
+/** A validated rule, plain data (JSON-safe: it travels to workers and into Redis). */
+export interface RuleSpec {
+  readonly name: string
+  readonly match: {
+    readonly ip?: readonly string[]
+    readonly path?: readonly string[]
+    readonly method?: readonly string[]
+    readonly header?: Readonly<Record<string, string>>
+  }
+  readonly per: readonly PerKey[]
+  readonly limit: number
+  /** The window as written (`1m`), and in milliseconds. */
+  readonly window: string
+  readonly windowMs: number
+}
+
+const RULE_KEYS = new Set(['name', 'match', 'per', 'limit', 'window'])
+const MATCH_KEYS = new Set(['ip', 'path', 'method', 'header'])
+const NAME = /^[A-Za-z0-9_.-]{1,64}$/
+const METHOD = /^[A-Z]{1,16}$/
+const HEADER_NAME = /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/
+const WINDOW = /^(\d+)(s|m|h)$/
+const WINDOW_UNIT_MS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000 }
+
+function strings(value: unknown, field: string): string[] {
+  const list = Array.isArray(value) ? value : [value]
+  if (list.length === 0) throw new ConfigError(field, 'must not be an empty list')
+  return list.map((v) => {
+    if (typeof v !== 'string' || v.trim() === '') throw new ConfigError(field, `${JSON.stringify(v)} is not a non-empty string`)
+    return v.trim()
+  })
+}
+
+function checkKeys(obj: Record<string, unknown>, allowed: Set<string>, field: string): void {
+  for (const k of Object.keys(obj)) {
+    if (!allowed.has(k)) throw new ConfigError(`${field}.${k}`, `unknown field (expected one of ${[...allowed].join(', ')})`)
+  }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+/** Parses a window such as `30s`, `1m`, `1h` into milliseconds. */
+export function parseWindow(value: unknown, field: string): number {
+  const text = typeof value === 'number' ? String(value) : value
+  const m = typeof text === 'string' ? WINDOW.exec(text.trim()) : null
+  if (!m || Number(m[1]) <= 0) throw new ConfigError(field, `${JSON.stringify(value)} is not a window (e.g. 30s, 1m, 1h)`)
+  return Number(m[1]) * WINDOW_UNIT_MS[m[2]!]!
+}
+
+function parseRule(raw: unknown, index: number): RuleSpec {
+  const at = `limits[${index}]`
+  if (!isObject(raw)) throw new ConfigError(at, 'must be a mapping with name, limit and window')
+  const name = raw.name
+  if (typeof name !== 'string' || !NAME.test(name)) {
+    throw new ConfigError(`${at}.name`, `${JSON.stringify(name)} is not a rule name (letters, digits, _ . -; up to 64)`)
+  }
+  const field = `limits[${index}] (${name})`
+  checkKeys(raw, RULE_KEYS, field)
+
+  const limit = raw.limit
+  if (typeof limit !== 'number' || !Number.isInteger(limit) || limit <= 0) {
+    throw new ConfigError(`${field}.limit`, `${JSON.stringify(limit)} is not a whole number above 0`)
+  }
+  if (raw.window === undefined) throw new ConfigError(`${field}.window`, 'is required (e.g. 1m)')
+  const windowMs = parseWindow(raw.window, `${field}.window`)
+
+  const match: { ip?: string[]; path?: string[]; method?: string[]; header?: Record<string, string> } = {}
+  if (raw.match !== undefined) {
+    if (!isObject(raw.match)) throw new ConfigError(`${field}.match`, 'must be a mapping of ip, path, method, header')
+    checkKeys(raw.match, MATCH_KEYS, `${field}.match`)
+    if (raw.match.ip !== undefined) {
+      match.ip = strings(raw.match.ip, `${field}.match.ip`)
+      for (const ip of match.ip) {
+        const c = parseCidr(ip)
+        if (typeof c === 'string') throw new ConfigError(`${field}.match.ip`, c)
+      }
+    }
+    if (raw.match.path !== undefined) {
+      match.path = strings(raw.match.path, `${field}.match.path`)
+      for (const p of match.path) {
+        const re = compilePathGlob(p)
+        if (typeof re === 'string') throw new ConfigError(`${field}.match.path`, re)
+      }
+    }
+    if (raw.match.method !== undefined) {
+      match.method = strings(raw.match.method, `${field}.match.method`).map((m) => m.toUpperCase())
+      for (const m of match.method) {
+        if (!METHOD.test(m)) throw new ConfigError(`${field}.match.method`, `"${m}" is not an HTTP method`)
+      }
+    }
+    if (raw.match.header !== undefined) {
+      if (!isObject(raw.match.header)) throw new ConfigError(`${field}.match.header`, 'must be a mapping of header name to glob')
+      match.header = {}
+      for (const [h, g] of Object.entries(raw.match.header)) {
+        if (!HEADER_NAME.test(h)) throw new ConfigError(`${field}.match.header`, `"${h}" is not a header name`)
+        if (typeof g !== 'string') throw new ConfigError(`${field}.match.header.${h}`, `${JSON.stringify(g)} is not a glob string`)
+        match.header[h.toLowerCase()] = g
+      }
+    }
+  }
+
+  let per: PerKey[] = []
+  if (raw.per !== undefined) {
+    per = strings(raw.per, `${field}.per`).map((p) => {
+      if (p === 'ip' || p === 'path' || p === 'method') return p
+      if (p.startsWith('header:') && HEADER_NAME.test(p.slice(7))) return `header:${p.slice(7).toLowerCase()}` as PerKey
+      throw new ConfigError(`${field}.per`, `"${p}" is not one of ip, path, method, header:<name>`)
+    })
+  }
+  return { name, match, per, limit, window: String(raw.window).trim(), windowMs }
+}
+
+/** Validates a whole rule set (the `limits` list); throws ConfigError naming the rule and the field. */
+export function parseRules(raw: unknown): RuleSpec[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) throw new ConfigError('limits', 'must be a list of rules')
+  const rules = raw.map(parseRule)
+  const seen = new Set<string>()
+  for (const r of rules) {
+    if (seen.has(r.name)) throw new ConfigError(`limits (${r.name}).name`, `duplicate rule name "${r.name}"`)
+    seen.add(r.name)
+  }
+  return rules
+}
+
+/** Validates an allow or deny list of IPs/CIDRs. */
+export function parseIpList(raw: unknown, field: string): Cidr[] {
+  if (raw === undefined || raw === null) return []
+  return strings(raw, field).map((s) => {
+    const c = parseCidr(s)
+    if (typeof c === 'string') throw new ConfigError(field, c)
+    return c
+  })
+}
+
+/** The request facts rules look at. */
+export interface RequestFacts {
+  readonly ip: string
+  readonly method: string
+  /** The path without the query string. */
+  readonly path: string
+  readonly headers: IncomingHttpHeaders
+}
+
+/** One counter a request draws from. */
+export interface Bucket {
+  readonly rule: CompiledRule
+  /** The counter's key: rule name plus the `per` values. */
+  readonly key: string
+}
+
+/** A rule ready for the hot path. */
+export class CompiledRule {
+  readonly spec: RuleSpec
+  readonly name: string
+  readonly limit: number
+  readonly windowMs: number
+  /** `limit;w=seconds`, the draft's RateLimit-Policy item. */
+  readonly policy: string
+  readonly #ips: IpSet | null
+  readonly #paths: RegExp[] | null
+  readonly #methods: Set<string> | null
+  readonly #headers: [string, RegExp][] | null
+
+  constructor(spec: RuleSpec) {
+    this.spec = spec
+    this.name = spec.name
+    this.limit = spec.limit
+    this.windowMs = spec.windowMs
+    this.policy = `${spec.limit};w=${spec.windowMs / 1000}`
+    this.#ips = spec.match.ip ? new IpSet(spec.match.ip.map((s) => parseCidr(s) as Cidr)) : null
+    this.#paths = spec.match.path ? spec.match.path.map((p) => compilePathGlob(p) as RegExp) : null
+    this.#methods = spec.match.method ? new Set(spec.match.method) : null
+    this.#headers = spec.match.header
+      ? Object.entries(spec.match.header).map(([h, g]) => [h, compileValueGlob(g)] as [string, RegExp])
+      : null
+  }
+
+  /** True when the rule governs the request. */
+  matches(r: RequestFacts): boolean {
+    if (this.#methods !== null && !this.#methods.has(r.method)) return false
+    if (this.#ips !== null && !this.#ips.has(r.ip)) return false
+    if (this.#paths !== null && !this.#paths.some((re) => re.test(r.path))) return false
+    if (this.#headers !== null) {
+      for (const [name, re] of this.#headers) {
+        const v = r.headers[name]
+        if (v === undefined || !re.test(Array.isArray(v) ? v.join(', ') : v)) return false
+      }
+    }
+    return true
+  }
+
+  /** The bucket key for the request: the rule name, then each `per` value. */
+  bucketKey(r: RequestFacts): string {
+    let key = this.name
+    for (const p of this.spec.per) {
+      let v: string
+      if (p === 'ip') v = r.ip
+      else if (p === 'path') v = r.path
+      else if (p === 'method') v = r.method
+      else {
+        const h = r.headers[p.slice(7)]
+        v = h === undefined ? '' : Array.isArray(h) ? h.join(', ') : h
+      }
+      key += '|' + v
+    }
+    return key
+  }
+}
+
+/** A compiled rule set plus the allow and deny lists. */
+export class RuleSet {
+  readonly rules: readonly CompiledRule[]
+  readonly version: number
+  readonly #allow: IpSet
+  readonly #deny: IpSet
+
+  constructor(specs: readonly RuleSpec[], allow: readonly Cidr[], deny: readonly Cidr[], version = 1) {
+    this.rules = specs.map((s) => new CompiledRule(s))
+    this.#allow = new IpSet(allow)
+    this.#deny = new IpSet(deny)
+    this.version = version
+  }
+
+  /** True for a client on the deny list (403, no upstream call). */
+  denies(ip: string): boolean {
+    return this.#deny.has(ip)
+  }
+
+  /** The buckets the request draws from; empty when no rule governs it or the client is on the allow list. */
+  bucketsFor(r: RequestFacts): Bucket[] {
+    const out: Bucket[] = []
+    if (this.rules.length === 0 || this.#allow.has(r.ip)) return out
+    for (const rule of this.rules) {
+      if (rule.matches(r)) out.push({ rule, key: rule.bucketKey(r) })
+    }
+    return out
+  }
+}
