@@ -1,5 +1,8 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 /**
@@ -96,25 +99,48 @@ function load(name: string, url: string, seconds: number): Figures {
   return { name, rps: j.requests.average, p50: j.latency.p50, p99: j.latency.p99, errors: j.errors + j.timeouts + j.non2xx }
 }
 
-async function main(): Promise<void> {
-  const [upPort, barePort, undiciPort, mpPort, mpAdmin] = await Promise.all([
-    freePort(), freePort(), freePort(), freePort(), freePort(),
+/**
+ * The example rules from the README plus a per-client rule, with limits high enough that the bench never exhausts
+ * them: the scenario measures the cost of checking every request, not of answering 429s.
+ */
+const BENCH_LIMITS = [
+  { name: 'ip-152', match: { ip: '152.152.152.152' }, limit: 1000, window: '1m' },
+  { name: 'categories', match: { path: '/categories/*' }, limit: 100_000_000, window: '1m' },
+  { name: 'ip-152-items', match: { ip: '152.152.152.152', path: '/items/*' }, limit: 10, window: '1m' },
+  { name: 'per-client', per: ['ip'], limit: 100_000_000, window: '1m' },
+]
+
+async function startMeliproxy(upstream: string, extra: string[]): Promise<string> {
+  const [port, admin] = await Promise.all([freePort(), freePort()])
+  launch(process.execPath, [
+    BIN, '--port', String(port), '--host', '127.0.0.1', '--admin-port', String(admin),
+    '--workers', String(WORKERS), '--upstream', upstream, '--log-level', 'warn', ...extra,
   ])
+  return `http://127.0.0.1:${port}`
+}
+
+async function main(): Promise<void> {
+  const [upPort, barePort, undiciPort, redisPort] = await Promise.all([freePort(), freePort(), freePort(), freePort()])
   const upstream = `http://127.0.0.1:${upPort}`
   launch(process.execPath, [SERVERS, 'upstream', String(upPort)])
   launch(process.execPath, [SERVERS, 'bare', String(barePort), String(WORKERS)])
   launch(process.execPath, [SERVERS, 'undici-proxy', String(undiciPort), String(WORKERS), upstream])
-  launch(process.execPath, [
-    BIN, '--port', String(mpPort), '--host', '127.0.0.1', '--admin-port', String(mpAdmin),
-    '--workers', String(WORKERS), '--upstream', upstream, '--log-level', 'warn',
-  ])
+  const dir = mkdtempSync(join(tmpdir(), 'meliproxy-bench-'))
+  const hasRedis = spawnSync('sh', ['-c', 'command -v redis-server']).status === 0
+  if (hasRedis) {
+    launch('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir])
+  }
+  const limitsConfig = join(dir, 'limits.json')
+  writeFileSync(limitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}`, limits: BENCH_LIMITS }))
+
   const path = '/categories/MLA97994'
   const targets = {
     bare: `http://127.0.0.1:${barePort}${path}`,
     undici: `http://127.0.0.1:${undiciPort}${path}`,
-    meliproxy: `http://127.0.0.1:${mpPort}${path}`,
+    meliproxy: (await startMeliproxy(upstream, [])) + path,
+    limits: hasRedis ? (await startMeliproxy(upstream, ['--config', limitsConfig])) + path : null,
   }
-  for (const url of Object.values(targets)) await waitUp(url)
+  for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
 
   const generator = hasWrk ? 'wrk -t1' : 'autocannon'
   console.log(
@@ -125,6 +151,8 @@ async function main(): Promise<void> {
     ['bare undici proxy', targets.undici],
     ['meliproxy proxy (access log on)', targets.meliproxy],
   ]
+  if (targets.limits !== null) scenarios.push(['meliproxy + 4 limit rules (Redis)', targets.limits])
+  else console.log('redis-server not found: the limits scenario is skipped')
   for (const [name, url] of scenarios) load(name, url, 2) // warm-up: JIT, keep-alive pools
   // Rounds interleave the scenarios so that a noisy moment on the machine does not favour one of them;
   // each figure is the mean over the rounds.
@@ -151,6 +179,8 @@ async function main(): Promise<void> {
   const mp = by('meliproxy proxy')
   console.log(`\nmeliproxy proxy / bare undici proxy: ${(mp.rps / by('bare undici').rps).toFixed(2)}x (target >= 1.0x)`)
   console.log(`meliproxy proxy / bare node (memory): ${(mp.rps / by('bare node').rps).toFixed(2)}x`)
+  const limited = results.find((r) => r.name.startsWith('meliproxy + 4 limit'))
+  if (limited) console.log(`meliproxy with limits / without: ${(limited.rps / mp.rps).toFixed(2)}x (target >= 0.7x)`)
 }
 
 function stopAll(): void {

@@ -6,7 +6,7 @@ import { createAdminServer, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
 import { MemoryCounter } from './limiter/counter.js'
 import { isMeliproxyMessage, type DrainMessage, type LimitResultMessage } from './messages.js'
-import { createRedis } from './redis/client.js'
+import { closeRedis, createRedis } from './redis/client.js'
 
 /**
  * The primary process: forks the workers (they share the proxy socket), replaces any that die (with backoff when
@@ -202,7 +202,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   function finishShutdown(): void {
     adminServer?.close()
     adminServer?.closeAllConnections()
-    redis?.disconnect()
+    closeRedis(redis)
     log.info('stopped')
     shutdownResolve?.()
   }

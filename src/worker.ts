@@ -17,7 +17,7 @@ import { clientIp } from './net/client-ip.js'
 import { IpSet, normalizeIp } from './net/ip.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
-import { createRedis } from './redis/client.js'
+import { closeRedis, createRedis } from './redis/client.js'
 
 /**
  * A worker process: builds its dependencies from the Config, then serves the proxy on the socket it shares with
@@ -197,7 +197,7 @@ export async function startWorker(config: Config): Promise<void> {
     exiting = true
     accessLog?.flush()
     log.info('drained, exiting')
-    redis?.disconnect()
+    closeRedis(redis)
     setTimeout(() => process.exit(0), 1_000).unref()
     void forwarder.close().finally(() => process.exit(0))
   }

@@ -87,15 +87,15 @@ export class Limiter {
         (err: Error) => {
           this.#metrics.redisErrors.inc()
           this.#redisSkipUntil = Date.now() + REDIS_RETRY_MS
-          if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local counter', { error: err.message })
-          return this.#fallback(items)
+          return this.#fallback(items, err.message)
         },
       )
     }
-    return this.#fallback(items)
+    return this.#fallback(items, redis.ready ? 'redis failed a moment ago' : 'redis is not connected')
   }
 
-  #fallback(items: TakeItem[]): Promise<TakeResult> {
+  #fallback(items: TakeItem[], reason: string): Promise<TakeResult> {
+    if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local counter', { reason })
     this.#metrics.degraded()
     this.#metrics.fallbacks.inc()
     const n = this.#stores.instances

@@ -143,7 +143,7 @@ export function parseRules(raw: unknown): RuleSpec[] {
 
 /** Validates an allow or deny list of IPs/CIDRs. */
 export function parseIpList(raw: unknown, field: string): Cidr[] {
-  if (raw === undefined || raw === null) return []
+  if (raw === undefined || raw === null || (Array.isArray(raw) && raw.length === 0)) return []
   return strings(raw, field).map((s) => {
     const c = parseCidr(s)
     if (typeof c === 'string') throw new ConfigError(field, c)

@@ -20,8 +20,28 @@ export function redisConfigured(config: Config): boolean {
  */
 export function createRedis(config: Config, name: string, log: Logger, overrides: RedisOptions = {}): Redis | null {
   const client = open(config, name, overrides)
-  client?.on('error', (err: Error) => log.debug('redis error', { client: name, error: err.message }))
+  if (client === null) return null
+  client.on('error', (err: Error) => log.debug('redis error', { client: name, error: err.message }))
+  // ioredis 6 gives up for good ('end') when the failover detector fires while it is still reconnecting after a
+  // dead master: the +switch-master message aborts the reconnect in progress. Nothing else of ours ends a client
+  // except closeRedis(), so any other 'end' means connect again.
+  client.on('end', () => {
+    if (closing.has(client)) return
+    log.warn('redis connection ended unexpectedly; reconnecting', { client: name })
+    setTimeout(() => {
+      if (!closing.has(client) && client.status === 'end') client.connect().catch(() => {})
+    }, 100).unref()
+  })
   return client
+}
+
+const closing = new WeakSet<Redis>()
+
+/** Closes a client made by createRedis for good. */
+export function closeRedis(client: Redis | null): void {
+  if (client === null) return
+  closing.add(client)
+  client.disconnect()
 }
 
 function open(config: Config, name: string, overrides: RedisOptions): Redis | null {

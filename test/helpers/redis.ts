@@ -102,7 +102,7 @@ export async function startSentinels(): Promise<SentinelTopology> {
         `dir ${dir}`,
         `sentinel monitor mymaster 127.0.0.1 ${master.port} 2`,
         'sentinel down-after-milliseconds mymaster 1000',
-        'sentinel failover-timeout mymaster 5000',
+        'sentinel failover-timeout mymaster 2000',
         '',
       ].join('\n'),
     )

@@ -55,3 +55,24 @@ t.test('--version prints the package version', async (t) => {
   t.equal(r.code, 0)
   t.match(r.stdout.trim(), /^\d+\.\d+\.\d+$/)
 })
+
+/** Bad rules, each refused at start with exit 2 and one line naming the rule and the field. */
+const badRules: { name: string; limits: unknown; names: RegExp }[] = [
+  { name: 'an unknown rule field', limits: [{ name: 'a', limit: 1, window: '1m', burst: 2 }], names: /limits\[0\] \(a\)\.burst: unknown field/ },
+  { name: 'a bad glob', limits: [{ name: 'g', match: { path: 'items/*' }, limit: 1, window: '1m' }], names: /limits\[0\] \(g\)\.match\.path: "items\/\*" must start with \// },
+  { name: 'a limit of 0', limits: [{ name: 'z', limit: 0, window: '1m' }], names: /limits\[0\] \(z\)\.limit: 0 is not a whole number above 0/ },
+  { name: 'a bad CIDR', limits: [{ name: 'c', match: { ip: '10.0.0.0/40' }, limit: 1, window: '1m' }], names: /limits\[0\] \(c\)\.match\.ip: "10\.0\.0\.0\/40"/ },
+  { name: 'a duplicate rule name', limits: [{ name: 'd', limit: 1, window: '1m' }, { name: 'd', limit: 2, window: '1m' }], names: /duplicate rule name "d"/ },
+  { name: 'a bad window', limits: [{ name: 'w', limit: 1, window: '1 minute' }], names: /limits\[0\] \(w\)\.window: "1 minute" is not a window/ },
+  { name: 'a bad per', limits: [{ name: 'p', per: ['country'], limit: 1, window: '1m' }], names: /limits\[0\] \(p\)\.per: "country"/ },
+]
+
+for (const c of badRules) {
+  t.test(`${c.name} in the rules exits 2 naming the rule and the field`, async (t) => {
+    const r = await runBinary(['--config', file(`${c.name.replace(/\W+/g, '-')}.json`, JSON.stringify({ limits: c.limits }))])
+    t.equal(r.code, 2)
+    const lines = r.stderr.trim().split('\n')
+    t.equal(lines.length, 1, r.stderr.trim())
+    t.match(lines[0], c.names)
+  })
+}

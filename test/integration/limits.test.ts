@@ -211,3 +211,25 @@ t.test('Sentinel: a SIGKILLed master fails no request, and counting resumes on t
   }, 15_000)
   t.ok(resumed, 'requests are counted on the new master again')
 })
+
+t.test('SIGHUP with invalid rules keeps the old rules enforced; valid new rules take over', async (t) => {
+  const path = writeConfig({ upstream: upstream.url, accessLog: false, limits: [{ name: 'two', limit: 2, window: '1h' }] })
+  const proxy = await startMeliproxy(['--config', path])
+  t.teardown(() => proxy.stop())
+  await awayFromWindowEdge(HOUR, 20_000)
+  const { writeFileSync } = await import('node:fs')
+  writeFileSync(path, JSON.stringify({ upstream: upstream.url, accessLog: false, limits: [{ name: 'two', limit: 0, window: '1h' }] }))
+  proxy.proc.kill('SIGHUP')
+  t.ok(
+    await waitFor(() => proxy.stderr.some((l) => l.includes('reload rejected') && l.includes('limits[0] (two).limit')), 5_000),
+    'the rejection names the rule and the field',
+  )
+  const old = await burst(3, 1, () => send(`${proxy.url}/other`, { from: '127.0.0.60' }))
+  t.same(old.byStatus, { 200: 2, 429: 1 }, 'the old rule still holds')
+
+  writeFileSync(path, JSON.stringify({ upstream: upstream.url, accessLog: false, limits: [{ name: 'two', limit: 4, window: '1h' }] }))
+  proxy.proc.kill('SIGHUP')
+  t.ok(await waitFor(() => proxy.stderr.some((l) => l.includes('reload complete')), 10_000), 'the reload completes')
+  const more = await burst(3, 1, () => send(`${proxy.url}/other`, { from: '127.0.0.60' }))
+  t.same(more.byStatus, { 200: 2, 429: 1 }, 'the new limit of 4 applies, and the count so far carries on')
+})
