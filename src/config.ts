@@ -3,6 +3,8 @@ import { availableParallelism } from 'node:os'
 import { extname } from 'node:path'
 import { parse as parseYaml } from 'yaml'
 import { ConfigError } from './errors.js'
+import type { CacheRule } from './cache/http-cache.js'
+import { compilePathGlob } from './limiter/glob.js'
 import { parseIpList, parseRules, type RuleSpec } from './limiter/rules.js'
 import { parseCidr, type Cidr } from './net/ip.js'
 
@@ -51,6 +53,12 @@ export interface Config {
   readonly allow: readonly Cidr[]
   /** Clients refused with 403. */
   readonly deny: readonly Cidr[]
+  readonly cache: boolean
+  readonly cacheMaxObject: number
+  readonly cacheL1Size: number
+  readonly cacheL2TtlCap: number
+  /** Per-path-pattern cache overrides (file only). */
+  readonly cacheRules: readonly CacheRule[]
 }
 
 type Parser<T> = (raw: unknown) => T
@@ -97,6 +105,43 @@ export function parseDuration(raw: unknown): number {
   const ms = Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!
   if (ms <= 0 || ms > 86_400_000) throw new BadValue(`"${s}" is out of range (above 0, at most 24h)`)
   return Math.round(ms)
+}
+
+const BYTE_UNITS: Record<string, number> = { b: 1, kb: 1024, kib: 1024, mb: 1024 ** 2, mib: 1024 ** 2, gb: 1024 ** 3, gib: 1024 ** 3 }
+
+/** Parses `1048576`, `512kb`, `64mb`, `1gb` (binary units) into bytes. */
+export function parseBytes(raw: unknown): number {
+  const s = text(raw).toLowerCase()
+  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?$/.exec(s)
+  if (!m) throw new BadValue(`"${s}" is not a size (e.g. 512kb, 64mb)`)
+  return Math.round(Number(m[1]) * BYTE_UNITS[m[2] ?? 'b']!)
+}
+
+function cacheRules(raw: unknown): CacheRule[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) throw new ConfigError('cacheRules', 'must be a list of { path, ttl } or { path, bypass: true }')
+  return raw.map((r: unknown, i) => {
+    const at = `cacheRules[${i}]`
+    if (typeof r !== 'object' || r === null || Array.isArray(r)) throw new ConfigError(at, 'must be a mapping')
+    const rule = r as Record<string, unknown>
+    for (const k of Object.keys(rule)) {
+      if (!['path', 'ttl', 'bypass'].includes(k)) throw new ConfigError(`${at}.${k}`, 'unknown field (expected path, ttl, bypass)')
+    }
+    if (typeof rule.path !== 'string') throw new ConfigError(`${at}.path`, 'is required (a path glob)')
+    const re = compilePathGlob(rule.path)
+    if (typeof re === 'string') throw new ConfigError(`${at}.path`, re)
+    if (rule.bypass !== undefined && typeof rule.bypass !== 'boolean') throw new ConfigError(`${at}.bypass`, 'must be true or false')
+    if (rule.ttl === undefined && rule.bypass !== true) throw new ConfigError(at, 'needs ttl or bypass: true')
+    let ttlMs: number | undefined
+    if (rule.ttl !== undefined) {
+      try {
+        ttlMs = parseDuration(rule.ttl)
+      } catch (err) {
+        throw new ConfigError(`${at}.ttl`, (err as Error).message)
+      }
+    }
+    return { path: rule.path, ...(ttlMs !== undefined ? { ttlMs } : {}), ...(rule.bypass === true ? { bypass: true } : {}) }
+  })
 }
 
 function httpUrl(raw: unknown): string {
@@ -216,6 +261,10 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', parseDuration, 30_000, '30s'),
   opt('instances', '--instances <n>', 'instances sharing the limits: while Redis is down each enforces limit/n', integer(1, 10_000, 'an instance count'), 1),
   opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', parseDuration, 100, '100ms'),
+  opt('cache', '--no-cache', 'turn off the HTTP cache', bool, true),
+  opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
+  opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
+  opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
 ]
 
 /** Config-file sections that have no flag: validated by their own parsers. */
@@ -223,6 +272,7 @@ const FILE_SECTIONS = {
   limits: (raw: unknown) => parseRules(raw),
   allow: (raw: unknown) => parseIpList(raw, 'allow'),
   deny: (raw: unknown) => parseIpList(raw, 'deny'),
+  cacheRules,
 } as const
 
 /** What the edge hands to loadConfig: flag values given on the command line, and the environment. */

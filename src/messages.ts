@@ -1,3 +1,4 @@
+import type { Purge } from './cache/http-cache.js'
 import type { TakeItem, TakeResult } from './limiter/counter.js'
 import type { RuleSpec } from './limiter/rules.js'
 import type { Cidr } from './net/ip.js'
@@ -35,8 +36,14 @@ export interface SetLimitsMessage {
   readonly version: number
 }
 
+/** Worker -> primary -> every worker: drop keys or a path glob from L1 (L2 is handled by the sender). */
+export interface CachePurgeMessage {
+  readonly meliproxy: 'cache-purge'
+  readonly purge: Purge
+}
+
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
-export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | SetLimitsMessage
+export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | SetLimitsMessage | CachePurgeMessage
 
 /** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
 export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {

@@ -74,9 +74,14 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
   sweep.unref()
   cluster.on('message', (worker, msg: unknown) => {
-    if (!isMeliproxyMessage(msg) || msg.meliproxy !== 'limit-take') return
-    const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
-    if (worker.isConnected()) worker.send(reply)
+    if (!isMeliproxyMessage(msg)) return
+    if (msg.meliproxy === 'limit-take') {
+      const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
+      if (worker.isConnected()) worker.send(reply)
+    } else if (msg.meliproxy === 'cache-purge') {
+      // One worker's invalidation reaches every worker of this instance (Redis pub/sub reaches other instances).
+      for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+    }
   })
 
   function countListening(): number {

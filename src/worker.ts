@@ -9,54 +9,33 @@ import { LimiterMetrics } from './limiter/metrics.js'
 import { PrimaryCounter } from './limiter/primary-counter.js'
 import { RedisCounter } from './limiter/redis-counter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
-import { RuleSet, type RequestFacts } from './limiter/rules.js'
+import { RuleSet } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
-import { isMeliproxyMessage, type LimitTakeMessage } from './messages.js'
+import { isMeliproxyMessage, type CachePurgeMessage, type LimitTakeMessage } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
-import { clientIp } from './net/client-ip.js'
-import { IpSet, normalizeIp } from './net/ip.js'
-import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
+import { IpSet } from './net/ip.js'
+import { Exchange } from './exchange.js'
+import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
+import { CacheMetrics } from './cache/metrics.js'
+import { Tiers } from './cache/tiers.js'
+import { Forwarder, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
 /**
  * A worker process: builds its dependencies from the Config, then serves the proxy on the socket it shares with
  * the other workers. The request path, top to bottom: `handle()` (target check, deny list) -> limiter ->
- * `forward()` (upstream); `finish()` records every request once.
+ * cache (`HttpCache.handle`, which calls `fetch()` on a miss) or, with the cache off, `forward()` (upstream);
+ * `finish()` records every request once.
  */
+
+/** The Redis pub/sub channel that carries cache purges to every instance. */
+const PURGE_CHANNEL = 'mp:cache:purge'
+/** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
+const LEASE_MS = 3_000
 
 const BAD_TARGET = new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'request target must be a path (origin-form)')
 const FORBIDDEN = new MeliproxyError(ErrorCodes.FORBIDDEN, 403, 'this client is not allowed')
-
-/** One request as it moves through the worker. */
-class Exchange implements RequestFacts {
-  readonly started = performance.now()
-  readonly time = Date.now()
-  readonly url: string
-  readonly path: string
-  readonly method: string
-  readonly headers: IncomingMessage['headers']
-  readonly peer: string
-  readonly ip: string
-  /** RateLimit-* fields to add to the response. */
-  rateHeaders: string[] | null = null
-  /** The rule that rejected it, for the access log. */
-  limitedBy: string | undefined = undefined
-
-  constructor(
-    readonly req: IncomingMessage,
-    readonly res: ServerResponse,
-    trusted: IpSet,
-  ) {
-    this.url = req.url!
-    const q = this.url.indexOf('?')
-    this.path = q === -1 ? this.url : this.url.slice(0, q)
-    this.method = req.method!
-    this.headers = req.headers
-    this.peer = normalizeIp(req.socket.remoteAddress ?? '')
-    this.ip = clientIp(this.peer, req.headers['x-forwarded-for'], trusted)
-  }
-}
 
 /** Starts serving; resolves once the proxy listens. */
 export async function startWorker(config: Config): Promise<void> {
@@ -87,6 +66,37 @@ export async function startWorker(config: Config): Promise<void> {
     body: config.bodyTimeout,
   })
 
+  const cacheMetrics = new CacheMetrics(registry)
+  const cacheIO: CacheIO = {
+    fetch: (x, conditional, toClient, extra, tap, done) => fetch(x, conditional, toClient, extra, tap, done),
+    finish: (x, result) => finish(x, result),
+    publishPurge: (purge: Purge) => {
+      const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
+      process.send!(msg)
+      redis?.publish(PURGE_CHANNEL, JSON.stringify(purge)).catch(() => cacheMetrics.l2Errors.inc())
+    },
+  }
+  const cache = config.cache
+    ? new HttpCache(
+        new Tiers(redis, { l1Bytes: config.cacheL1Size, l2TtlCapMs: config.cacheL2TtlCap }, cacheMetrics),
+        cacheIO,
+        { origin: config.upstream, maxObjectBytes: config.cacheMaxObject, rules: config.cacheRules, leaseMs: LEASE_MS },
+        cacheMetrics,
+      )
+    : null
+  // Purges from other instances arrive on a subscriber connection of their own (a subscribed client can do nothing else).
+  const subscriber = cache === null ? null : createRedis(config, `worker-${workerId}-sub`, log, { enableOfflineQueue: true })
+  if (subscriber !== null && cache !== null) {
+    subscriber.subscribe(PURGE_CHANNEL).catch(() => {})
+    subscriber.on('message', (_channel: string, text: string) => {
+      try {
+        cache.dropLocal(JSON.parse(text) as Purge)
+      } catch {
+        log.warn('ignored a malformed cache purge message')
+      }
+    })
+  }
+
   let draining = false
 
   /** Every request, once it is answered: metrics and the access log. */
@@ -109,12 +119,13 @@ export async function startWorker(config: Config): Promise<void> {
       durationMs,
       upstreamMs: result.upstreamMs,
       limited: x.limitedBy,
+      cache: x.cache,
     })
   }
 
   function reject(x: Exchange, err: MeliproxyError): void {
     const bytes = sendError(x.res, err)
-    finish(x, { status: err.status, bytes, upstreamMs: null, error: null })
+    finish(x, { status: err.status, bytes, upstreamMs: null, error: null, forwarded: false })
   }
 
   /** The request path. */
@@ -125,7 +136,7 @@ export async function startWorker(config: Config): Promise<void> {
     if (x.url.charCodeAt(0) !== 47 /* '/' */) return reject(x, BAD_TARGET)
     if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
     const verdict = limiter.check(x)
-    if (verdict === null) return forward(x)
+    if (verdict === null) return cached(x)
     verdict.then(
       (v) => afterLimit(x, v),
       (err: Error) => {
@@ -137,10 +148,10 @@ export async function startWorker(config: Config): Promise<void> {
   }
 
   function afterLimit(x: Exchange, v: Verdict): void {
-    if (x.res.destroyed) return finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null })
+    if (x.res.destroyed) return finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
     if (v.allowed) {
       x.rateHeaders = rateLimitHeaders(v)
-      return forward(x)
+      return cached(x)
     }
     x.limitedBy = v.rule.name
     const body = rejectionBody(v)
@@ -149,18 +160,52 @@ export async function startWorker(config: Config): Promise<void> {
     headers.push('content-length', String(Buffer.byteLength(body)))
     x.res.writeHead(429, headers)
     x.res.end(body)
-    finish(x, { status: 429, bytes: Buffer.byteLength(body), upstreamMs: null, error: null })
+    finish(x, { status: 429, bytes: Buffer.byteLength(body), upstreamMs: null, error: null, forwarded: false })
+  }
+
+  function cached(x: Exchange): void {
+    if (cache === null) return forward(x)
+    cache.handle(x)
   }
 
   function forward(x: Exchange): void {
-    const headers = upstreamRequestHeaders({
+    fetch(x, null, true, null, null, (result) => finish(x, result))
+  }
+
+  /** Sends the exchange upstream; `conditional` (the cache's validators) replaces the client's own. */
+  function fetch(
+    x: Exchange,
+    conditional: string[] | null,
+    toClient: boolean,
+    extraHeaders: string[] | null,
+    tap: ResponseTap | null,
+    done: ForwardDone,
+  ): void {
+    let headers = upstreamRequestHeaders({
       rawHeaders: x.req.rawHeaders,
       headers: x.headers,
       peerIp: x.peer,
       peerTrusted: trusted.has(x.peer),
       upstreamHost,
     })
-    forwarder.forward(x.req, x.res, headers, x.rateHeaders, (result) => finish(x, result))
+    if (conditional !== null) {
+      const kept: string[] = []
+      for (let i = 0; i < headers.length; i += 2) {
+        const n = headers[i]!.toLowerCase()
+        if (n !== 'if-none-match' && n !== 'if-modified-since') kept.push(headers[i]!, headers[i + 1]!)
+      }
+      headers = kept.concat(conditional)
+    }
+    const hasBody = toClient && (x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined)
+    let extra = x.rateHeaders
+    if (extraHeaders !== null) extra = extra === null ? extraHeaders : extra.concat(extraHeaders)
+    forwarder.forward(
+      { method: x.method, path: x.url, headers, body: hasBody ? x.req : null },
+      toClient ? x.res : null,
+      extra,
+      tap,
+      done,
+    )
   }
 
   const server: Server = createServer({ keepAliveTimeout: 5_000 }, handle)
@@ -198,6 +243,7 @@ export async function startWorker(config: Config): Promise<void> {
     accessLog?.flush()
     log.info('drained, exiting')
     closeRedis(redis)
+    closeRedis(subscriber)
     setTimeout(() => process.exit(0), 1_000).unref()
     void forwarder.close().finally(() => process.exit(0))
   }
@@ -229,6 +275,9 @@ export async function startWorker(config: Config): Promise<void> {
       case 'set-limits':
         limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version))
         log.info('rate-limit rules replaced', { version: msg.version, rules: msg.limits.length })
+        break
+      case 'cache-purge':
+        cache?.dropLocal(msg.purge)
         break
       case 'drain':
         drain('primary asked')

@@ -31,10 +31,36 @@ export interface ForwardResult {
   upstreamMs: number | null
   /** Set when the upstream failed. */
   error: MeliproxyError | null
+  /** True once the upstream's status line was passed to the client. */
+  forwarded: boolean
 }
 
 /** Called once per forward. */
 export type ForwardDone = (result: ForwardResult) => void
+
+/**
+ * Sees an upstream response as it streams (the cache stores from it). `onHeaders` may keep the response from the
+ * client by returning false (a 304 to the cache's own conditional request, a 5xx the cache answers with stale
+ * content); the caller then answers the client itself when the forward is done.
+ */
+export interface ResponseTap {
+  onHeaders(status: number, statusMessage: string, headers: IncomingHttpHeaders, clientHeaders: readonly string[]): boolean
+  onData(chunk: Buffer): void
+  onEnd(): void
+  /** The upstream failed; return true when the caller will answer the client (e.g. with stale content). */
+  onError(err: Error): boolean
+  /** True while the tap is collecting the body: then a client that leaves does not abort the upstream request. */
+  readonly capturing: boolean
+}
+
+/** One upstream request. */
+export interface ForwardRequest {
+  readonly method: string
+  readonly path: string
+  readonly headers: string[]
+  /** The client's request body stream, or null. */
+  readonly body: IncomingMessage | null
+}
 
 const UNREACHABLE = new Set([
   'ECONNREFUSED',
@@ -85,26 +111,25 @@ export class Forwarder {
   }
 
   /**
-   * Forwards `req` with the prepared upstream headers and streams the answer into `res`, adding `extraHeaders`
-   * (flat name/value list, e.g. RateLimit-*) to the response.
+   * Sends `request` upstream and streams the answer into `res` (when given; a background fetch has none), adding
+   * `extraHeaders` (flat name/value list, e.g. RateLimit-*) to the response, and showing it to `tap` (when given).
    */
   forward(
-    req: IncomingMessage,
-    res: ServerResponse,
-    headers: string[],
+    request: ForwardRequest,
+    res: ServerResponse | null,
     extraHeaders: readonly string[] | null,
+    tap: ResponseTap | null,
     done: ForwardDone,
   ): void {
-    const hasBody = req.headers['content-length'] !== undefined || req.headers['transfer-encoding'] !== undefined
-    const handler = new ProxyHandler(res, extraHeaders, done)
-    res.once('close', handler.onClientClose)
+    const handler = new ProxyHandler(res, extraHeaders, tap, done)
+    res?.once('close', handler.onClientClose)
     this.#pool.dispatch(
       {
         origin: this.#origin,
-        path: req.url!,
-        method: req.method as Dispatcher.HttpMethod,
-        headers,
-        body: hasBody ? req : null,
+        path: request.path,
+        method: request.method as Dispatcher.HttpMethod,
+        headers: request.headers,
+        body: request.body,
         headersTimeout: this.#timeouts.headers,
         bodyTimeout: this.#timeouts.body,
       },
@@ -118,25 +143,33 @@ export class Forwarder {
   }
 }
 
-/** Per-request state of one forward: the client's response and undici's controller. */
+function pushAll(target: string[], items: readonly string[]): string[] {
+  for (const h of items) target.push(h)
+  return target
+}
+
+/** Per-request state of one forward: the client's response (if any), the tap (if any) and undici's controller. */
 class ProxyHandler implements Dispatcher.DispatchHandler {
-  readonly #res: ServerResponse
+  /** The client's response; null for a background fetch or once the tap kept the response from the client. */
+  #res: ServerResponse | null
   readonly #extraHeaders: readonly string[] | null
+  readonly #tap: ResponseTap | null
   readonly #done: ForwardDone
   readonly #started = performance.now()
   #controller: Dispatcher.DispatchController | null = null
-  #result: ForwardResult = { status: 0, bytes: 0, upstreamMs: null, error: null }
+  #result: ForwardResult = { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false }
   #finished = false
 
-  constructor(res: ServerResponse, extraHeaders: readonly string[] | null, done: ForwardDone) {
+  constructor(res: ServerResponse | null, extraHeaders: readonly string[] | null, tap: ResponseTap | null, done: ForwardDone) {
     this.#res = res
     this.#extraHeaders = extraHeaders
+    this.#tap = tap
     this.#done = done
   }
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
     this.#controller = controller
-    if (this.#res.destroyed) controller.abort(new Error('client closed'))
+    if (this.#res?.destroyed) controller.abort(new Error('client closed'))
   }
 
   onResponseStart(
@@ -147,34 +180,46 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
   ): void {
     if (statusCode < 200) return // 1xx interim responses are the upstream connection's business
     this.#result.status = statusCode
-    if (this.#res.destroyed) {
+    const res = this.#res
+    if (res !== null && res.destroyed && this.#tap === null) {
       controller.abort(new Error('client closed'))
       return
     }
     const out = clientResponseHeaders(headers)
-    if (this.#extraHeaders !== null) for (const h of this.#extraHeaders) out.push(h)
-    if (statusMessage) this.#res.writeHead(statusCode, statusMessage, out)
-    else this.#res.writeHead(statusCode, out)
+    if (this.#tap !== null && !this.#tap.onHeaders(statusCode, statusMessage ?? '', headers, out)) this.#res = null
+    if (this.#res === null || this.#res.destroyed) return
+    this.#result.forwarded = true
+    // The tap may keep `out` (the cache stores it): the extra fields go on a copy.
+    const send = this.#extraHeaders === null ? out : this.#tap === null ? pushAll(out, this.#extraHeaders) : out.concat(this.#extraHeaders)
+    if (statusMessage) this.#res.writeHead(statusCode, statusMessage, send)
+    else this.#res.writeHead(statusCode, send)
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    this.#tap?.onData(chunk)
+    const res = this.#res
+    if (res === null || res.destroyed) return
     this.#result.bytes += chunk.length
-    if (!this.#res.write(chunk)) {
+    if (!res.write(chunk)) {
       controller.pause()
-      this.#res.once('drain', this.#resume)
+      res.once('drain', this.#resume)
     }
   }
 
   onResponseEnd(): void {
     this.#result.upstreamMs = performance.now() - this.#started
-    this.#res.end()
+    this.#tap?.onEnd()
+    this.#res?.end()
     this.#finish()
   }
 
   onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
     if (this.#finished) return
+    if (this.#tap !== null && this.#tap.onError(err) && this.#res !== null && !this.#res.headersSent) this.#res = null
     const res = this.#res
-    if (res.destroyed) {
+    if (res === null) {
+      this.#result.error = toUpstreamError(err)
+    } else if (res.destroyed) {
       this.#result.status = 0
     } else if (res.headersSent) {
       // The status line already went out: cutting the connection is the only honest signal of a truncated body.
@@ -189,8 +234,12 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     this.#finish()
   }
 
-  /** The client's response closed: stop the upstream if it was still sending. */
+  /**
+   * The client's response closed: stop the upstream if it was still sending, unless a tap is collecting the body
+   * (then the fetch completes for the cache's sake, within the body timeout).
+   */
   readonly onClientClose = (): void => {
+    if (this.#tap !== null && this.#tap.capturing) return
     if (!this.#finished && this.#controller !== null && !this.#controller.aborted) {
       this.#controller.abort(new Error('client closed'))
     }

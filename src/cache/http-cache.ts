@@ -1,0 +1,512 @@
+import type { IncomingHttpHeaders } from 'node:http'
+import type { Exchange } from '../exchange.js'
+import { compilePathGlob } from '../limiter/glob.js'
+import type { ForwardDone, ForwardResult, ResponseTap } from '../proxy/forward.js'
+import { ageMs, variantId, type CacheEntry } from './entry.js'
+import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
+import { initialAgeMs, requestDirectives, responsePolicy, type StoreRules } from './policy.js'
+import type { Found, Tiers } from './tiers.js'
+
+/**
+ * The shared HTTP cache in front of the upstream (RFC 9111, RFC 5861), for GET and HEAD:
+ * fresh -> served (HIT); stale within stale-while-revalidate -> served (STALE) and refreshed once in the background;
+ * stale with a validator -> revalidated with a conditional request (a 304 refreshes the stored headers);
+ * otherwise fetched, streamed to the client and stored when cacheable. Concurrent misses for one URL make one upstream
+ * request per worker, and one across workers and instances through a short Redis lease. An upstream error or timeout
+ * is answered with stale content where stale-if-error allows. A successful POST/PUT/PATCH/DELETE invalidates the URL
+ * (and same-origin Location/Content-Location) in every tier, worker and instance.
+ */
+
+/** What the cache asks of the worker. */
+export interface CacheIO {
+  /**
+   * Sends the exchange upstream. `conditional` replaces the client's validators with the cache's own; `toClient`
+   * false makes a background fetch; `extraHeaders` are added to the client's response.
+   */
+  fetch(
+    x: Exchange,
+    conditional: string[] | null,
+    toClient: boolean,
+    extraHeaders: string[] | null,
+    tap: ResponseTap | null,
+    done: ForwardDone,
+  ): void
+  /** Records a finished exchange (metrics, access log). */
+  finish(x: Exchange, result: ForwardResult): void
+  /** Tells every worker of every instance to drop keys (or a path glob) from L1 and L2. */
+  publishPurge(purge: Purge): void
+}
+
+/** Keys or a path glob to drop. */
+export interface Purge {
+  readonly keys?: readonly string[]
+  readonly glob?: string
+}
+
+/** A per-path-pattern override. */
+export interface CacheRule {
+  readonly path: string
+  /** Freshness for cacheable responses that carry none, ms. */
+  readonly ttlMs?: number
+  /** Never cache these paths. */
+  readonly bypass?: boolean
+}
+
+/** Cache settings. */
+export interface CacheOptions {
+  readonly origin: string
+  readonly maxObjectBytes: number
+  readonly rules: readonly CacheRule[]
+  /** How long a miss lease lasts (and how long a waiter waits for the peer's fetch). */
+  readonly leaseMs: number
+}
+
+const UNSAFE = new Set(['POST', 'PUT', 'PATCH', 'DELETE'])
+const ERROR_STATUS = new Set([500, 502, 503, 504])
+const BYPASS_HEADERS = ['x-cache', 'BYPASS'] as const
+/** Headers a 304 carries over to the client from the stored response (RFC 9110 15.4.5). */
+const NOT_MODIFIED_HEADERS = new Set(['cache-control', 'content-location', 'date', 'etag', 'expires', 'vary', 'via'])
+/** Headers of a 304 that must not replace the stored ones (RFC 9111 3.2). */
+const KEEP_ON_REFRESH = new Set(['content-length', 'content-encoding', 'transfer-encoding', 'content-range'])
+
+interface CompiledRule {
+  readonly re: RegExp
+  readonly rule: CacheRule
+}
+
+function headerValue(headers: readonly string[], name: string): string | null {
+  for (let i = 0; i < headers.length; i += 2) if (headers[i] === name) return headers[i + 1]!
+  return null
+}
+
+function toIncoming(headers: readonly string[]): IncomingHttpHeaders {
+  const out: Record<string, string | string[]> = {}
+  for (let i = 0; i < headers.length; i += 2) {
+    const k = headers[i]!
+    const v = headers[i + 1]!
+    const prev = out[k]
+    out[k] = prev === undefined ? v : Array.isArray(prev) ? [...prev, v] : [prev, v]
+  }
+  return out
+}
+
+/** Weak comparison of entity tags (RFC 9110 8.8.3.2) against an If-None-Match list. */
+function etagMatches(ifNoneMatch: string, etag: string): boolean {
+  if (ifNoneMatch.trim() === '*') return true
+  const bare = etag.replace(/^W\//, '')
+  return ifNoneMatch.split(',').some((t) => t.trim().replace(/^W\//, '') === bare)
+}
+
+/** The HTTP cache of one worker. */
+export class HttpCache {
+  readonly #tiers: Tiers
+  readonly #io: CacheIO
+  readonly #options: CacheOptions
+  readonly #metrics: CacheMetrics
+  readonly #rules: CompiledRule[]
+  readonly #inflight = new Map<string, Promise<CacheEntry | null>>()
+  readonly #refreshing = new Set<string>()
+
+  constructor(tiers: Tiers, io: CacheIO, options: CacheOptions, metrics: CacheMetrics) {
+    this.#tiers = tiers
+    this.#io = io
+    this.#options = options
+    this.#metrics = metrics
+    this.#rules = options.rules.map((rule) => ({ re: compilePathGlob(rule.path) as RegExp, rule }))
+  }
+
+  /** The cache key of a request target. */
+  key(url: string): string {
+    return this.#options.origin + url
+  }
+
+  /** Answers the exchange: from the cache, or through it to the upstream. */
+  handle(x: Exchange): void {
+    if (x.method !== 'GET' && x.method !== 'HEAD') return this.#passThrough(x)
+    const rule = this.#ruleFor(x.path)
+    const directives = requestDirectives(x.headers)
+    if (rule?.bypass || directives.noStore || x.headers.range !== undefined) return this.#bypass(x)
+    const key = this.key(x.url)
+    const found = this.#tiers.lookup(key, x.headers)
+    if (found === null || !('then' in found)) return this.#decide(x, key, found, directives.noCache)
+    found.then((f) => this.#decide(x, key, f, directives.noCache))
+  }
+
+  /** Drops keys or a glob from this worker's L1 (a purge message from any worker or instance). */
+  dropLocal(purge: Purge): number {
+    if (purge.keys !== undefined) {
+      const keys = new Set(purge.keys)
+      return this.#tiers.dropLocal((k) => keys.has(k))
+    }
+    if (purge.glob !== undefined) return this.#tiers.dropLocal(this.globMatcher(purge.glob))
+    return 0
+  }
+
+  /** A key matcher for a path glob (matched against the key's path, without origin and query). */
+  globMatcher(glob: string): (key: string) => boolean {
+    const re = compilePathGlob(glob)
+    if (typeof re === 'string') throw new Error(re)
+    const origin = this.#options.origin
+    return (key) => {
+      if (!key.startsWith(origin)) return false
+      const target = key.slice(origin.length)
+      const q = target.indexOf('?')
+      return re.test(q === -1 ? target : target.slice(0, q))
+    }
+  }
+
+  /** Removes keys or a path glob from L2, and from L1 in every worker of every instance. */
+  async purge(purge: Purge): Promise<number> {
+    this.#io.publishPurge(purge)
+    const n = this.dropLocal(purge)
+    const shared = await this.#tiers.dropShared(
+      purge.keys ?? null,
+      purge.glob !== undefined ? this.globMatcher(purge.glob) : () => false,
+    )
+    return Math.max(n, shared)
+  }
+
+  #ruleFor(path: string): CacheRule | null {
+    for (const r of this.#rules) if (r.re.test(path)) return r.rule
+    return null
+  }
+
+  /** Methods the cache does not serve: forwarded; a successful unsafe one invalidates what is stored. */
+  #passThrough(x: Exchange): void {
+    if (!UNSAFE.has(x.method)) return this.#bypass(x)
+    x.cache = 'BYPASS'
+    const tap: ResponseTap = {
+      onHeaders: (status, _msg, headers) => {
+        if (status >= 200 && status < 400) void this.purge({ keys: this.#invalidated(x.url, headers) })
+        return true
+      },
+      onData: () => {},
+      onEnd: () => {},
+      onError: () => false,
+      capturing: false,
+    }
+    this.#io.fetch(x, null, true, [...BYPASS_HEADERS], tap, (r) => this.#io.finish(x, r))
+  }
+
+  /** The keys a successful unsafe request invalidates: its URL, and same-origin Location / Content-Location. */
+  #invalidated(url: string, headers: IncomingHttpHeaders): string[] {
+    const keys = [this.key(url)]
+    for (const name of ['location', 'content-location'] as const) {
+      const v = headers[name]
+      if (typeof v !== 'string') continue
+      try {
+        const target = new URL(v, this.#options.origin + url)
+        if (target.origin === this.#options.origin) keys.push(this.key(target.pathname + target.search))
+      } catch {
+        // not a URL: nothing to invalidate
+      }
+    }
+    return keys
+  }
+
+  #bypass(x: Exchange): void {
+    x.cache = 'BYPASS'
+    this.#metrics.request('bypass', 'none')
+    this.#io.fetch(x, null, true, [...BYPASS_HEADERS], null, (r) => this.#io.finish(x, r))
+  }
+
+  #decide(x: Exchange, key: string, found: Found | null, noCache: boolean): void {
+    if (x.res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+    if (found !== null) {
+      const e = found.entry
+      const age = ageMs(e, Date.now())
+      if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
+      if (!noCache && age < e.freshnessMs + e.swrMs) {
+        this.#serve(x, e, 'STALE', 'stale', found.tier)
+        return this.#refreshInBackground(x, key, e)
+      }
+      return this.#fetch(x, key, e, null)
+    }
+    if (x.method === 'HEAD') return this.#fetch(x, key, null, null)
+    const waiting = this.#inflight.get(key)
+    if (waiting !== undefined) {
+      this.#metrics.collapsed.inc()
+      waiting.then((entry) => this.#afterWait(x, key, entry))
+      return
+    }
+    // This worker leads the miss; across workers and instances the first to take the Redis lease fetches, and the
+    // others wait for its answer to land in L2.
+    let settle!: (e: CacheEntry | null) => void
+    this.#inflight.set(key, new Promise((r) => (settle = r)))
+    const lease = this.#tiers.l2Ready ? this.#tiers.lease(key, this.#options.leaseMs) : Promise.resolve(true)
+    lease
+      .then((taken) => (taken ? null : this.#waitForPeer(key, x.headers)))
+      .then((peer) => {
+        if (peer === null) return this.#fetch(x, key, null, settle)
+        this.#inflight.delete(key)
+        settle(peer)
+        this.#metrics.collapsed.inc()
+        this.#serve(x, peer, 'HIT', 'hit', 'l2')
+      })
+  }
+
+  #afterWait(x: Exchange, key: string, entry: CacheEntry | null): void {
+    if (entry !== null && entry.variant === variantId(entry.vary, x.headers)) return this.#serve(x, entry, 'HIT', 'hit', 'upstream')
+    this.#fetch(x, key, null, null)
+  }
+
+  /** Polls L2 for the entry a peer is fetching, until the lease would have expired. */
+  async #waitForPeer(key: string, headers: IncomingHttpHeaders): Promise<CacheEntry | null> {
+    const deadline = Date.now() + this.#options.leaseMs
+    while (Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20))
+      const found = await this.#tiers.lookupL2(key, headers)
+      if (found !== null) return found.entry
+    }
+    return null
+  }
+
+  /**
+   * Fetches from the upstream for a client: conditionally when `stale` has a validator, streaming to the client,
+   * storing a cacheable answer, and falling back to `stale` on an upstream error where stale-if-error allows.
+   * `settle` is given when this fetch leads a miss that others wait for.
+   */
+  #fetch(x: Exchange, key: string, stale: CacheEntry | null, settle: ((e: CacheEntry | null) => void) | null): void {
+    const conditional = stale !== null && x.method === 'GET' ? this.#validators(stale) : null
+    const tap = new StoreTap(this, x, key, stale, conditional !== null, settle ?? (() => {}))
+    x.cache = 'MISS'
+    this.#io.fetch(x, conditional, true, ['x-cache', 'MISS'], tap, (result) => {
+      if (settle !== null) {
+        this.#inflight.delete(key)
+        this.#tiers.release(key)
+        settle(tap.stored)
+      }
+      if (result.forwarded || x.res.headersSent) {
+        this.#metrics.request('miss', 'upstream')
+        return this.#io.finish(x, result)
+      }
+      if (tap.refreshed !== null) return this.#serve(x, tap.refreshed, 'HIT', 'revalidated', 'upstream')
+      if (stale !== null && tap.useStale) return this.#serve(x, stale, 'STALE', 'stale', 'upstream')
+      this.#io.finish(x, result)
+    })
+  }
+
+  /** stale-while-revalidate: one background refresh per key per worker (and one across instances, by lease). */
+  #refreshInBackground(x: Exchange, key: string, stale: CacheEntry): void {
+    if (this.#refreshing.has(key)) return
+    this.#refreshing.add(key)
+    void this.#tiers.lease(key, this.#options.leaseMs).then((taken) => {
+      if (!taken) {
+        this.#refreshing.delete(key)
+        return
+      }
+      const conditional = this.#validators(stale)
+      const tap = new StoreTap(this, x, key, stale, conditional !== null, () => {})
+      this.#io.fetch(x, conditional, false, null, tap, () => {
+        this.#refreshing.delete(key)
+        this.#tiers.release(key)
+      })
+    })
+  }
+
+  #validators(e: CacheEntry): string[] | null {
+    if (e.etag !== null) return ['if-none-match', e.etag]
+    if (e.lastModified !== null) return ['if-modified-since', e.lastModified]
+    return null
+  }
+
+  /** Answers from a stored entry: 304 when the client's validators match, else the stored response. */
+  #serve(x: Exchange, e: CacheEntry, label: string, result: CacheResult, tier: CacheTier): void {
+    const res = x.res
+    x.cache = label
+    this.#metrics.request(result, tier)
+    if (res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+    const age = String(Math.floor(ageMs(e, Date.now()) / 1000))
+    if (this.#notModified(x.headers, e)) {
+      const headers: string[] = []
+      for (let i = 0; i < e.headers.length; i += 2) {
+        if (NOT_MODIFIED_HEADERS.has(e.headers[i]!)) headers.push(e.headers[i]!, e.headers[i + 1]!)
+      }
+      headers.push('age', age, 'x-cache', label)
+      if (x.rateHeaders !== null) headers.push(...x.rateHeaders)
+      res.writeHead(304, headers)
+      res.end()
+      return this.#io.finish(x, { status: 304, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+    }
+    const headers = e.headers.slice()
+    headers.push('age', age, 'x-cache', label)
+    if (x.rateHeaders !== null) for (const h of x.rateHeaders) headers.push(h)
+    res.writeHead(e.status, e.statusMessage, headers)
+    const head = x.method === 'HEAD'
+    res.end(head ? undefined : e.body)
+    this.#io.finish(x, { status: e.status, bytes: head ? 0 : e.body.length, upstreamMs: null, error: null, forwarded: false })
+  }
+
+  #notModified(h: IncomingHttpHeaders, e: CacheEntry): boolean {
+    if (e.status !== 200) return false
+    const inm = h['if-none-match']
+    if (inm !== undefined) return e.etag !== null && etagMatches(inm, e.etag)
+    const ims = h['if-modified-since']
+    if (ims !== undefined && e.lastModified !== null) {
+      const since = Date.parse(ims)
+      const modified = Date.parse(e.lastModified)
+      return !Number.isNaN(since) && !Number.isNaN(modified) && modified <= since
+    }
+    return false
+  }
+
+  /** True when a response with these headers may be stored (checked before its body is collected). */
+  storable(x: Exchange, status: number, headers: IncomingHttpHeaders): boolean {
+    const rule = this.#ruleFor(x.path)
+    return responsePolicy(status, headers, x.headers, { defaultTtlMs: rule?.ttlMs ?? null }, Date.now()).notStorable === null
+  }
+
+  /** Builds an entry from a response that arrived at `responseTime`; null when it may not be stored. */
+  entryFrom(
+    x: Exchange,
+    status: number,
+    statusMessage: string,
+    clientHeaders: readonly string[],
+    body: Buffer,
+    requestTime: number,
+    responseTime: number,
+  ): CacheEntry | null {
+    const incoming = toIncoming(clientHeaders)
+    const rule = this.#ruleFor(x.path)
+    const rules: StoreRules = { defaultTtlMs: rule?.ttlMs ?? null }
+    const p = responsePolicy(status, incoming, x.headers, rules, responseTime)
+    if (p.notStorable !== null) return null
+    return {
+      status,
+      statusMessage,
+      headers: clientHeaders,
+      body,
+      responseTime,
+      initialAgeMs: initialAgeMs(incoming, requestTime, responseTime),
+      freshnessMs: p.freshnessMs,
+      swrMs: p.swrMs,
+      sieMs: p.sieMs,
+      vary: p.vary,
+      variant: variantId(p.vary, x.headers),
+      etag: headerValue(clientHeaders, 'etag'),
+      lastModified: headerValue(clientHeaders, 'last-modified'),
+    }
+  }
+
+  /** The stored entry updated by a 304's headers (RFC 9111 4.3.4). */
+  refreshed(x: Exchange, stale: CacheEntry, notModifiedHeaders: readonly string[], requestTime: number, responseTime: number): CacheEntry | null {
+    const replaced = new Set<string>()
+    for (let i = 0; i < notModifiedHeaders.length; i += 2) {
+      if (!KEEP_ON_REFRESH.has(notModifiedHeaders[i]!)) replaced.add(notModifiedHeaders[i]!)
+    }
+    const merged: string[] = []
+    for (let i = 0; i < stale.headers.length; i += 2) {
+      if (!replaced.has(stale.headers[i]!)) merged.push(stale.headers[i]!, stale.headers[i + 1]!)
+    }
+    for (let i = 0; i < notModifiedHeaders.length; i += 2) {
+      if (replaced.has(notModifiedHeaders[i]!)) merged.push(notModifiedHeaders[i]!, notModifiedHeaders[i + 1]!)
+    }
+    return this.entryFrom(x, stale.status, stale.statusMessage, merged, stale.body, requestTime, responseTime)
+  }
+
+  /** Stores an entry in both tiers. */
+  store(key: string, entry: CacheEntry): void {
+    this.#tiers.store(key, entry)
+  }
+
+  /** The largest body stored. */
+  get maxObjectBytes(): number {
+    return this.#options.maxObjectBytes
+  }
+}
+
+/** Watches one upstream response for the cache: collects a storable body, refreshes on 304, spots errors. */
+class StoreTap implements ResponseTap {
+  readonly #cache: HttpCache
+  readonly #x: Exchange
+  readonly #key: string
+  readonly #stale: CacheEntry | null
+  readonly #conditional: boolean
+  readonly #settle: (e: CacheEntry | null) => void
+  readonly #requestTime = Date.now()
+  #chunks: Buffer[] | null = null
+  #bytes = 0
+  #status = 0
+  #statusMessage = ''
+  #clientHeaders: readonly string[] = []
+  /** The entry stored from this response, if any. */
+  stored: CacheEntry | null = null
+  /** The stale entry refreshed by a 304, if any. */
+  refreshed: CacheEntry | null = null
+  /** True when the client should get the stale entry (stale-if-error). */
+  useStale = false
+
+  constructor(cache: HttpCache, x: Exchange, key: string, stale: CacheEntry | null, conditional: boolean, settle: (e: CacheEntry | null) => void) {
+    this.#cache = cache
+    this.#x = x
+    this.#key = key
+    this.#stale = stale
+    this.#conditional = conditional
+    this.#settle = settle
+  }
+
+  get capturing(): boolean {
+    return this.#chunks !== null
+  }
+
+  #staleIfError(): boolean {
+    const s = this.#stale
+    return s !== null && ageMs(s, Date.now()) < s.freshnessMs + s.sieMs
+  }
+
+  onHeaders(status: number, statusMessage: string, headers: IncomingHttpHeaders, clientHeaders: readonly string[]): boolean {
+    this.#status = status
+    this.#statusMessage = statusMessage
+    this.#clientHeaders = clientHeaders
+    if (status === 304 && this.#conditional && this.#stale !== null) {
+      this.refreshed = this.#cache.refreshed(this.#x, this.#stale, clientHeaders, this.#requestTime, Date.now())
+      return false
+    }
+    if (ERROR_STATUS.has(status) && this.#staleIfError()) {
+      this.useStale = true
+      return false
+    }
+    if (this.#x.method !== 'GET' || !this.#cache.storable(this.#x, status, headers)) return true
+    const length = Number(headers['content-length'] ?? 0)
+    if (length <= this.#cache.maxObjectBytes) this.#chunks = []
+    return true
+  }
+
+  onData(chunk: Buffer): void {
+    if (this.#chunks === null) return
+    this.#bytes += chunk.length
+    if (this.#bytes > this.#cache.maxObjectBytes) this.#chunks = null // too big: streams through uncached
+    else this.#chunks.push(chunk)
+  }
+
+  onEnd(): void {
+    if (this.refreshed !== null) {
+      this.#cache.store(this.#key, this.refreshed)
+      this.stored = this.refreshed
+    } else if (this.#chunks !== null) {
+      const entry = this.#cache.entryFrom(
+        this.#x,
+        this.#status,
+        this.#statusMessage,
+        this.#clientHeaders,
+        Buffer.concat(this.#chunks),
+        this.#requestTime,
+        Date.now(),
+      )
+      if (entry !== null) {
+        this.#cache.store(this.#key, entry)
+        this.stored = entry
+      }
+    }
+    this.#settle(this.stored)
+  }
+
+  onError(): boolean {
+    this.#settle(null)
+    if (this.#staleIfError()) {
+      this.useStale = true
+      return true
+    }
+    return false
+  }
+}

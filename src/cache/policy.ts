@@ -1,0 +1,171 @@
+import type { IncomingHttpHeaders } from 'node:http'
+
+/**
+ * What a shared cache may do with a request and a response, after RFC 9111 (HTTP Caching) and RFC 5861
+ * (stale-while-revalidate, stale-if-error). Pure functions over headers; no I/O.
+ */
+
+/** Cache-Control directives: name -> argument (`true` for a directive without one). Names are lowercase. */
+export type Directives = Map<string, string | true>
+
+/** Parses Cache-Control (RFC 9111 5.2). A directive given twice keeps its first occurrence; `conflict` notes it. */
+export function parseCacheControl(value: string | string[] | undefined): Directives {
+  const out: Directives = new Map()
+  if (value === undefined) return out
+  const text = Array.isArray(value) ? value.join(',') : value
+  for (const part of text.split(',')) {
+    const eq = part.indexOf('=')
+    const name = (eq === -1 ? part : part.slice(0, eq)).trim().toLowerCase()
+    if (name === '') continue
+    let arg: string | true = true
+    if (eq !== -1) {
+      arg = part.slice(eq + 1).trim()
+      if (arg.startsWith('"') && arg.endsWith('"') && arg.length >= 2) arg = arg.slice(1, -1)
+    }
+    if (out.has(name)) {
+      // RFC 9111 4.2.1: conflicting duplicates of a freshness directive make the response stale.
+      if (out.get(name) !== arg) out.set('#conflict', true)
+      continue
+    }
+    out.set(name, arg)
+  }
+  return out
+}
+
+/**
+ * A delta-seconds argument (RFC 9111 1.2.2): a non-negative integer; values past 2^31 are 2^31.
+ * Anything else is invalid: null (the caller treats the response as stale).
+ */
+export function deltaSeconds(arg: string | true | undefined): number | null {
+  if (typeof arg !== 'string' || !/^\d+$/.test(arg)) return null
+  return Math.min(Number(arg), 2 ** 31)
+}
+
+/** Status codes cacheable by default (RFC 9110 15.1). */
+const HEURISTIC_STATUS = new Set([200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501])
+
+/** An HTTP-date as ms since the epoch, or null when invalid (RFC 9111 5.3: an invalid Expires is in the past). */
+export function parseHttpDate(value: string | undefined): number | null {
+  if (value === undefined) return null
+  const ms = Date.parse(value)
+  return Number.isNaN(ms) ? null : ms
+}
+
+/** The facts about a response a cache decides on, computed once when it arrives. */
+export interface ResponsePolicy {
+  /** Why it may not be stored, or null when it may. */
+  readonly notStorable: string | null
+  /** Freshness lifetime in ms (0 = stale at once; must revalidate before use). */
+  readonly freshnessMs: number
+  /** stale-while-revalidate window in ms (0 when none, or when must-revalidate). */
+  readonly swrMs: number
+  /** stale-if-error window in ms (0 when none, or when must-revalidate). */
+  readonly sieMs: number
+  /** Vary header names, lowercase (empty when none). */
+  readonly vary: readonly string[]
+}
+
+/** Operator settings that shape storage. */
+export interface StoreRules {
+  /** A TTL (ms) for a cacheable-by-default response that carries no freshness of its own, or null. */
+  readonly defaultTtlMs: number | null
+}
+
+function first(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value[0] : value
+}
+
+/**
+ * Decides whether a response to a GET may be stored by a shared cache, and for how long it is fresh.
+ * `requestHeaders` are the client's; `now` is when the response arrived.
+ */
+export function responsePolicy(
+  status: number,
+  headers: IncomingHttpHeaders,
+  requestHeaders: IncomingHttpHeaders,
+  rules: StoreRules,
+  now: number,
+): ResponsePolicy {
+  const cc = parseCacheControl(headers['cache-control'])
+  const vary = varyNames(headers.vary)
+  const none = (why: string): ResponsePolicy => ({ notStorable: why, freshnessMs: 0, swrMs: 0, sieMs: 0, vary })
+  if (cc.has('no-store')) return none('no-store')
+  if (cc.has('private')) return none('private')
+  if (headers['set-cookie'] !== undefined) return none('set-cookie')
+  if (vary.includes('*')) return none('vary: *')
+  if (status === 206 || status < 200) return none(`status ${status}`)
+  if (requestHeaders.authorization !== undefined && !cc.has('public') && !cc.has('s-maxage') && !cc.has('must-revalidate')) {
+    return none('request had Authorization')
+  }
+
+  let freshnessMs: number | null = null
+  let explicit = false
+  if (cc.has('#conflict')) {
+    freshnessMs = 0
+    explicit = true
+  } else if (cc.has('s-maxage')) {
+    freshnessMs = (deltaSeconds(cc.get('s-maxage')) ?? 0) * 1000
+    explicit = true
+  } else if (cc.has('max-age')) {
+    freshnessMs = (deltaSeconds(cc.get('max-age')) ?? 0) * 1000
+    explicit = true
+  } else if (headers.expires !== undefined) {
+    const expires = parseHttpDate(first(headers.expires))
+    const date = parseHttpDate(first(headers.date)) ?? now
+    freshnessMs = expires === null ? 0 : Math.max(0, expires - date)
+    explicit = true
+  }
+  if (!explicit) {
+    if (!HEURISTIC_STATUS.has(status) || rules.defaultTtlMs === null) return none('no freshness information')
+    freshnessMs = rules.defaultTtlMs
+  }
+  if (cc.has('no-cache')) freshnessMs = 0
+
+  const mustRevalidate = cc.has('must-revalidate') || cc.has('proxy-revalidate') || cc.has('no-cache')
+  const swrMs = mustRevalidate ? 0 : (deltaSeconds(cc.get('stale-while-revalidate')) ?? 0) * 1000
+  const sieMs = mustRevalidate ? 0 : (deltaSeconds(cc.get('stale-if-error')) ?? 0) * 1000
+  return { notStorable: null, freshnessMs: freshnessMs ?? 0, swrMs, sieMs, vary }
+}
+
+/** The Vary field names, lowercase. */
+export function varyNames(value: string | string[] | undefined): string[] {
+  if (value === undefined) return []
+  const text = Array.isArray(value) ? value.join(',') : value
+  return text
+    .split(',')
+    .map((v) => v.trim().toLowerCase())
+    .filter((v) => v !== '')
+}
+
+/**
+ * The corrected initial age of a response when it arrived (RFC 9111 4.2.3), in ms: the larger of its apparent age
+ * (arrival minus Date) and its Age field plus the time the request took. An invalid Age is ignored (5.1).
+ */
+export function initialAgeMs(headers: IncomingHttpHeaders, requestTime: number, responseTime: number): number {
+  const date = parseHttpDate(first(headers.date))
+  const apparent = date === null ? 0 : Math.max(0, responseTime - date)
+  const ageText = first(headers.age)?.split(',')[0]?.trim()
+  const age = ageText !== undefined && /^\d+$/.test(ageText) ? Number(ageText) * 1000 : 0
+  return Math.max(apparent, age + (responseTime - requestTime))
+}
+
+/** What the client's own Cache-Control asks of the cache. */
+export interface RequestDirectives {
+  /** Neither serve from nor store into the cache. */
+  readonly noStore: boolean
+  /** Revalidate with the upstream before using a stored response. */
+  readonly noCache: boolean
+}
+
+/** Reads the request's Cache-Control (and the legacy Pragma: no-cache). */
+export function requestDirectives(headers: IncomingHttpHeaders): RequestDirectives {
+  const cc = headers['cache-control']
+  if (cc === undefined) return headers.pragma === 'no-cache' ? { noStore: false, noCache: true } : NO_DIRECTIVES
+  const d = parseCacheControl(cc)
+  return {
+    noStore: d.has('no-store'),
+    noCache: d.has('no-cache') || deltaSeconds(d.get('max-age')) === 0,
+  }
+}
+
+const NO_DIRECTIVES: RequestDirectives = { noStore: false, noCache: false }
