@@ -134,11 +134,15 @@ async function main(): Promise<void> {
   writeFileSync(limitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}`, limits: BENCH_LIMITS }))
 
   const path = '/categories/MLA97994'
+  const redisUrl = `redis://127.0.0.1:${redisPort}`
   const targets = {
     bare: `http://127.0.0.1:${barePort}${path}`,
     undici: `http://127.0.0.1:${undiciPort}${path}`,
-    meliproxy: (await startMeliproxy(upstream, [])) + path,
-    limits: hasRedis ? (await startMeliproxy(upstream, ['--config', limitsConfig])) + path : null,
+    meliproxy: (await startMeliproxy(upstream, ['--no-cache'])) + path,
+    limits: hasRedis ? (await startMeliproxy(upstream, ['--no-cache', '--config', limitsConfig])) + path : null,
+    cacheL1: (await startMeliproxy(upstream, [])) + path,
+    cacheL1Quiet: (await startMeliproxy(upstream, ['--no-access-log'])) + path,
+    cacheL2: hasRedis ? (await startMeliproxy(upstream, ['--redis-url', redisUrl, '--cache-l1-size', '0'])) + path : null,
   }
   for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
 
@@ -150,9 +154,15 @@ async function main(): Promise<void> {
     ['bare node (memory)', targets.bare],
     ['bare undici proxy', targets.undici],
     ['meliproxy proxy (access log on)', targets.meliproxy],
+    ['meliproxy cache hit (L1)', targets.cacheL1],
+    ['meliproxy cache hit (L1, no log)', targets.cacheL1Quiet],
   ]
-  if (targets.limits !== null) scenarios.push(['meliproxy + 4 limit rules (Redis)', targets.limits])
-  else console.log('redis-server not found: the limits scenario is skipped')
+  if (targets.limits !== null && targets.cacheL2 !== null) {
+    scenarios.push(['meliproxy + 4 limit rules (Redis)', targets.limits])
+    scenarios.push(['meliproxy cache hit (L2, L1 off)', targets.cacheL2])
+  } else {
+    console.log('redis-server not found: the Redis scenarios are skipped')
+  }
   for (const [name, url] of scenarios) load(name, url, 2) // warm-up: JIT, keep-alive pools
   // Rounds interleave the scenarios so that a noisy moment on the machine does not favour one of them;
   // each figure is the mean over the rounds.
@@ -181,6 +191,12 @@ async function main(): Promise<void> {
   console.log(`meliproxy proxy / bare node (memory): ${(mp.rps / by('bare node').rps).toFixed(2)}x`)
   const limited = results.find((r) => r.name.startsWith('meliproxy + 4 limit'))
   if (limited) console.log(`meliproxy with limits / without: ${(limited.rps / mp.rps).toFixed(2)}x (target >= 0.7x)`)
+  const hitL1 = results.find((r) => r.name === 'meliproxy cache hit (L1)')!
+  console.log(`meliproxy cache hit (L1) / bare node (memory): ${(hitL1.rps / by('bare node').rps).toFixed(2)}x (target >= 0.85x)`)
+  const quiet = by('meliproxy cache hit (L1, no log)')
+  console.log(`meliproxy cache hit (L1, no access log) / bare node (memory): ${(quiet.rps / by('bare node').rps).toFixed(2)}x`)
+  const hitL2 = results.find((r) => r.name.startsWith('meliproxy cache hit (L2'))
+  if (hitL2) console.log(`meliproxy cache hit (L2, L1 off) / bare node (memory): ${(hitL2.rps / by('bare node').rps).toFixed(2)}x`)
 }
 
 function stopAll(): void {

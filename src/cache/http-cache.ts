@@ -90,6 +90,18 @@ function toIncoming(headers: readonly string[]): IncomingHttpHeaders {
   return out
 }
 
+const served = new WeakMap<CacheEntry, string[]>()
+
+/** The entry's headers plus `age` and `x-cache` slots, made once per entry. */
+function servedHeaders(e: CacheEntry): string[] {
+  let h = served.get(e)
+  if (h === undefined) {
+    h = e.headers.concat('age', '0', 'x-cache', 'HIT')
+    served.set(e, h)
+  }
+  return h
+}
+
 /** Weak comparison of entity tags (RFC 9110 8.8.3.2) against an If-None-Match list. */
 function etagMatches(ifNoneMatch: string, etag: string): boolean {
   if (ifNoneMatch.trim() === '*') return true
@@ -214,7 +226,7 @@ export class HttpCache {
     if (x.res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
     if (found !== null) {
       const e = found.entry
-      const age = ageMs(e, Date.now())
+      const age = ageMs(e, x.time)
       if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
       if (!noCache && age < e.freshnessMs + e.swrMs) {
         this.#serve(x, e, 'STALE', 'stale', found.tier)
@@ -316,7 +328,7 @@ export class HttpCache {
     x.cache = label
     this.#metrics.request(result, tier)
     if (res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
-    const age = String(Math.floor(ageMs(e, Date.now()) / 1000))
+    const age = String(Math.floor(ageMs(e, x.time) / 1000))
     if (this.#notModified(x.headers, e)) {
       const headers: string[] = []
       for (let i = 0; i < e.headers.length; i += 2) {
@@ -328,9 +340,15 @@ export class HttpCache {
       res.end()
       return this.#io.finish(x, { status: 304, bytes: 0, upstreamMs: null, error: null, forwarded: false })
     }
-    const headers = e.headers.slice()
-    headers.push('age', age, 'x-cache', label)
-    if (x.rateHeaders !== null) for (const h of x.rateHeaders) headers.push(h)
+    let headers: string[]
+    if (x.rateHeaders === null) {
+      // writeHead() copies the fields at once, so one array per entry serves every hit: only the values change.
+      headers = servedHeaders(e)
+      headers[headers.length - 3] = age
+      headers[headers.length - 1] = label
+    } else {
+      headers = e.headers.concat('age', age, 'x-cache', label, x.rateHeaders)
+    }
     res.writeHead(e.status, e.statusMessage, headers)
     const head = x.method === 'HEAD'
     res.end(head ? undefined : e.body)
