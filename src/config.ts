@@ -304,6 +304,10 @@ function readConfigFile(path: string): Record<string, unknown> {
   return doc as Record<string, unknown>
 }
 
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host)
+}
+
 function deepFreeze<T>(value: T): T {
   if (value && typeof value === 'object' && !Object.isFrozen(value)) {
     Object.freeze(value)
@@ -339,6 +343,9 @@ export function loadConfig(sources: ConfigSources): Config {
   }
   for (const [key, parse] of Object.entries(FILE_SECTIONS)) out[key] = parse(file[key])
   const config = out as unknown as Config
+  if (config.adminToken === null && !isLoopback(config.adminHost)) {
+    throw new ConfigError('--admin-host', `"${config.adminHost}" is not a loopback address: an admin listener there needs --admin-token`)
+  }
   if (config.redisUrl && config.redisSentinels.length > 0) {
     throw new ConfigError('--redis-url', 'give either --redis-url or --redis-sentinels, not both')
   }

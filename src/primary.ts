@@ -5,7 +5,8 @@ import { encodeConfig, WORKER_CONFIG_ENV, type Config } from './config.js'
 import { createAdminServer, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
 import { MemoryCounter } from './limiter/counter.js'
-import { isMeliproxyMessage, type DrainMessage, type LimitResultMessage } from './messages.js'
+import { dropSharedMatching, pathGlobMatcher, PURGE_CHANNEL } from './cache/tiers.js'
+import { isMeliproxyMessage, type CachePurgeMessage, type DrainMessage, type LimitResultMessage } from './messages.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
 /**
@@ -236,7 +237,30 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     return { contentType: registry.contentType, body: cluster + own }
   }
 
-  adminServer = createAdminServer({ readiness, metrics }, (err) => log.error('admin error', { error: err.message }))
+  /** Purges a path glob: L1 of this instance's workers (IPC), of other instances (Redis pub/sub), then L2. */
+  async function purgeCache(glob: string): Promise<{ removed: number } | { invalid: string }> {
+    const match = pathGlobMatcher(config.upstream, glob)
+    if (typeof match === 'string') return { invalid: match }
+    const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge: { glob } }
+    for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+    if (redis === null || redis.status !== 'ready') return { removed: 0 }
+    await redis.publish(PURGE_CHANNEL, JSON.stringify({ glob }))
+    const removed = await dropSharedMatching(redis, match)
+    log.info('cache purged', { glob, removedFromL2: removed })
+    return { removed }
+  }
+
+  adminServer = createAdminServer(
+    {
+      readiness,
+      metrics,
+      purgeCache,
+      get adminToken() {
+        return config.adminToken // read on each call: a SIGHUP may change it
+      },
+    },
+    (err) => log.error('admin error', { error: err.message }),
+  )
   await new Promise<void>((resolve, reject) => {
     adminServer!.once('error', reject)
     adminServer!.listen(config.adminPort, config.adminHost, () => {

@@ -17,7 +17,7 @@ import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { CacheMetrics } from './cache/metrics.js'
-import { Tiers } from './cache/tiers.js'
+import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
 import { Forwarder, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
@@ -29,8 +29,6 @@ import { closeRedis, createRedis } from './redis/client.js'
  * `finish()` records every request once.
  */
 
-/** The Redis pub/sub channel that carries cache purges to every instance. */
-const PURGE_CHANNEL = 'mp:cache:purge'
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
 const LEASE_MS = 3_000
 

@@ -1,8 +1,9 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { checkBearer } from './auth.js'
 
 /**
  * The admin listener, served by the primary on --admin-host:--admin-port (never on the proxy port):
- * GET /healthz, GET /readyz, GET /metrics.
+ * GET /healthz, GET /readyz, GET /metrics, and DELETE /api/cache?path=<path or glob> (bearer token).
  */
 
 /** Why the instance is or is not ready. */
@@ -17,6 +18,10 @@ export interface Readiness {
 export interface AdminSources {
   readiness(): Promise<Readiness>
   metrics(): Promise<{ contentType: string; body: string }>
+  /** Purges a path glob from both cache tiers everywhere; returns the L2 entries removed, or an error message. */
+  purgeCache(glob: string): Promise<{ removed: number } | { invalid: string }>
+  /** The admin token, or null when none is configured. */
+  readonly adminToken: string | null
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {
@@ -26,7 +31,28 @@ function json(res: ServerResponse, status: number, body: unknown): void {
 }
 
 async function route(req: IncomingMessage, res: ServerResponse, sources: AdminSources): Promise<void> {
-  const path = (req.url ?? '/').split('?')[0]
+  const url = new URL(req.url ?? '/', 'http://admin')
+  const path = url.pathname
+  if (path === '/api/cache') {
+    if (req.method !== 'DELETE') {
+      json(res, 405, { error: 'method_not_allowed', message: `${req.method} is not allowed on ${path}` })
+      return
+    }
+    const refused = checkBearer(req.headers, sources.adminToken)
+    if (refused !== null) {
+      json(res, refused.status, { error: refused.error, message: refused.message })
+      return
+    }
+    const glob = url.searchParams.get('path')
+    if (glob === null || glob === '') {
+      json(res, 400, { error: 'bad_request', message: 'give the path or glob to purge: DELETE /api/cache?path=/items/**' })
+      return
+    }
+    const r = await sources.purgeCache(glob)
+    if ('invalid' in r) json(res, 400, { error: 'bad_request', message: `path: ${r.invalid}` })
+    else json(res, 200, { purged: glob, removedFromL2: r.removed })
+    return
+  }
   if (req.method !== 'GET' && req.method !== 'HEAD') {
     json(res, 405, { error: 'method_not_allowed', message: `${req.method} is not allowed on ${path}` })
     return

@@ -5,7 +5,7 @@ import type { ForwardDone, ForwardResult, ResponseTap } from '../proxy/forward.j
 import { ageMs, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
 import { initialAgeMs, requestDirectives, responsePolicy, type StoreRules } from './policy.js'
-import type { Found, Tiers } from './tiers.js'
+import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
 
 /**
  * The shared HTTP cache in front of the upstream (RFC 9111, RFC 5861), for GET and HEAD:
@@ -156,15 +156,9 @@ export class HttpCache {
 
   /** A key matcher for a path glob (matched against the key's path, without origin and query). */
   globMatcher(glob: string): (key: string) => boolean {
-    const re = compilePathGlob(glob)
-    if (typeof re === 'string') throw new Error(re)
-    const origin = this.#options.origin
-    return (key) => {
-      if (!key.startsWith(origin)) return false
-      const target = key.slice(origin.length)
-      const q = target.indexOf('?')
-      return re.test(q === -1 ? target : target.slice(0, q))
-    }
+    const match = pathGlobMatcher(this.#options.origin, glob)
+    if (typeof match === 'string') throw new Error(match)
+    return match
   }
 
   /** Removes keys or a path glob from L2, and from L1 in every worker of every instance. */

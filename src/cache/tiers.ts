@@ -1,6 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Redis } from 'ioredis'
 import { LRUCache } from 'lru-cache'
+import { compilePathGlob } from '../limiter/glob.js'
 import { decodeEntry, encodeEntry, entrySize, keepMs, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics } from './metrics.js'
 
@@ -14,6 +15,34 @@ import type { CacheMetrics } from './metrics.js'
 export const ENTRY_PREFIX = 'mp:c:'
 /** Redis key prefix of the short leases that collapse misses across workers and instances. */
 export const LEASE_PREFIX = 'mp:lease:'
+
+/** The Redis pub/sub channel that carries cache purges to every instance. */
+export const PURGE_CHANNEL = 'mp:cache:purge'
+
+/** A key matcher for a path glob, matched against a key's path (without the origin and the query). */
+export function pathGlobMatcher(origin: string, glob: string): ((key: string) => boolean) | string {
+  const re = compilePathGlob(glob)
+  if (typeof re === 'string') return re
+  return (key) => {
+    if (!key.startsWith(origin)) return false
+    const target = key.slice(origin.length)
+    const q = target.indexOf('?')
+    return re.test(q === -1 ? target : target.slice(0, q))
+  }
+}
+
+/** Deletes from L2 every stored URL `match` accepts (a SCAN over the entry keys); returns how many. */
+export async function dropSharedMatching(redis: Redis, match: (key: string) => boolean): Promise<number> {
+  let n = 0
+  let cursor = '0'
+  do {
+    const [next, found] = await redis.scan(cursor, 'MATCH', ENTRY_PREFIX + '*', 'COUNT', 500)
+    cursor = next
+    const doomed = found.filter((k) => match(k.slice(ENTRY_PREFIX.length)))
+    if (doomed.length > 0) n += await redis.del(...doomed)
+  } while (cursor !== '0')
+  return n
+}
 
 /** Tier sizes and bounds. */
 export interface TierOptions {
@@ -141,15 +170,7 @@ export class Tiers {
     const redis = this.#redis!
     try {
       if (keys !== null) return keys.length === 0 ? 0 : await redis.del(...keys.map((k) => ENTRY_PREFIX + k))
-      let n = 0
-      let cursor = '0'
-      do {
-        const [next, found] = await redis.scan(cursor, 'MATCH', ENTRY_PREFIX + '*', 'COUNT', 500)
-        cursor = next
-        const doomed = found.filter((k) => match(k.slice(ENTRY_PREFIX.length)))
-        if (doomed.length > 0) n += await redis.del(...doomed)
-      } while (cursor !== '0')
-      return n
+      return await dropSharedMatching(redis, match)
     } catch {
       this.#metrics.l2Errors.inc()
       return 0
