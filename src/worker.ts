@@ -31,6 +31,8 @@ import { closeRedis, createRedis } from './redis/client.js'
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
 const LEASE_MS = 3_000
+/** While draining, a keep-alive socket idle this long is closed (see drainStep). */
+const DRAIN_IDLE_MS = 1_000
 
 const BAD_TARGET = new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'request target must be a path (origin-form)')
 const FORBIDDEN = new MeliproxyError(ErrorCodes.FORBIDDEN, 403, 'this client is not allowed')
@@ -129,6 +131,7 @@ export async function startWorker(config: Config): Promise<void> {
   /** The request path. */
   function handle(req: IncomingMessage, res: ServerResponse): void {
     inFlight++
+    if (draining) sockets.set(req.socket, Date.now())
     if (draining) res.shouldKeepAlive = false
     const x = new Exchange(req, res, trusted)
     if (x.url.charCodeAt(0) !== 47 /* '/' */) return reject(x, BAD_TARGET)
@@ -207,9 +210,10 @@ export async function startWorker(config: Config): Promise<void> {
   }
 
   const server: Server = createServer({ keepAliveTimeout: 5_000 }, handle)
-  const sockets = new Set<Socket>()
+  /** Open client sockets and when each last started a request (for closing idle ones on drain). */
+  const sockets = new Map<Socket, number>()
   server.on('connection', (socket: Socket) => {
-    sockets.add(socket)
+    sockets.set(socket, Date.now())
     socket.once('close', () => sockets.delete(socket))
   })
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
@@ -224,14 +228,19 @@ export async function startWorker(config: Config): Promise<void> {
     log.debug('client error', { code: err.code })
   })
 
-  /** While draining: once nothing is in flight, close the idle keep-alive sockets and exit. */
+  /**
+   * While draining: a socket whose client keeps using it gets `Connection: close` on its next response and is
+   * closed after it. One left idle for DRAIN_IDLE_MS is closed here: closing a socket the instant it goes idle would
+   * race with a client sending its next request on it. Once nothing is in flight and no socket is left, exit.
+   */
   function drainStep(): void {
-    if (inFlight > 0) return
-    for (const s of sockets) {
-      // A socket with no response in progress is idle (node sets _httpMessage while one is).
-      if ((s as Socket & { _httpMessage?: unknown })._httpMessage == null) s.destroy()
+    const now = Date.now()
+    for (const [s, lastRequest] of sockets) {
+      // node sets _httpMessage while a response is in progress on the socket.
+      const busy = (s as Socket & { _httpMessage?: unknown })._httpMessage != null
+      if (!busy && now - lastRequest >= DRAIN_IDLE_MS) s.destroy()
     }
-    if (sockets.size === 0) exit()
+    if (inFlight === 0 && sockets.size === 0) exit()
   }
 
   let exiting = false
@@ -256,7 +265,10 @@ export async function startWorker(config: Config): Promise<void> {
     draining = true
     log.info('draining', { reason, inFlight, timeoutMs: config.drainTimeout })
     NetServer.prototype.close.call(server)
-    setTimeout(() => setInterval(drainStep, 50), 250)
+    // Every open socket gets DRAIN_IDLE_MS from now: one in use will carry a Connection: close response by then.
+    const now = Date.now()
+    for (const s of sockets.keys()) sockets.set(s, now)
+    setInterval(drainStep, 50)
     setTimeout(() => {
       log.warn('drain timeout: closing remaining connections', { inFlight })
       server.closeAllConnections()
