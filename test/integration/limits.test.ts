@@ -228,8 +228,11 @@ t.test('SIGHUP with invalid rules keeps the old rules enforced; valid new rules 
   t.same(old.byStatus, { 200: 2, 429: 1 }, 'the old rule still holds')
 
   writeFileSync(path, JSON.stringify({ upstream: upstream.url, accessLog: false, limits: [{ name: 'two', limit: 4, window: '1h' }] }))
+  const oldWorkers = proxy.workerPids()
   proxy.proc.kill('SIGHUP')
   t.ok(await waitFor(() => proxy.stderr.some((l) => l.includes('reload complete')), 10_000), 'the reload completes')
+  // Old workers finish what their open connections send them (with the old rules) before they exit.
+  t.ok(await waitFor(() => proxy.workerPids().every((p) => !oldWorkers.includes(p)), 10_000), 'the old workers are gone')
   const more = await burst(3, 1, () => send(`${proxy.url}/other`, { from: '127.0.0.60' }))
   t.same(more.byStatus, { 200: 2, 429: 1 }, 'the new limit of 4 applies, and the count so far carries on')
 })
