@@ -18,7 +18,7 @@ import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
-import { Forwarder, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from './proxy/forward.js'
+import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
@@ -68,7 +68,7 @@ export async function startWorker(config: Config): Promise<void> {
 
   const cacheMetrics = new CacheMetrics(registry)
   const cacheIO: CacheIO = {
-    fetch: (x, conditional, toClient, extra, tap, done) => fetch(x, conditional, toClient, extra, tap, done),
+    fetch: (...args) => fetch(...args),
     finish: (x, result) => finish(x, result),
     publishPurge: (purge: Purge) => {
       const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
@@ -131,8 +131,10 @@ export async function startWorker(config: Config): Promise<void> {
   /** The request path. */
   function handle(req: IncomingMessage, res: ServerResponse): void {
     inFlight++
-    if (draining) sockets.set(req.socket, Date.now())
-    if (draining) res.shouldKeepAlive = false
+    if (draining) {
+      sockets.set(req.socket, Date.now())
+      res.shouldKeepAlive = false
+    }
     const x = new Exchange(req, res, trusted)
     if (x.url.charCodeAt(0) !== 47 /* '/' */) return reject(x, BAD_TARGET)
     if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
@@ -174,14 +176,7 @@ export async function startWorker(config: Config): Promise<void> {
   }
 
   /** Sends the exchange upstream; `conditional` (the cache's validators) replaces the client's own. */
-  function fetch(
-    x: Exchange,
-    conditional: string[] | null,
-    toClient: boolean,
-    extraHeaders: string[] | null,
-    tap: ResponseTap | null,
-    done: ForwardDone,
-  ): void {
+  function fetch(...[x, conditional, toClient, extraHeaders, tap, done]: Parameters<CacheIO['fetch']>): void {
     let headers = upstreamRequestHeaders({
       rawHeaders: x.req.rawHeaders,
       headers: x.headers,

@@ -239,7 +239,11 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
    * (then the fetch completes for the cache's sake, within the body timeout).
    */
   readonly onClientClose = (): void => {
-    if (this.#tap !== null && this.#tap.capturing) return
+    if (this.#tap !== null && this.#tap.capturing) {
+      // It may be paused for the departed client's backpressure: no 'drain' will come, so read on for the tap.
+      if (this.#controller?.paused) this.#controller.resume()
+      return
+    }
     if (!this.#finished && this.#controller !== null && !this.#controller.aborted) {
       this.#controller.abort(new Error('client closed'))
     }

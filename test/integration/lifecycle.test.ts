@@ -1,9 +1,7 @@
-import { writeFileSync, mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { writeFileSync } from 'node:fs'
 import t from 'tap'
 import { Agent, request } from 'undici'
-import { admin, startMeliproxy, waitFor } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, waitFor, writeConfig } from '../helpers/meliproxy.js'
 import { steadyLoad, sumMetric } from '../helpers/load.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -52,9 +50,7 @@ t.test('SIGTERM lets an in-flight slow request finish, then exits 0', async (t) 
 })
 
 t.test('SIGHUP under a steady stream of requests fails none of them and replaces every worker', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'meliproxy-'))
-  const file = join(dir, 'meliproxy.yaml')
-  writeFileSync(file, `upstream: ${upstream.url}\naccessLog: false\n`)
+  const file = writeConfig({ upstream: upstream.url, accessLog: false })
   const proxy = await startMeliproxy(['--config', file])
   t.teardown(() => proxy.stop())
   const before = proxy.workerPids().sort()
@@ -79,13 +75,11 @@ t.test('SIGHUP under a steady stream of requests fails none of them and replaces
 })
 
 t.test('SIGHUP with an invalid config file is rejected with a log line and the old config keeps serving', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'meliproxy-'))
-  const file = join(dir, 'meliproxy.yaml')
-  writeFileSync(file, `upstream: ${upstream.url}\naccessLog: false\n`)
+  const file = writeConfig({ upstream: upstream.url, accessLog: false })
   const proxy = await startMeliproxy(['--config', file])
   t.teardown(() => proxy.stop())
   const before = proxy.workerPids().sort()
-  writeFileSync(file, `upstream: ${upstream.url}\nport: 99999\n`)
+  writeFileSync(file, JSON.stringify({ upstream: upstream.url, port: 99999 }))
   proxy.proc.kill('SIGHUP')
   const logged = await waitFor(() => proxy.stderr.some((l) => l.includes('reload rejected') && l.includes('99999')), 5_000)
   t.ok(logged, 'the rejection names the bad value')
