@@ -10,10 +10,8 @@ export const ErrorCodes = {
   UPSTREAM_TIMEOUT: 'upstream_timeout',
   UPSTREAM_ERROR: 'upstream_error',
   BAD_REQUEST: 'bad_request',
-  NOT_FOUND: 'not_found',
   FORBIDDEN: 'forbidden',
   RATE_LIMITED: 'rate_limited',
-  SHUTTING_DOWN: 'shutting_down',
 } as const
 
 /** One of the stable codes above. */

@@ -1,7 +1,5 @@
 import type { Purge } from './cache/http-cache.js'
 import type { TakeItem, TakeResult } from './limiter/counter.js'
-import type { RuleSpec } from './limiter/rules.js'
-import type { Cidr } from './net/ip.js'
 
 /**
  * Every message between the primary and its workers, as one typed union.
@@ -27,15 +25,6 @@ export interface LimitResultMessage {
   readonly result: TakeResult
 }
 
-/** Primary -> worker: replace the rule set (already validated). */
-export interface SetLimitsMessage {
-  readonly meliproxy: 'set-limits'
-  readonly limits: readonly RuleSpec[]
-  readonly allow: readonly Cidr[]
-  readonly deny: readonly Cidr[]
-  readonly version: number
-}
-
 /** Worker -> primary -> every worker: drop keys or a path glob from L1 (L2 is handled by the sender). */
 export interface CachePurgeMessage {
   readonly meliproxy: 'cache-purge'
@@ -43,7 +32,7 @@ export interface CachePurgeMessage {
 }
 
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
-export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | SetLimitsMessage | CachePurgeMessage
+export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | CachePurgeMessage
 
 /** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
 export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {

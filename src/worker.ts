@@ -277,10 +277,6 @@ export async function startWorker(config: Config): Promise<void> {
       case 'limit-result':
         primaryCounter.deliver(msg)
         break
-      case 'set-limits':
-        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version))
-        log.info('rate-limit rules replaced', { version: msg.version, rules: msg.limits.length })
-        break
       case 'cache-purge':
         cache?.dropLocal(msg.purge)
         break

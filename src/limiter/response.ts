@@ -1,3 +1,4 @@
+import { ErrorCodes } from '../errors.js'
 import type { Verdict } from './limiter.js'
 
 /**
@@ -25,7 +26,7 @@ export function retryAfterSeconds(v: Verdict): number {
 export function rejectionBody(v: Verdict): string {
   const s = retryAfterSeconds(v)
   return JSON.stringify({
-    error: 'rate_limited',
+    error: ErrorCodes.RATE_LIMITED,
     rule: v.rule.name,
     retryAfter: s,
     message: `rate limit "${v.rule.name}" (${v.rule.limit} per ${v.rule.spec.window}) exceeded; retry in ${s}s`,
