@@ -183,6 +183,8 @@ export class HttpCache {
     x.cache = 'BYPASS'
     const tap: ResponseTap = {
       onHeaders: (status, _msg, headers) => {
+        // Again on success (RFC 9111 4.4), with Location / Content-Location, and for anything a concurrent GET
+        // stored while the request was upstream.
         if (status >= 200 && status < 400) void this.purge({ keys: this.#invalidated(x.url, headers) })
         return true
       },
@@ -191,7 +193,11 @@ export class HttpCache {
       onError: () => false,
       capturing: false,
     }
-    this.#io.fetch(x, null, true, [...BYPASS_HEADERS], tap, (r) => this.#io.finish(x, r))
+    // The URL is dropped everywhere before the request goes upstream (dropping is always safe), so a client that
+    // reads right after its own write never gets the old version from another worker or from L2.
+    void this.purge({ keys: [this.key(x.url)] }).then(() =>
+      this.#io.fetch(x, null, true, [...BYPASS_HEADERS], tap, (r) => this.#io.finish(x, r)),
+    )
   }
 
   /** The keys a successful unsafe request invalidates: its URL, and same-origin Location / Content-Location. */
