@@ -107,7 +107,7 @@ export class Limiter {
     return Promise.resolve(this.#stores.primary.take(scaled))
   }
 
-  #verdict(buckets: Bucket[], result: TakeResult, started: number): Verdict {
+  #verdict(buckets: readonly Bucket[], result: TakeResult, started: number): Verdict {
     this.#metrics.duration.observe((performance.now() - started) / 1000)
     if (!result.allowed) {
       const rule = buckets[result.failed]!.rule

@@ -226,6 +226,8 @@ export class CompiledRule {
   }
 }
 
+const NO_BUCKETS: readonly Bucket[] = Object.freeze([])
+
 /** A compiled rule set plus the allow and deny lists. */
 export class RuleSet {
   readonly rules: readonly CompiledRule[]
@@ -246,9 +248,10 @@ export class RuleSet {
   }
 
   /** The buckets the request draws from; empty when no rule governs it or the client is on the allow list. */
-  bucketsFor(r: RequestFacts): Bucket[] {
+  bucketsFor(r: RequestFacts): readonly Bucket[] {
+    // Most requests of a deployment without rules (or from an allowed client) allocate nothing here.
+    if (this.rules.length === 0 || this.#allow.has(r.ip)) return NO_BUCKETS
     const out: Bucket[] = []
-    if (this.rules.length === 0 || this.#allow.has(r.ip)) return out
     for (const rule of this.rules) {
       if (rule.matches(r)) out.push({ rule, key: rule.bucketKey(r) })
     }
