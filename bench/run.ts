@@ -8,8 +8,8 @@ import { fileURLToPath } from 'node:url'
 /**
  * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
  * a fixed time with one load generator (wrk when installed, else autocannon), and prints req/s, p50/p99 latency and
- * errors with meliproxy's ratios to the baselines. Options: --duration S (default 10), --connections N (default 64),
- * --workers N (default 2), --rounds N (default 2).
+ * errors with meliproxy's ratios to the baselines. Options: --duration S (default 5), --connections N (default 64),
+ * --workers N (default 2), --rounds N (default 5).
  */
 
 interface Figures {
@@ -25,10 +25,10 @@ const flag = (name: string, def: number): number => {
   const i = args.indexOf(name)
   return i === -1 ? def : Number(args[i + 1])
 }
-const DURATION = flag('--duration', 10)
+const DURATION = flag('--duration', 5)
 const CONNECTIONS = flag('--connections', 64)
 const WORKERS = flag('--workers', 2)
-const ROUNDS = flag('--rounds', 2)
+const ROUNDS = flag('--rounds', 5)
 
 const here = (p: string): string => fileURLToPath(new URL(p, import.meta.url))
 const SERVERS = here('./servers.js')
@@ -150,53 +150,51 @@ async function main(): Promise<void> {
   console.log(
     `meliproxy bench: ${generator}, ${CONNECTIONS} connections, ${ROUNDS} rounds of ${DURATION}s each, ${WORKERS} workers per server`,
   )
-  const scenarios: [string, string][] = [
+  // Each target is a ratio to a baseline measured next to it in the same round: on a shared VM the machine's
+  // speed drifts over minutes, so adjacent measurements compare like with like. A ratio is reported as the median of
+  // its per-round ratios, with the range.
+  const scenarios: [string, string | null][] = [
     ['bare node (memory)', targets.bare],
-    ['bare undici proxy', targets.undici],
-    ['meliproxy proxy (access log on)', targets.meliproxy],
     ['meliproxy cache hit (L1)', targets.cacheL1],
     ['meliproxy cache hit (L1, no log)', targets.cacheL1Quiet],
+    ['meliproxy cache hit (L2, L1 off)', targets.cacheL2],
+    ['bare undici proxy', targets.undici],
+    ['meliproxy proxy (access log on)', targets.meliproxy],
+    ['meliproxy + 4 limit rules (Redis)', targets.limits],
   ]
-  if (targets.limits !== null && targets.cacheL2 !== null) {
-    scenarios.push(['meliproxy + 4 limit rules (Redis)', targets.limits])
-    scenarios.push(['meliproxy cache hit (L2, L1 off)', targets.cacheL2])
-  } else {
-    console.log('redis-server not found: the Redis scenarios are skipped')
-  }
-  for (const [name, url] of scenarios) load(name, url, 2) // warm-up: JIT, keep-alive pools
-  // Rounds interleave the scenarios so that a noisy moment on the machine does not favour one of them;
-  // each figure is the mean over the rounds.
-  const runs: Figures[][] = scenarios.map(() => [])
+  if (!hasRedis) console.log('redis-server not found: the Redis scenarios are skipped')
+  const active = scenarios.filter((s): s is [string, string] => s[1] !== null)
+  for (const [name, url] of active) load(name, url, 2) // warm-up: JIT, keep-alive pools
+  const runs = new Map<string, Figures[]>(active.map(([name]) => [name, []]))
   for (let round = 0; round < ROUNDS; round++) {
-    scenarios.forEach(([name, url], i) => runs[i]!.push(load(name, url, DURATION)))
+    // Every other round runs in reverse order, so no scenario always follows the same neighbour.
+    const order = round % 2 === 0 ? active : [...active].reverse()
+    for (const [name, url] of order) runs.get(name)!.push(load(name, url, DURATION))
   }
   const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length
-  const results: Figures[] = runs.map((r) => ({
-    name: r[0]!.name,
-    rps: mean(r.map((x) => x.rps)),
-    p50: mean(r.map((x) => x.p50)),
-    p99: mean(r.map((x) => x.p99)),
-    errors: r.reduce((a, x) => a + x.errors, 0),
-  }))
-
   console.log('\nscenario                          req/s     p50 ms   p99 ms   errors')
-  for (const r of results) {
+  for (const [name, r] of runs) {
     console.log(
-      `${r.name.padEnd(32)} ${r.rps.toFixed(0).padStart(7)} ${r.p50.toFixed(2).padStart(9)} ${r.p99.toFixed(2).padStart(8)} ${String(r.errors).padStart(8)}`,
+      `${name.padEnd(32)} ${mean(r.map((x) => x.rps)).toFixed(0).padStart(7)} ${mean(r.map((x) => x.p50)).toFixed(2).padStart(9)} ` +
+        `${mean(r.map((x) => x.p99)).toFixed(2).padStart(8)} ${String(r.reduce((a, x) => a + x.errors, 0)).padStart(8)}`,
     )
   }
-  const by = (n: string): Figures => results.find((r) => r.name.startsWith(n))!
-  const mp = by('meliproxy proxy')
-  console.log(`\nmeliproxy proxy / bare undici proxy: ${(mp.rps / by('bare undici').rps).toFixed(2)}x (target >= 1.0x)`)
-  console.log(`meliproxy proxy / bare node (memory): ${(mp.rps / by('bare node').rps).toFixed(2)}x`)
-  const limited = results.find((r) => r.name.startsWith('meliproxy + 4 limit'))
-  if (limited) console.log(`meliproxy with limits / without: ${(limited.rps / mp.rps).toFixed(2)}x (target >= 0.7x)`)
-  const hitL1 = results.find((r) => r.name === 'meliproxy cache hit (L1)')!
-  console.log(`meliproxy cache hit (L1) / bare node (memory): ${(hitL1.rps / by('bare node').rps).toFixed(2)}x (target >= 0.85x)`)
-  const quiet = by('meliproxy cache hit (L1, no log)')
-  console.log(`meliproxy cache hit (L1, no access log) / bare node (memory): ${(quiet.rps / by('bare node').rps).toFixed(2)}x`)
-  const hitL2 = results.find((r) => r.name.startsWith('meliproxy cache hit (L2'))
-  if (hitL2) console.log(`meliproxy cache hit (L2, L1 off) / bare node (memory): ${(hitL2.rps / by('bare node').rps).toFixed(2)}x`)
+  console.log('')
+  const ratio = (label: string, name: string, base: string, target: string): void => {
+    const a = runs.get(name)
+    const b = runs.get(base)
+    if (a === undefined || b === undefined) return
+    const each = a.map((x, i) => x.rps / b[i]!.rps).sort((p, q) => p - q)
+    const mid = each.length % 2 === 1 ? each[(each.length - 1) / 2]! : (each[each.length / 2 - 1]! + each[each.length / 2]!) / 2
+    console.log(
+      `${label}: ${mid.toFixed(2)}x median of ${each.length} rounds (${each[0]!.toFixed(2)}-${each[each.length - 1]!.toFixed(2)})${target}`,
+    )
+  }
+  ratio('meliproxy proxy / bare undici proxy', 'meliproxy proxy (access log on)', 'bare undici proxy', ' (target >= 1.0x)')
+  ratio('meliproxy with limits / without', 'meliproxy + 4 limit rules (Redis)', 'meliproxy proxy (access log on)', ' (target >= 0.7x)')
+  ratio('meliproxy cache hit (L1) / bare node (memory)', 'meliproxy cache hit (L1)', 'bare node (memory)', ' (target >= 0.85x)')
+  ratio('meliproxy cache hit (L1, no access log) / bare node', 'meliproxy cache hit (L1, no log)', 'bare node (memory)', '')
+  ratio('meliproxy cache hit (L2, L1 off) / bare node', 'meliproxy cache hit (L2, L1 off)', 'bare node (memory)', '')
 }
 
 function stopAll(): void {
