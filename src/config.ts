@@ -7,6 +7,7 @@ import type { CacheRule } from './cache/http-cache.js'
 import { compilePathGlob } from './limiter/glob.js'
 import { parseIpList, parseRules, type RuleSpec } from './limiter/rules.js'
 import { parseCidr, type Cidr } from './net/ip.js'
+import { parseRoutePatterns } from './stats/routes.js'
 
 /**
  * The one place that turns flags, environment and the config file into a validated, frozen Config.
@@ -59,6 +60,11 @@ export interface Config {
   readonly cacheL2TtlCap: number
   /** Per-path-pattern cache overrides (file only). */
   readonly cacheRules: readonly CacheRule[]
+  readonly stats: boolean
+  readonly statsRetention: number
+  readonly statsRollupRetention: number
+  /** Route patterns for statistics (file only). */
+  readonly statsRoutes: readonly string[]
 }
 
 type Parser<T> = (raw: unknown) => T
@@ -105,6 +111,18 @@ export function parseDuration(raw: unknown): number {
   const ms = Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!
   if (ms <= 0 || ms > 86_400_000) throw new BadValue(`"${s}" is out of range (above 0, at most 24h)`)
   return Math.round(ms)
+}
+
+const RETENTION_UNITS: Record<string, number> = { m: 60_000, h: 3_600_000, d: 86_400_000 }
+
+/** Parses a retention such as `90m`, `48h`, `30d` into milliseconds (1 minute to 400 days). */
+export function parseRetention(raw: unknown): number {
+  const s = text(raw)
+  const m = /^(\d+)(m|h|d)$/.exec(s)
+  if (!m) throw new BadValue(`"${s}" is not a retention (e.g. 48h, 30d)`)
+  const ms = Number(m[1]) * RETENTION_UNITS[m[2]!]!
+  if (ms < 60_000 || ms > 400 * 86_400_000) throw new BadValue(`"${s}" is out of range (1m to 400d)`)
+  return ms
 }
 
 const BYTE_UNITS: Record<string, number> = { b: 1, kb: 1024, kib: 1024, mb: 1024 ** 2, mib: 1024 ** 2, gb: 1024 ** 3, gib: 1024 ** 3 }
@@ -265,6 +283,9 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
   opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
   opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
+  opt('stats', '--no-stats', 'turn off usage statistics (the /api/stats store)', bool, true),
+  opt('statsRetention', '--stats-retention <duration>', 'how long per-minute statistics are kept', parseRetention, 48 * 3_600_000, '48h'),
+  opt('statsRollupRetention', '--stats-rollup-retention <duration>', 'how long hourly statistics are kept', parseRetention, 30 * 86_400_000, '30d'),
 ]
 
 /** Config-file sections that have no flag: validated by their own parsers. */
@@ -273,6 +294,7 @@ const FILE_SECTIONS = {
   allow: (raw: unknown) => parseIpList(raw, 'allow'),
   deny: (raw: unknown) => parseIpList(raw, 'deny'),
   cacheRules,
+  statsRoutes: (raw: unknown) => parseRoutePatterns(raw),
 } as const
 
 /** What the edge hands to loadConfig: flag values given on the command line, and the environment. */
@@ -304,7 +326,7 @@ function readConfigFile(path: string): Record<string, unknown> {
   return doc as Record<string, unknown>
 }
 
-function isLoopback(host: string): boolean {
+export function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host)
 }
 

@@ -1,5 +1,8 @@
 import type { Purge } from './cache/http-cache.js'
 import type { TakeItem, TakeResult } from './limiter/counter.js'
+import type { RuleSpec } from './limiter/rules.js'
+import type { Cidr } from './net/ip.js'
+import type { StatsBatch } from './stats/batch.js'
 
 /**
  * Every message between the primary and its workers, as one typed union.
@@ -31,8 +34,29 @@ export interface CachePurgeMessage {
   readonly purge: Purge
 }
 
+/** Worker -> primary, about once a second: the statistics counted since the last one. */
+export interface StatsMessage {
+  readonly meliproxy: 'stats'
+  readonly batches: readonly StatsBatch[]
+}
+
+/** Primary -> worker: enforce this rule set from now on (admin API, or another instance's change). */
+export interface SetRulesMessage {
+  readonly meliproxy: 'set-rules'
+  readonly version: number
+  readonly limits: readonly RuleSpec[]
+  readonly allow: readonly Cidr[]
+  readonly deny: readonly Cidr[]
+}
+
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
-export type MeliproxyMessage = DrainMessage | LimitTakeMessage | LimitResultMessage | CachePurgeMessage
+export type MeliproxyMessage =
+  | DrainMessage
+  | LimitTakeMessage
+  | LimitResultMessage
+  | CachePurgeMessage
+  | StatsMessage
+  | SetRulesMessage
 
 /** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
 export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {

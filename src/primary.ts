@@ -1,12 +1,32 @@
 import cluster, { type Worker } from 'node:cluster'
 import type { Server } from 'node:http'
 import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
-import { encodeConfig, WORKER_CONFIG_ENV, type Config } from './config.js'
-import { createAdminServer, type Readiness } from './admin/server.js'
+import { encodeConfig, isLoopback, WORKER_CONFIG_ENV, type Config } from './config.js'
+import { AdminError, createAdminServer, type AdminSources, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
 import { MemoryCounter } from './limiter/counter.js'
+import { FALLBACK_PREFIX } from './limiter/limiter.js'
+import { BUCKET_PREFIX } from './limiter/redis-counter.js'
+import {
+  compileVersion,
+  configVersion,
+  MemoryRuleStore,
+  RedisRuleStore,
+  RULES_CHANNEL,
+  type CompiledVersion,
+  type RuleStore,
+} from './limiter/rule-store.js'
+import { StatsCollector } from './stats/collector.js'
+import { RedisStatsStore } from './stats/redis-store.js'
+import { MemoryStatsStore } from './stats/store.js'
 import { dropSharedMatching, pathGlobMatcher, PURGE_CHANNEL } from './cache/tiers.js'
-import { isMeliproxyMessage, type CachePurgeMessage, type DrainMessage, type LimitResultMessage } from './messages.js'
+import {
+  isMeliproxyMessage,
+  type CachePurgeMessage,
+  type DrainMessage,
+  type LimitResultMessage,
+  type SetRulesMessage,
+} from './messages.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
 /**
@@ -20,6 +40,8 @@ const SHORT_LIFE_MS = 5_000
 const MAX_BACKOFF_MS = 30_000
 /** How long a new worker may take to listen during a reload before the reload is abandoned. */
 const LISTEN_TIMEOUT_MS = 10_000
+/** How often the statistics the workers sent are written to the store. */
+const STATS_FLUSH_MS = 1_000
 
 interface WorkerState {
   readonly worker: Worker
@@ -27,6 +49,13 @@ interface WorkerState {
   listening: boolean
   /** Set when we asked it to drain: its exit is expected and not replaced. */
   retiring: boolean
+  /** The rule-set version it enforces. */
+  rulesVersion: number
+}
+
+/** The config with another rule set in force. */
+function withRules(config: Config, rules: CompiledVersion): Config {
+  return { ...config, limits: rules.limits, allow: rules.allow, deny: rules.deny }
 }
 
 /** The longest rule window: buckets older than that are dropped from the primary's counter. */
@@ -50,6 +79,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let respawnTimer: NodeJS.Timeout | null = null
   let stopping = false
   let reloading = false
+  let restartCount = 0
+  const startedAt = Date.now()
 
   const registry = new Registry()
   const aggregator = new AggregatorRegistry()
@@ -70,6 +101,24 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
 
   const redis = createRedis(config, 'primary', log)
 
+  // Statistics: the workers send batches over IPC; they are written to Redis (or kept here) once a second.
+  const retention = { minute: config.statsRetention, hour: config.statsRollupRetention }
+  const collector = config.stats
+    ? new StatsCollector(redis !== null ? new RedisStatsStore(redis, retention) : new MemoryStatsStore(retention), log)
+    : null
+  const statsTimer = setInterval(() => void collector?.flush(), STATS_FLUSH_MS)
+  statsTimer.unref()
+
+  // Rule sets: version 0 is the config file's; the admin API stores newer ones (in Redis, shared by every instance).
+  const ruleStore: RuleStore = redis !== null ? new RedisRuleStore(redis) : new MemoryRuleStore()
+  let fileRules = configVersion(config.limits, config.allow, config.deny)
+  let rules: CompiledVersion = { version: fileRules, limits: config.limits, allow: config.allow, deny: config.deny }
+  const rulesSubscriber = redis === null ? null : createRedis(config, 'primary-sub', log, { enableOfflineQueue: true })
+  rulesSubscriber?.subscribe(RULES_CHANNEL).catch(() => {})
+  rulesSubscriber?.on('message', () => void syncRules())
+  // On every (re)connect: a change made while this instance could not hear it is picked up.
+  redis?.on('ready', () => void syncRules())
+
   // The instance's own limiter counter: the only one without Redis, the fallback with it (see src/limiter).
   const counter = new MemoryCounter()
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
@@ -79,6 +128,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     if (msg.meliproxy === 'limit-take') {
       const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
       if (worker.isConnected()) worker.send(reply)
+    } else if (msg.meliproxy === 'stats') {
+      collector?.add(msg.batches)
     } else if (msg.meliproxy === 'cache-purge') {
       // One worker's invalidation reaches every worker of this instance (Redis pub/sub reaches other instances).
       for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
@@ -93,13 +144,46 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
 
   function fork(cfg: Config): WorkerState {
     const worker = cluster.fork({ [WORKER_CONFIG_ENV]: encodeConfig(cfg) })
-    const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false }
+    const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false, rulesVersion: rules.version.version }
     workers.set(worker.id, state)
     worker.on('listening', () => {
       state.listening = true
       log.debug('worker listening', { worker: worker.id, pid: worker.process.pid })
+      // Rules that changed while it started (its config was taken at fork time).
+      if (state.rulesVersion !== rules.version.version) sendRules(state)
     })
     return state
+  }
+
+  /** Tells a listening worker to enforce the current rule set (one still starting hears it once it listens). */
+  function sendRules(state: WorkerState): void {
+    if (!state.listening || !state.worker.isConnected()) return
+    const msg: SetRulesMessage = {
+      meliproxy: 'set-rules',
+      version: rules.version.version,
+      limits: rules.limits,
+      allow: rules.allow,
+      deny: rules.deny,
+    }
+    state.worker.send(msg)
+    state.rulesVersion = rules.version.version
+  }
+
+  function applyRules(next: CompiledVersion): void {
+    rules = next
+    config = withRules(config, next)
+    for (const w of workers.values()) sendRules(w)
+    log.info('rules applied', { version: next.version.version, source: next.version.source, rules: next.limits.length })
+  }
+
+  /** Applies the stored rule set when it differs from the one in force. */
+  async function syncRules(): Promise<void> {
+    try {
+      const stored = await ruleStore.current()
+      if (stored !== null && stored.version !== rules.version.version) applyRules(compileVersion(stored))
+    } catch (err) {
+      log.warn('could not read the stored rule set; the current one stays', { error: (err as Error).message })
+    }
   }
 
   function scheduleRespawn(): void {
@@ -125,6 +209,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     const lived = Date.now() - state.startedAt
     crashes = lived < SHORT_LIFE_MS ? crashes + 1 : 0
     restarts.inc()
+    restartCount++
     log.error('worker died, replacing it', { worker: worker.id, pid: worker.process.pid, code, signal, livedMs: lived })
     scheduleRespawn()
   })
@@ -169,6 +254,13 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         })
         return
       }
+      fileRules = configVersion(next.limits, next.allow, next.deny)
+      if (rules.version.version > 0) {
+        log.info('reload keeps the rule set stored through the admin API', { version: rules.version.version })
+        next = withRules(next, rules)
+      } else {
+        rules = { version: fileRules, limits: next.limits, allow: next.allow, deny: next.deny }
+      }
       log.info('reloading: replacing workers one at a time', { workers: next.workers })
       const old = [...workers.values()].filter((w) => !w.retiring)
       config = next
@@ -208,9 +300,15 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   function finishShutdown(): void {
     adminServer?.close()
     adminServer?.closeAllConnections()
-    closeRedis(redis)
-    log.info('stopped')
-    shutdownResolve?.()
+    clearInterval(statsTimer)
+    // The workers' last statistics are written before the connection closes (bounded: Redis may be gone).
+    const flushed = collector === null ? Promise.resolve() : collector.flush()
+    void Promise.race([flushed, new Promise((r) => setTimeout(r, 2_000))]).finally(() => {
+      closeRedis(redis)
+      closeRedis(rulesSubscriber)
+      log.info('stopped')
+      shutdownResolve?.()
+    })
   }
 
   async function readiness(): Promise<Readiness> {
@@ -250,17 +348,98 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     return { removed }
   }
 
-  adminServer = createAdminServer(
-    {
-      readiness,
-      metrics,
-      purgeCache,
-      get adminToken() {
-        return config.adminToken // read on each call: a SIGHUP may change it
-      },
+  /** Clears a rule's counters (or one bucket's) here and in Redis. */
+  async function resetLimit(rule: string, key: string | null): Promise<number> {
+    const bucket = key === null ? undefined : `${rule}|${key}`
+    let cleared = counter.reset(rule, bucket) + counter.reset(FALLBACK_PREFIX + rule, bucket && FALLBACK_PREFIX + bucket)
+    if (redis === null) return cleared
+    if (redis.status !== 'ready') throw new AdminError(503, 'redis_unavailable', 'Redis is not reachable: counters there were not reset')
+    if (bucket !== undefined) return cleared + (await redis.del(BUCKET_PREFIX + bucket))
+    cleared += await redis.del(BUCKET_PREFIX + rule)
+    let cursor = '0'
+    do {
+      const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
+      cursor = next
+      if (keys.length > 0) cleared += await redis.del(...keys)
+    } while (cursor !== '0')
+    log.info('limit counters reset', { rule, key, cleared })
+    return cleared
+  }
+
+  async function redisRole(): Promise<string | null> {
+    if (redis === null || redis.status !== 'ready') return null
+    try {
+      const role = (await Promise.race([redis.role(), new Promise((_, no) => setTimeout(no, 500).unref())])) as unknown[]
+      return String(role[0])
+    } catch {
+      return null
+    }
+  }
+
+  const sources: AdminSources = {
+    readiness,
+    metrics,
+    purgeCache,
+    async stats(q) {
+      if (collector === null) throw new AdminError(404, 'stats_disabled', 'statistics are off (--no-stats)')
+      try {
+        return await collector.query(q)
+      } catch (err) {
+        throw new AdminError(503, 'redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
+      }
     },
-    (err) => log.error('admin error', { error: err.message }),
-  )
+    limits: () => rules.version,
+    async putLimits(doc, source) {
+      let stored
+      try {
+        stored = await ruleStore.put(doc, source)
+      } catch (err) {
+        throw new AdminError(503, 'redis_unavailable', `the rule set could not be stored: ${(err as Error).message}`)
+      }
+      applyRules(compileVersion(stored))
+      return stored
+    },
+    async limitsHistory() {
+      try {
+        return [...(await ruleStore.history()), fileRules]
+      } catch (err) {
+        throw new AdminError(503, 'redis_unavailable', `the history could not be read: ${(err as Error).message}`)
+      }
+    },
+    resetLimit,
+    async status() {
+      const sentinel = config.redisSentinels.length > 0
+      return {
+        version: options.version,
+        pid: process.pid,
+        startedAt: new Date(startedAt).toISOString(),
+        uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
+        upstream: config.upstream,
+        workers: {
+          desired: config.workers,
+          listening: countListening(),
+          restarts: restartCount,
+          pids: [...workers.values()].filter((w) => !w.retiring).map((w) => w.worker.process.pid),
+        },
+        redis: {
+          configured: redis !== null,
+          mode: redis === null ? 'none' : sentinel ? 'sentinel' : 'standalone',
+          state: redis?.status ?? 'none',
+          role: await redisRole(),
+        },
+        rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
+        stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
+        cache: { enabled: config.cache },
+      }
+    },
+    get adminToken() {
+      return config.adminToken // read on each call: a SIGHUP may change it
+    },
+    get tokenForReads() {
+      return !isLoopback(config.adminHost)
+    },
+  }
+  adminServer = createAdminServer(sources, (err) => log.error('admin error', { error: err.message }))
   await new Promise<void>((resolve, reject) => {
     adminServer!.once('error', reject)
     adminServer!.listen(config.adminPort, config.adminHost, () => {

@@ -11,7 +11,7 @@ import { RedisCounter } from './limiter/redis-counter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
 import { RuleSet } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
-import { isMeliproxyMessage, type CachePurgeMessage, type LimitTakeMessage } from './messages.js'
+import { isMeliproxyMessage, type CachePurgeMessage, type LimitTakeMessage, type StatsMessage } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
@@ -21,6 +21,8 @@ import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
+import { StatsRecorder } from './stats/recorder.js'
+import { RouteNamer } from './stats/routes.js'
 
 /**
  * A worker process: builds its dependencies from the Config, then serves the proxy on the socket it shares with
@@ -31,6 +33,8 @@ import { closeRedis, createRedis } from './redis/client.js'
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
 const LEASE_MS = 3_000
+/** How often the statistics counted here go to the primary. */
+const STATS_FLUSH_MS = 1_000
 /** While draining, a keep-alive socket idle this long is closed (see drainStep). */
 const DRAIN_IDLE_MS = 1_000
 
@@ -97,6 +101,16 @@ export async function startWorker(config: Config): Promise<void> {
     })
   }
 
+  const stats = config.stats ? new StatsRecorder(new RouteNamer(config.statsRoutes)) : null
+  /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
+  function sendStats(then?: () => void): void {
+    const batches = stats?.take() ?? []
+    if (batches.length === 0 || !process.connected) return then?.()
+    const msg: StatsMessage = { meliproxy: 'stats', batches }
+    process.send!(msg, undefined, {}, () => then?.())
+  }
+  setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
+
   let draining = false
 
   /** Every request, once it is answered: metrics and the access log. */
@@ -104,6 +118,7 @@ export async function startWorker(config: Config): Promise<void> {
     inFlight--
     const durationMs = performance.now() - x.started
     metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
+    stats?.record(x, result.status, durationMs)
     if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
     if (result.error !== null) {
       metrics.upstreamErrors.labels(result.error.code).inc()
@@ -247,7 +262,8 @@ export async function startWorker(config: Config): Promise<void> {
     closeRedis(redis)
     closeRedis(subscriber)
     setTimeout(() => process.exit(0), 1_000).unref()
-    void forwarder.close().finally(() => process.exit(0))
+    // The last statistics reach the primary before the worker goes.
+    void Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))]).finally(() => process.exit(0))
   }
 
   /**
@@ -282,6 +298,10 @@ export async function startWorker(config: Config): Promise<void> {
         break
       case 'drain':
         drain('primary asked')
+        break
+      case 'set-rules':
+        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
+        log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
         break
     }
   })

@@ -22,7 +22,7 @@ export interface Verdict {
 
 /** After a Redis failure, how long requests skip Redis before one tries it again. */
 const REDIS_RETRY_MS = 500
-const FALLBACK_PREFIX = 'fallback:'
+export const FALLBACK_PREFIX = 'fallback:'
 
 /** Where a Limiter counts. */
 export interface LimiterStores {
