@@ -185,3 +185,28 @@ export function writeConfig(doc: Record<string, unknown>, name = 'meliproxy.json
   writeFileSync(path, JSON.stringify(doc, null, 2))
   return path
 }
+
+/** Any admin call: method, path, an optional JSON body and bearer token; the answer parsed as JSON. */
+export async function adminCall(
+  p: RunningProxy,
+  method: string,
+  path: string,
+  opts: { body?: unknown; token?: string } = {},
+): Promise<{ status: number; body: any }> {
+  const headers: Record<string, string> = {}
+  if (opts.token !== undefined) headers.authorization = `Bearer ${opts.token}`
+  if (opts.body !== undefined) headers['content-type'] = 'application/json'
+  const res = await request(p.adminUrl + path, {
+    method: method as 'GET',
+    headers,
+    body: opts.body === undefined ? undefined : typeof opts.body === 'string' ? opts.body : JSON.stringify(opts.body),
+  })
+  const text = await res.body.text()
+  let body: unknown = text
+  try {
+    body = JSON.parse(text)
+  } catch {
+    // not JSON: the text is returned
+  }
+  return { status: res.statusCode, body }
+}

@@ -24,6 +24,8 @@ const cases: { name: string; args: string[]; env?: Record<string, string>; names
   { name: 'a bad environment value', args: [], env: { MELIPROXY_ADMIN_PORT: '-1' }, names: /MELIPROXY_ADMIN_PORT.*"-1"/ },
   { name: 'a bad trust-proxy CIDR', args: ['--trust-proxy', '10.0.0.0/33'], names: /--trust-proxy.*10\.0\.0\.0\/33/ },
   { name: 'a bad duration', args: ['--headers-timeout', 'soon'], names: /--headers-timeout.*"soon"/ },
+  { name: 'a statistics retention without a unit', args: ['--stats-retention', '48'], names: /--stats-retention.*"48"/ },
+  { name: 'a route pattern not starting with /', args: ['--config', file('routes.json', '{"statsRoutes":["items/:id"]}')], names: /statsRoutes\[0\].*items\/:id/ },
   { name: 'an unknown flag', args: ['--prot', '1'], names: /unknown option '--prot'/ },
 ]
 
