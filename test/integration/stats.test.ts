@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import t from 'tap'
 import { awayFromWindowEdge, closeAgents, send } from '../helpers/client.js'
 import { admin, adminCall, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
@@ -217,4 +218,19 @@ t.test('status, OpenAPI, unknown endpoints and methods', async (t) => {
   t.equal(na.status, 405)
   t.equal(na.body.error, 'method_not_allowed')
   t.notOk(a.stderr.concat(a.stdout).some((l) => l.includes(TOKEN)), 'the token never appears in the logs')
+})
+
+t.test('every metric config/grafana-dashboard.json queries is one /metrics exposes', async (t) => {
+  await send(`${a.url}/categories/MLA1`) // a cache lookup and a limiter-free request, so every family has samples
+  const exposed = new Set(
+    (await admin(a, '/metrics')).text
+      .split('\n')
+      .filter((l) => l.startsWith('# TYPE '))
+      .map((l) => l.split(' ')[2]),
+  )
+  const dashboard = JSON.parse(readFileSync(new URL('../../config/grafana-dashboard.json', import.meta.url), 'utf8'))
+  const exprs: string[] = dashboard.panels.flatMap((p: { targets: { expr: string }[] }) => p.targets.map((x) => x.expr))
+  const used = new Set(exprs.flatMap((e) => e.match(/meliproxy_[a-z0-9_]+/g) ?? []).map((n) => n.replace(/_(bucket|sum|count)$/, '')))
+  t.ok(used.size >= 15, `${used.size} metrics used`)
+  for (const name of used) t.ok(exposed.has(name), `${name} is exposed`)
 })
