@@ -142,6 +142,7 @@ async function main(): Promise<void> {
     limits: hasRedis ? (await startMeliproxy(upstream, ['--no-cache', '--config', limitsConfig])) + path : null,
     cacheL1: (await startMeliproxy(upstream, [])) + path,
     cacheL1Quiet: (await startMeliproxy(upstream, ['--no-access-log'])) + path,
+    cacheL1NoStats: (await startMeliproxy(upstream, ['--no-stats'])) + path,
     cacheL2: hasRedis ? (await startMeliproxy(upstream, ['--redis-url', redisUrl, '--cache-l1-size', '0'])) + path : null,
   }
   for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
@@ -156,6 +157,7 @@ async function main(): Promise<void> {
   const scenarios: [string, string | null][] = [
     ['bare node (memory)', targets.bare],
     ['meliproxy cache hit (L1)', targets.cacheL1],
+    ['meliproxy cache hit (L1, no stats)', targets.cacheL1NoStats],
     ['meliproxy cache hit (L1, no log)', targets.cacheL1Quiet],
     ['meliproxy cache hit (L2, L1 off)', targets.cacheL2],
     ['bare undici proxy', targets.undici],
@@ -193,6 +195,7 @@ async function main(): Promise<void> {
   ratio('meliproxy proxy / bare undici proxy', 'meliproxy proxy (access log on)', 'bare undici proxy', ' (target >= 1.0x)')
   ratio('meliproxy with limits / without', 'meliproxy + 4 limit rules (Redis)', 'meliproxy proxy (access log on)', ' (target >= 0.7x)')
   ratio('meliproxy cache hit (L1) / bare node (memory)', 'meliproxy cache hit (L1)', 'bare node (memory)', ' (target >= 0.85x)')
+  ratio('statistics on / off (cache hit, L1)', 'meliproxy cache hit (L1)', 'meliproxy cache hit (L1, no stats)', ' (target >= 0.95x)')
   ratio('meliproxy cache hit (L1, no access log) / bare node', 'meliproxy cache hit (L1, no log)', 'bare node (memory)', '')
   ratio('meliproxy cache hit (L2, L1 off) / bare node', 'meliproxy cache hit (L2, L1 off)', 'bare node (memory)', '')
 }

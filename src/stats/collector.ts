@@ -45,6 +45,12 @@ export class StatsCollector {
   async #flushOnce(): Promise<void> {
     if (this.#pending.length === 0) return
     let batches = mergeBatches(this.#pending, PENDING_TOP)
+    if (batches.length > MAX_PENDING_MINUTES) {
+      for (const b of batches.slice(0, batches.length - MAX_PENDING_MINUTES)) for (const [, n] of b.counts) this.dropped += n
+      batches = batches.slice(-MAX_PENDING_MINUTES)
+    }
+    this.#pending = batches
+    if (!this.#store.ready) return // not connected (yet): keep them, summed, for when it is
     this.#pending = []
     try {
       await this.#store.apply(batches)
@@ -53,11 +59,6 @@ export class StatsCollector {
     } catch (err) {
       if (!this.#failing) this.#log.warn('statistics store failed; keeping statistics to retry', { error: (err as Error).message })
       this.#failing = true
-      if (batches.length > MAX_PENDING_MINUTES) {
-        const lost = batches.slice(0, batches.length - MAX_PENDING_MINUTES)
-        for (const b of lost) for (const [, n] of b.counts) this.dropped += n
-        batches = batches.slice(-MAX_PENDING_MINUTES)
-      }
       this.#pending = batches.concat(this.#pending)
     }
   }

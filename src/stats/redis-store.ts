@@ -36,6 +36,10 @@ export class RedisStatsStore implements StatsStore {
     this.#retention = retention
   }
 
+  get ready(): boolean {
+    return this.#redis.status === 'ready'
+  }
+
   async apply(batches: readonly StatsBatch[]): Promise<void> {
     if (batches.length === 0) return
     const tx = this.#redis.multi()

@@ -36,6 +36,8 @@ export interface StatsStore {
   read(resolution: Resolution, from: number, to: number): Promise<Bucket[]>
   /** Where statistics live, for the status endpoint. */
   readonly kind: 'redis' | 'memory'
+  /** False while writes cannot succeed (Redis not connected): the caller keeps its batches. */
+  readonly ready: boolean
 }
 
 class MemoryBucket {
@@ -69,6 +71,7 @@ class MemoryBucket {
 /** Statistics in the primary's memory: this instance only, gone at restart. */
 export class MemoryStatsStore implements StatsStore {
   readonly kind = 'memory'
+  readonly ready = true
   readonly #retention: Retention
   readonly #now: () => number
   readonly #buckets: Record<Resolution, Map<number, MemoryBucket>> = { minute: new Map(), hour: new Map() }

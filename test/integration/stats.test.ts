@@ -82,6 +82,19 @@ t.test('statistics survive a restart of every instance', async (t) => {
   t.ok(await waitFor(async () => (await totals(a)) === 51, 5_000), 'and adds to it')
 })
 
+t.test('statistics counted while Redis hangs are written once it answers again, once', async (t) => {
+  redis.signal('SIGSTOP')
+  try {
+    for (let i = 0; i < 10; i++) t.equal((await send(`${a.url}/categories/MLA${i}`, { from: '127.0.0.7' })).status, 200)
+    await new Promise((r) => setTimeout(r, 2_500)) // a few flushes find Redis hanging
+  } finally {
+    redis.signal('SIGCONT')
+  }
+  t.ok(await waitFor(async () => (await totals(a)) === 61, 8_000), 'the 10 requests are in the totals')
+  await new Promise((r) => setTimeout(r, 2_000))
+  t.equal(await totals(a), 61, 'exactly once')
+})
+
 t.test('statistics query parameters are validated with a code and the field', async (t) => {
   for (const [q, field] of [
     ['group=bogus', 'group'],
@@ -101,7 +114,7 @@ t.test('statistics query parameters are validated with a code and the field', as
   t.equal(old.body.totals.requests, 0, 'nothing was sent then')
   const day = await admin(a, '/api/stats?from=now-1d')
   t.equal(day.body.resolution, 'hour')
-  t.equal(day.body.totals.requests, 51, 'the hourly rollup holds the same requests')
+  t.equal(day.body.totals.requests, 61, 'the hourly rollup holds the same requests')
 })
 
 const RULE = { name: 'items-ip', match: { path: '/items/*' }, per: ['ip'], limit: 3, window: '1h' }
