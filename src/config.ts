@@ -60,6 +60,13 @@ export interface Config {
   readonly cacheL2TtlCap: number
   /** Per-path-pattern cache overrides (file only). */
   readonly cacheRules: readonly CacheRule[]
+  readonly breakerFailures: number
+  readonly breakerErrorRatio: number
+  readonly breakerWindow: number
+  readonly breakerMinRequests: number
+  readonly breakerOpenTime: number
+  readonly retries: number
+  readonly retryBudget: number
   readonly stats: boolean
   readonly statsRetention: number
   readonly statsRollupRetention: number
@@ -96,6 +103,13 @@ function integer(min: number, max: number, what: string): Parser<number> {
     }
     return Number(s)
   }
+}
+
+/** A ratio from 0 to 1 (`0.5`). */
+function ratio(raw: unknown): number {
+  const s = text(raw)
+  if (!/^(0(\.\d+)?|1(\.0+)?)$/.test(s)) throw new BadValue(`"${s}" is not a ratio from 0 to 1 (e.g. 0.5)`)
+  return Number(s)
 }
 
 const port = integer(1, 65535, 'a port')
@@ -283,6 +297,13 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
   opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
   opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
+  opt('breakerFailures', '--breaker-failures <n>', 'consecutive upstream failures that open the circuit breaker (0: no breaker)', integer(0, 10_000, 'a count'), 5),
+  opt('breakerErrorRatio', '--breaker-error-ratio <r>', 'failure ratio over the breaker window that opens it', ratio, 0.5),
+  opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', parseDuration, 10_000, '10s'),
+  opt('breakerMinRequests', '--breaker-min-requests <n>', 'requests in the window before the ratio counts', integer(1, 1_000_000, 'a count'), 20),
+  opt('breakerOpenTime', '--breaker-open-time <duration>', 'how long the breaker stays open before a probe', parseDuration, 5_000, '5s'),
+  opt('retries', '--retries <n>', 'retries of an idempotent body-less request after a connection failure', integer(0, 5, 'a count'), 1),
+  opt('retryBudget', '--retry-budget <r>', 'retries as a share of requests, at most', ratio, 0.2),
   opt('stats', '--no-stats', 'turn off usage statistics (the /api/stats store)', bool, true),
   opt('statsRetention', '--stats-retention <duration>', 'how long per-minute statistics are kept', parseRetention, 48 * 3_600_000, '48h'),
   opt('statsRollupRetention', '--stats-rollup-retention <duration>', 'how long hourly statistics are kept', parseRetention, 30 * 86_400_000, '30d'),

@@ -12,6 +12,7 @@ export const ErrorCodes = {
   BAD_REQUEST: 'bad_request',
   FORBIDDEN: 'forbidden',
   RATE_LIMITED: 'rate_limited',
+  UPSTREAM_CIRCUIT_OPEN: 'upstream_circuit_open',
 } as const
 
 /** One of the stable codes above. */
@@ -61,5 +62,14 @@ export class UpstreamTimeoutError extends MeliproxyError {
 export class UpstreamError extends MeliproxyError {
   constructor(message: string) {
     super(ErrorCodes.UPSTREAM_ERROR, 502, message)
+  }
+}
+
+/** The circuit breaker is open: the upstream is not asked at all for a while: 503 with Retry-After. */
+export class CircuitOpenError extends MeliproxyError {
+  readonly retryAfterSeconds: number
+  constructor(retryAfterMs: number) {
+    super(ErrorCodes.UPSTREAM_CIRCUIT_OPEN, 503, 'the upstream is failing: meliproxy stopped sending to it for a moment')
+    this.retryAfterSeconds = Math.max(1, Math.ceil(retryAfterMs / 1000))
   }
 }

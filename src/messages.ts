@@ -2,6 +2,7 @@ import type { Purge } from './cache/http-cache.js'
 import type { TakeItem, TakeResult } from './limiter/counter.js'
 import type { RuleSpec } from './limiter/rules.js'
 import type { Cidr } from './net/ip.js'
+import type { BreakerState } from './proxy/breaker.js'
 import type { StatsBatch } from './stats/batch.js'
 
 /**
@@ -49,6 +50,12 @@ export interface SetRulesMessage {
   readonly deny: readonly Cidr[]
 }
 
+/** Worker -> primary: its upstream circuit breaker changed state. */
+export interface BreakerMessage {
+  readonly meliproxy: 'breaker'
+  readonly state: BreakerState
+}
+
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
 export type MeliproxyMessage =
   | DrainMessage
@@ -57,6 +64,7 @@ export type MeliproxyMessage =
   | CachePurgeMessage
   | StatsMessage
   | SetRulesMessage
+  | BreakerMessage
 
 /** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
 export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {

@@ -27,6 +27,7 @@ import {
   type LimitResultMessage,
   type SetRulesMessage,
 } from './messages.js'
+import type { BreakerState } from './proxy/breaker.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
 /**
@@ -80,6 +81,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let stopping = false
   let reloading = false
   let restartCount = 0
+  /** Each worker's upstream circuit breaker, as it last reported (absent: closed). */
+  const breakers = new Map<number, BreakerState>()
   const startedAt = Date.now()
 
   const registry = new Registry()
@@ -128,6 +131,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     if (msg.meliproxy === 'limit-take') {
       const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
       if (worker.isConnected()) worker.send(reply)
+    } else if (msg.meliproxy === 'breaker') {
+      breakers.set(worker.id, msg.state)
     } else if (msg.meliproxy === 'stats') {
       collector?.add(msg.batches)
     } else if (msg.meliproxy === 'cache-purge') {
@@ -202,6 +207,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   cluster.on('exit', (worker, code, signal) => {
     const state = workers.get(worker.id)
     workers.delete(worker.id)
+    breakers.delete(worker.id)
     if (!state || state.retiring || stopping) {
       if (stopping && workers.size === 0) finishShutdown()
       return
@@ -327,7 +333,19 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       ])
       if (redisState !== 'ok') reasons.push('redis is unreachable')
     }
-    return { ready: reasons.length === 0, reasons, workers: { listening, desired: config.workers }, redis: redisState }
+    // An open breaker is reported, not a reason to be taken out of the load balancer: every instance shares the upstream.
+    return {
+      ready: reasons.length === 0,
+      reasons,
+      workers: { listening, desired: config.workers },
+      redis: redisState,
+      upstreamBreaker: worstBreaker(),
+    }
+  }
+
+  function worstBreaker(): BreakerState {
+    const states = [...breakers.values()]
+    return states.includes('open') ? 'open' : states.includes('half-open') ? 'half-open' : 'closed'
   }
 
   async function metrics(): Promise<{ contentType: string; body: string }> {
@@ -430,6 +448,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
         stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
         cache: { enabled: config.cache },
+        upstreamBreaker: { state: worstBreaker(), workers: Object.fromEntries(breakers) },
       }
     },
     get adminToken() {

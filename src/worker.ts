@@ -3,7 +3,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { Server as NetServer, type Socket } from 'node:net'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
-import { ErrorCodes, MeliproxyError } from './errors.js'
+import { CircuitOpenError, ErrorCodes, MeliproxyError } from './errors.js'
 import { Limiter, type Verdict } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
 import { PrimaryCounter } from './limiter/primary-counter.js'
@@ -11,14 +11,22 @@ import { RedisCounter } from './limiter/redis-counter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
 import { RuleSet } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
-import { isMeliproxyMessage, type CachePurgeMessage, type LimitTakeMessage, type StatsMessage } from './messages.js'
+import {
+  isMeliproxyMessage,
+  type BreakerMessage,
+  type CachePurgeMessage,
+  type LimitTakeMessage,
+  type StatsMessage,
+} from './messages.js'
 import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
+import { CircuitBreaker, RetryBudget } from './proxy/breaker.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
+import { UpstreamMetrics } from './proxy/metrics.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
@@ -64,11 +72,34 @@ export async function startWorker(config: Config): Promise<void> {
 
   const upstreamHost = new URL(config.upstream).host
   const trusted = new IpSet(config.trustProxy)
-  const forwarder = new Forwarder(config.upstream, {
-    connect: config.connectTimeout,
-    headers: config.headersTimeout,
-    body: config.bodyTimeout,
-  })
+  const upstreamMetrics = new UpstreamMetrics(registry)
+  const breaker = new CircuitBreaker(
+    {
+      failures: config.breakerFailures,
+      errorRatio: config.breakerErrorRatio,
+      windowMs: config.breakerWindow,
+      minRequests: config.breakerMinRequests,
+      openMs: config.breakerOpenTime,
+    },
+    (state) => {
+      upstreamMetrics.state(state)
+      if (state === 'open') log.warn('upstream circuit breaker open: refusing upstream requests', { openMs: config.breakerOpenTime })
+      else log.info('upstream circuit breaker ' + state)
+      const msg: BreakerMessage = { meliproxy: 'breaker', state }
+      if (process.connected) process.send!(msg)
+    },
+  )
+  const forwarder = new Forwarder(
+    config.upstream,
+    { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
+    {
+      breaker,
+      budget: new RetryBudget(config.retryBudget),
+      retries: config.retries,
+      onRetry: () => upstreamMetrics.retries.inc(),
+      onRefused: () => upstreamMetrics.refused.inc(),
+    },
+  )
 
   const cacheMetrics = new CacheMetrics(registry)
   const cacheIO: CacheIO = {
@@ -122,7 +153,10 @@ export async function startWorker(config: Config): Promise<void> {
     if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
     if (result.error !== null) {
       metrics.upstreamErrors.labels(result.error.code).inc()
-      log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
+      // An open breaker is logged once when it opens, not per refused request.
+      if (!(result.error instanceof CircuitOpenError)) {
+        log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
+      }
     }
     accessLog?.write({
       time: x.time,

@@ -19,6 +19,8 @@ export interface Readiness {
   readonly reasons: readonly string[]
   readonly workers: { readonly listening: number; readonly desired: number }
   readonly redis: 'not configured' | 'ok' | 'unreachable'
+  /** The worst upstream circuit-breaker state over the workers. */
+  readonly upstreamBreaker: 'closed' | 'half-open' | 'open'
 }
 
 /** What the admin listener asks of the primary. */

@@ -1,11 +1,13 @@
 import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
 import { Pool, type Dispatcher } from 'undici'
 import {
+  CircuitOpenError,
   MeliproxyError,
   UpstreamError,
   UpstreamTimeoutError,
   UpstreamUnreachableError,
 } from '../errors.js'
+import type { CircuitBreaker, RetryBudget } from './breaker.js'
 import { clientResponseHeaders } from './headers.js'
 
 /**
@@ -13,6 +15,16 @@ import { clientResponseHeaders } from './headers.js'
  * the request body is handed to undici as a stream; the response body is written as it arrives, pausing the
  * upstream when the client's socket is full (backpressure) and aborting it when the client goes away.
  */
+
+/** How the forwarder protects the upstream and retries. */
+export interface UpstreamPolicy {
+  readonly breaker: CircuitBreaker
+  readonly budget: RetryBudget
+  /** Retries per request at most (connection failures of idempotent, body-less requests only). */
+  readonly retries: number
+  readonly onRetry: () => void
+  readonly onRefused: () => void
+}
 
 /** Upstream timeouts, in milliseconds. */
 export interface ForwardTimeouts {
@@ -73,6 +85,11 @@ const UNREACHABLE = new Set([
   'UND_ERR_SOCKET',
   'UND_ERR_CLOSED',
 ])
+/** Methods a retry cannot repeat harmfully (RFC 9110 9.2.2). */
+const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
+/** Statuses that count as the upstream failing, for the breaker. */
+const FAILING_STATUS = new Set([502, 503, 504])
+const CLIENT_CLOSED = 'client closed'
 const TIMEOUT = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'ETIMEDOUT'])
 
 /** Translates an undici/socket error into ours (502 or 504). */
@@ -98,10 +115,12 @@ export class Forwarder {
   readonly #pool: Pool
   readonly #origin: string
   readonly #timeouts: ForwardTimeouts
+  readonly #policy: UpstreamPolicy
 
-  constructor(origin: string, timeouts: ForwardTimeouts) {
+  constructor(origin: string, timeouts: ForwardTimeouts, policy: UpstreamPolicy) {
     this.#origin = origin
     this.#timeouts = timeouts
+    this.#policy = policy
     this.#pool = new Pool(origin, {
       connect: { timeout: timeouts.connect },
       headersTimeout: timeouts.headers,
@@ -113,6 +132,7 @@ export class Forwarder {
   /**
    * Sends `request` upstream and streams the answer into `res` (when given; a background fetch has none), adding
    * `extraHeaders` (flat name/value list, e.g. RateLimit-*) to the response, and showing it to `tap` (when given).
+   * While the breaker is open the request is refused at once (503, or the tap's stale answer).
    */
   forward(
     request: ForwardRequest,
@@ -121,7 +141,33 @@ export class Forwarder {
     tap: ResponseTap | null,
     done: ForwardDone,
   ): void {
-    const handler = new ProxyHandler(res, extraHeaders, tap, done)
+    this.#policy.budget.deposit()
+    this.#attempt(request, res, extraHeaders, tap, done, 0)
+  }
+
+  #attempt(
+    request: ForwardRequest,
+    res: ServerResponse | null,
+    extraHeaders: readonly string[] | null,
+    tap: ResponseTap | null,
+    done: ForwardDone,
+    attempt: number,
+  ): void {
+    const { breaker } = this.#policy
+    if (!breaker.allow()) {
+      this.#policy.onRefused()
+      new ProxyHandler(res, extraHeaders, tap, done, null).refuse(new CircuitOpenError(breaker.retryAfterMs))
+      return
+    }
+    const handler = new ProxyHandler(res, extraHeaders, tap, done, {
+      record: (ok) => (ok === null ? breaker.release() : breaker.record(ok)),
+      retry: (err) => {
+        if (!this.#mayRetry(request, res, attempt, err)) return false
+        this.#policy.onRetry()
+        this.#attempt(request, res, extraHeaders, tap, done, attempt + 1)
+        return true
+      },
+    })
     res?.once('close', handler.onClientClose)
     this.#pool.dispatch(
       {
@@ -137,6 +183,18 @@ export class Forwarder {
     )
   }
 
+  /** Only connection failures, of idempotent requests without a body, within the per-request and overall budget. */
+  #mayRetry(request: ForwardRequest, res: ServerResponse | null, attempt: number, err: Error): boolean {
+    return (
+      attempt < this.#policy.retries &&
+      request.body === null &&
+      IDEMPOTENT.has(request.method) &&
+      UNREACHABLE.has((err as NodeJS.ErrnoException).code ?? '') &&
+      res?.destroyed !== true &&
+      this.#policy.budget.withdraw()
+    )
+  }
+
   /** Closes the pool's connections once their requests are done. */
   close(): Promise<void> {
     return this.#pool.close()
@@ -146,6 +204,12 @@ export class Forwarder {
 function pushAll(target: string[], items: readonly string[]): string[] {
   for (const h of items) target.push(h)
   return target
+}
+
+/** How one attempt reports to the breaker (null: no outcome) and asks for a retry (true: a retry took over). */
+interface AttemptHooks {
+  record(ok: boolean | null): void
+  retry(err: Error): boolean
 }
 
 /** Per-request state of one forward: the client's response (if any), the tap (if any) and undici's controller. */
@@ -159,17 +223,37 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
   #controller: Dispatcher.DispatchController | null = null
   #result: ForwardResult = { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false }
   #finished = false
+  readonly #hooks: AttemptHooks | null
+  #recorded = false
 
-  constructor(res: ServerResponse | null, extraHeaders: readonly string[] | null, tap: ResponseTap | null, done: ForwardDone) {
+  constructor(
+    res: ServerResponse | null,
+    extraHeaders: readonly string[] | null,
+    tap: ResponseTap | null,
+    done: ForwardDone,
+    hooks: AttemptHooks | null,
+  ) {
     this.#res = res
     this.#extraHeaders = extraHeaders
     this.#tap = tap
     this.#done = done
+    this.#hooks = hooks
+  }
+
+  /** The breaker is open: answer as for an upstream failure, with Retry-After, without asking the upstream. */
+  refuse(err: CircuitOpenError): void {
+    this.#fail(err, err, ['retry-after', String(err.retryAfterSeconds)])
+  }
+
+  #record(ok: boolean | null): void {
+    if (this.#recorded) return
+    this.#recorded = true
+    this.#hooks?.record(ok)
   }
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
     this.#controller = controller
-    if (this.#res?.destroyed) controller.abort(new Error('client closed'))
+    if (this.#res?.destroyed) controller.abort(new Error(CLIENT_CLOSED))
   }
 
   onResponseStart(
@@ -179,10 +263,11 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     statusMessage?: string,
   ): void {
     if (statusCode < 200) return // 1xx interim responses are the upstream connection's business
+    this.#record(!FAILING_STATUS.has(statusCode))
     this.#result.status = statusCode
     const res = this.#res
     if (res !== null && res.destroyed && this.#tap === null) {
-      controller.abort(new Error('client closed'))
+      controller.abort(new Error(CLIENT_CLOSED))
       return
     }
     const out = clientResponseHeaders(headers)
@@ -215,21 +300,33 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
 
   onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
     if (this.#finished) return
+    const clientLeft = err.message === CLIENT_CLOSED
+    this.#record(clientLeft ? null : false)
+    if (!clientLeft && this.#result.status === 0 && this.#hooks?.retry(err)) {
+      // A fresh attempt answers the client: this one steps aside without reporting.
+      this.#res?.off('close', this.onClientClose)
+      this.#finished = true
+      return
+    }
+    this.#fail(err, toUpstreamError(err), undefined)
+  }
+
+  /** The upstream failed (or was not asked): the tap may answer (stale), else an error response or a cut. */
+  #fail(err: Error, error: MeliproxyError, headers: readonly string[] | undefined): void {
     if (this.#tap !== null && this.#tap.onError(err) && this.#res !== null && !this.#res.headersSent) this.#res = null
     const res = this.#res
     if (res === null) {
-      this.#result.error = toUpstreamError(err)
+      this.#result.error = error
     } else if (res.destroyed) {
       this.#result.status = 0
     } else if (res.headersSent) {
       // The status line already went out: cutting the connection is the only honest signal of a truncated body.
-      this.#result.error = toUpstreamError(err)
+      this.#result.error = error
       res.destroy(err)
     } else {
-      const error = toUpstreamError(err)
       this.#result.error = error
       this.#result.status = error.status
-      this.#result.bytes = sendError(res, error)
+      this.#result.bytes = sendError(res, error, headers)
     }
     this.#finish()
   }
@@ -245,7 +342,7 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
       return
     }
     if (!this.#finished && this.#controller !== null && !this.#controller.aborted) {
-      this.#controller.abort(new Error('client closed'))
+      this.#controller.abort(new Error(CLIENT_CLOSED))
     }
   }
 
