@@ -67,6 +67,12 @@ export interface Config {
   readonly breakerOpenTime: number
   readonly retries: number
   readonly retryBudget: number
+  readonly maxBodySize: number
+  readonly maxUrlLength: number
+  readonly maxHeaderSize: number
+  readonly clientHeadersTimeout: number
+  readonly clientRequestTimeout: number
+  readonly maxConnections: number
   readonly stats: boolean
   readonly statsRetention: number
   readonly statsRollupRetention: number
@@ -297,6 +303,12 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
   opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
   opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
+  opt('maxBodySize', '--max-body-size <bytes>', 'largest request body accepted (413 above)', parseBytes, 10 * 1024 ** 2, '10mb'),
+  opt('maxUrlLength', '--max-url-length <n>', 'longest request target accepted (414 above)', integer(64, 65_536, 'a length'), 8192),
+  opt('maxHeaderSize', '--max-header-size <bytes>', 'largest request line plus headers accepted (431 above)', parseBytes, 16 * 1024, '16kb'),
+  opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', parseDuration, 10_000, '10s'),
+  opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', parseDuration, 120_000, '2m'),
+  opt('maxConnections', '--max-connections <n>', 'open client connections per worker; more are closed at once', integer(1, 1_000_000, 'a count'), 10_000),
   opt('breakerFailures', '--breaker-failures <n>', 'consecutive upstream failures that open the circuit breaker (0: no breaker)', integer(0, 10_000, 'a count'), 5),
   opt('breakerErrorRatio', '--breaker-error-ratio <r>', 'failure ratio over the breaker window that opens it', ratio, 0.5),
   opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', parseDuration, 10_000, '10s'),
@@ -388,6 +400,9 @@ export function loadConfig(sources: ConfigSources): Config {
   const config = out as unknown as Config
   if (config.adminToken === null && !isLoopback(config.adminHost)) {
     throw new ConfigError('--admin-host', `"${config.adminHost}" is not a loopback address: an admin listener there needs --admin-token`)
+  }
+  if (config.clientHeadersTimeout > config.clientRequestTimeout) {
+    throw new ConfigError('--client-headers-timeout', 'must not be longer than --client-request-timeout')
   }
   if (config.redisUrl && config.redisSentinels.length > 0) {
     throw new ConfigError('--redis-url', 'give either --redis-url or --redis-sentinels, not both')

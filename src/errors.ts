@@ -13,6 +13,11 @@ export const ErrorCodes = {
   FORBIDDEN: 'forbidden',
   RATE_LIMITED: 'rate_limited',
   UPSTREAM_CIRCUIT_OPEN: 'upstream_circuit_open',
+  URI_TOO_LONG: 'uri_too_long',
+  HEADERS_TOO_LARGE: 'headers_too_large',
+  BODY_TOO_LARGE: 'body_too_large',
+  REQUEST_TIMEOUT: 'request_timeout',
+  METHOD_NOT_ALLOWED: 'method_not_allowed',
 } as const
 
 /** One of the stable codes above. */
@@ -71,5 +76,12 @@ export class CircuitOpenError extends MeliproxyError {
   constructor(retryAfterMs: number) {
     super(ErrorCodes.UPSTREAM_CIRCUIT_OPEN, 503, 'the upstream is failing: meliproxy stopped sending to it for a moment')
     this.retryAfterSeconds = Math.max(1, Math.ceil(retryAfterMs / 1000))
+  }
+}
+
+/** A request body over --max-body-size: 413 (the connection is closed after it: the rest of the body is unread). */
+export class BodyTooLargeError extends MeliproxyError {
+  constructor(max: number) {
+    super(ErrorCodes.BODY_TOO_LARGE, 413, `the request body is over ${max} bytes`)
   }
 }

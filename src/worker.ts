@@ -3,7 +3,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { Server as NetServer, type Socket } from 'node:net'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
-import { CircuitOpenError, ErrorCodes, MeliproxyError } from './errors.js'
+import { BodyTooLargeError, CircuitOpenError, ErrorCodes, MeliproxyError } from './errors.js'
 import { Limiter, type Verdict } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
 import { PrimaryCounter } from './limiter/primary-counter.js'
@@ -26,6 +26,7 @@ import { CacheMetrics } from './cache/metrics.js'
 import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
 import { CircuitBreaker, RetryBudget } from './proxy/breaker.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
+import { clientErrorResponse, limitedBody, targetProblem } from './proxy/guard.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
@@ -46,7 +47,6 @@ const STATS_FLUSH_MS = 1_000
 /** While draining, a keep-alive socket idle this long is closed (see drainStep). */
 const DRAIN_IDLE_MS = 1_000
 
-const BAD_TARGET = new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'request target must be a path (origin-form)')
 const FORBIDDEN = new MeliproxyError(ErrorCodes.FORBIDDEN, 403, 'this client is not allowed')
 
 /** Starts serving; resolves once the proxy listens. */
@@ -185,7 +185,16 @@ export async function startWorker(config: Config): Promise<void> {
       res.shouldKeepAlive = false
     }
     const x = new Exchange(req, res, trusted)
-    if (x.url.charCodeAt(0) !== 47 /* '/' */) return reject(x, BAD_TARGET)
+    const bad = targetProblem(x.url, config.maxUrlLength)
+    if (bad !== null) {
+      res.shouldKeepAlive = false // a client that sends this gets no second chance on the connection
+      return reject(x, bad)
+    }
+    const length = x.headers['content-length']
+    if (length !== undefined && Number(length) > config.maxBodySize) {
+      res.shouldKeepAlive = false // the body is not read
+      return reject(x, new BodyTooLargeError(config.maxBodySize))
+    }
     if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
     const verdict = limiter.check(x)
     if (verdict === null) return cached(x)
@@ -242,10 +251,12 @@ export async function startWorker(config: Config): Promise<void> {
       headers = kept.concat(conditional)
     }
     const hasBody = toClient && (x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined)
+    // A body without a declared length is counted as it streams (one with a length was checked in handle()).
+    const body = !hasBody ? null : x.headers['content-length'] === undefined ? limitedBody(x.req, config.maxBodySize) : x.req
     let extra = x.rateHeaders
     if (extraHeaders !== null) extra = extra === null ? extraHeaders : extra.concat(extraHeaders)
     forwarder.forward(
-      { method: x.method, path: x.url, headers, body: hasBody ? x.req : null },
+      { method: x.method, path: x.url, headers, body },
       toClient ? x.res : null,
       extra,
       tap,
@@ -253,23 +264,38 @@ export async function startWorker(config: Config): Promise<void> {
     )
   }
 
-  const server: Server = createServer({ keepAliveTimeout: 5_000 }, handle)
+  const server: Server = createServer(
+    {
+      keepAliveTimeout: 5_000,
+      maxHeaderSize: config.maxHeaderSize,
+      headersTimeout: config.clientHeadersTimeout,
+      requestTimeout: config.clientRequestTimeout,
+      connectionsCheckingInterval: 1_000, // how often the two timeouts above are checked (Node's default is 30 s)
+    },
+    handle,
+  )
   /** Open client sockets and when each last started a request (for closing idle ones on drain). */
   const sockets = new Map<Socket, number>()
   server.on('connection', (socket: Socket) => {
+    // A flood of connections: past the cap a worker closes new ones at once. (net.Server's maxConnections is not
+    // enforced for connections the cluster primary hands over.)
+    if (sockets.size >= config.maxConnections) {
+      socket.destroy()
+      return
+    }
     sockets.set(socket, Date.now())
     socket.once('close', () => sockets.delete(socket))
   })
+  // Requests the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx, then close.
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
-    if (socket.writable && !socket.destroyed) {
-      const body = JSON.stringify({ error: ErrorCodes.BAD_REQUEST, message: 'malformed request' })
-      socket.end(
-        `HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`,
-      )
-    } else {
-      socket.destroy()
-    }
+    if (socket.writable && !socket.destroyed) socket.end(clientErrorResponse(err.code))
+    else socket.destroy()
     log.debug('client error', { code: err.code })
+  })
+  // CONNECT (a tunnel to somewhere else) is not something this proxy does.
+  server.on('connect', (_req: IncomingMessage, socket: Socket) => {
+    const body = JSON.stringify({ error: ErrorCodes.METHOD_NOT_ALLOWED, message: 'CONNECT is not supported' })
+    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
   })
 
   /**

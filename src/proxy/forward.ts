@@ -1,6 +1,8 @@
-import type { IncomingMessage, ServerResponse, IncomingHttpHeaders } from 'node:http'
+import type { ServerResponse, IncomingHttpHeaders } from 'node:http'
+import type { Readable } from 'node:stream'
 import { Pool, type Dispatcher } from 'undici'
 import {
+  BodyTooLargeError,
   CircuitOpenError,
   MeliproxyError,
   UpstreamError,
@@ -71,7 +73,7 @@ export interface ForwardRequest {
   readonly path: string
   readonly headers: string[]
   /** The client's request body stream, or null. */
-  readonly body: IncomingMessage | null
+  readonly body: Readable | null
 }
 
 const UNREACHABLE = new Set([
@@ -94,6 +96,7 @@ const TIMEOUT = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', '
 
 /** Translates an undici/socket error into ours (502 or 504). */
 export function toUpstreamError(err: Error): MeliproxyError {
+  if (err instanceof MeliproxyError) return err // ours, e.g. a body over the limit
   const code = (err as NodeJS.ErrnoException).code ?? ''
   if (TIMEOUT.has(code)) return new UpstreamTimeoutError(`upstream did not answer in time (${code})`)
   if (UNREACHABLE.has(code)) return new UpstreamUnreachableError(`upstream unreachable (${code})`)
@@ -301,7 +304,8 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
   onResponseError(_controller: Dispatcher.DispatchController, err: Error): void {
     if (this.#finished) return
     const clientLeft = err.message === CLIENT_CLOSED
-    this.#record(clientLeft ? null : false)
+    // The client's doing (it left, or sent too much) says nothing about the upstream.
+    this.#record(clientLeft || err instanceof BodyTooLargeError ? null : false)
     if (!clientLeft && this.#result.status === 0 && this.#hooks?.retry(err)) {
       // A fresh attempt answers the client: this one steps aside without reporting.
       this.#res?.off('close', this.onClientClose)
@@ -326,6 +330,7 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     } else {
       this.#result.error = error
       this.#result.status = error.status
+      if (error instanceof BodyTooLargeError) res.shouldKeepAlive = false // the rest of the body is unread
       this.#result.bytes = sendError(res, error, headers)
     }
     this.#finish()
