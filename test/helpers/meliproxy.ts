@@ -106,9 +106,9 @@ export async function admin(p: RunningProxy, path: string): Promise<{ status: nu
 /** Starts the binary with free ports and `args`, and waits until /readyz says every worker listens. */
 export async function startMeliproxy(
   args: string[],
-  opts: { env?: Record<string, string>; workers?: number } = {},
+  opts: { env?: Record<string, string>; workers?: number; port?: number; waitReady?: boolean } = {},
 ): Promise<RunningProxy> {
-  const port = await freePort()
+  const port = opts.port ?? (await freePort())
   const adminPort = await freePort()
   const workers = opts.workers ?? 2
   const [cmd, argv] = binCommand([
@@ -162,6 +162,7 @@ export async function startMeliproxy(
       }
     },
   }
+  if (opts.waitReady === false) return running
   const ready = await waitFor(async () => {
     if (gone) return false
     try {
