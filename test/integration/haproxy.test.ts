@@ -1,0 +1,102 @@
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { readFileSync, writeFileSync, mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import { closeAgents, send } from '../helpers/client.js'
+import { steadyLoad } from '../helpers/load.js'
+import { startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { freePort } from '../helpers/ports.js'
+import { startSentinels, type SentinelTopology } from '../helpers/redis.js'
+import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
+
+/**
+ * The fleet on one machine: config/haproxy.cfg (ports rewritten to free ones) in front of two meliproxy instances
+ * sharing Redis Sentinel. One instance is killed under load: the health check moves traffic to the other, limits
+ * stay exact and the cache stays shared. Runs where haproxy is installed (.ci/run installs it).
+ */
+
+const hasHaproxy = spawnSync('sh', ['-c', 'command -v haproxy']).status === 0
+if (hasHaproxy) register()
+else t.plan(0, 'haproxy is not installed (apt-get install haproxy, as .ci/run does)')
+
+function register(): void {
+  let upstream: TestUpstream
+  let topo: SentinelTopology
+  let a: RunningProxy
+  let b: RunningProxy
+  let haproxy: ChildProcess
+  let lb: string
+
+  t.before(async () => {
+    upstream = await startUpstream()
+    upstream.route('/cat', (_req, res) => {
+      res.writeHead(200, { 'cache-control': 'max-age=600' })
+      res.end('category')
+    })
+    upstream.route('/lim', (_req, res) => res.end('ok'))
+    upstream.route('/load', (_req, res) => res.end('ok'))
+    topo = await startSentinels()
+    const config = writeConfig({
+      upstream: upstream.url,
+      accessLog: false,
+      redisSentinels: topo.sentinelList,
+      trustProxy: '127.0.0.1/32',
+      limits: [{ name: 'per-client', match: { path: '/lim/*' }, per: ['ip'], limit: 30, window: '1h' }],
+    })
+    ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+    const front = await freePort()
+    const cfg = readFileSync(new URL('../../config/haproxy.cfg', import.meta.url), 'utf8')
+      .replace('127.0.0.1:8080', `127.0.0.1:${front}`)
+      .replace('127.0.0.1:8081 check port 9091', `127.0.0.1:${a.port} check port ${a.adminPort}`)
+      .replace('127.0.0.1:8082 check port 9092', `127.0.0.1:${b.port} check port ${b.adminPort}`)
+    const dir = mkdtempSync(join(tmpdir(), 'meliproxy-haproxy-'))
+    writeFileSync(join(dir, 'haproxy.cfg'), cfg)
+    haproxy = spawn('haproxy', ['-db', '-f', join(dir, 'haproxy.cfg')], { stdio: ['ignore', 'ignore', 'pipe'] })
+    let haproxyLog = ''
+    haproxy.stderr!.on('data', (c: Buffer) => (haproxyLog += c))
+    lb = `http://127.0.0.1:${front}`
+    if (!(await waitFor(async () => (await send(`${lb}/load/up`).catch(() => ({ status: 0 }))).status === 200, 10_000))) {
+      throw new Error(`haproxy did not come up: ${haproxyLog}`)
+    }
+  })
+  t.teardown(async () => {
+    haproxy?.kill('SIGKILL')
+    await Promise.all([a?.stop(), b?.stop()])
+    await topo?.stop()
+    await closeAgents()
+    await upstream?.close()
+  })
+
+  t.test('one instance killed under load: traffic moves, limits stay exact, the cache stays shared', async (t) => {
+    // Before: both instances serve through the LB; limits count across them, the cache is filled once.
+    const before: number[] = []
+    for (let i = 0; i < 20; i++) before.push((await send(`${lb}/lim/x${i}`, { from: '127.0.0.41' })).status)
+    t.same(new Set(before), new Set([200]), '20 of the 30 allowed, spread over both instances')
+    t.equal((await send(`${lb}/cat/1`)).status, 200)
+    for (let i = 0; i < 4; i++) t.equal((await send(`${lb}/cat/1`)).headers['x-cache'], 'HIT', 'served from the shared cache')
+
+    let stop!: () => void
+    const until = new Promise<void>((r) => (stop = r))
+    const load = steadyLoad({ url: `${lb}/load/steady`, concurrency: 6, maxRequests: 100_000, maxMs: 20_000, until })
+    await new Promise((r) => setTimeout(r, 800))
+    const killed = [a.proc.pid!, ...a.workerPids()]
+    for (const pid of killed) process.kill(pid, 'SIGKILL')
+    await new Promise((r) => setTimeout(r, 3_000)) // several health-check intervals
+    stop()
+    const result = await load
+    const failed = result.errors.length + Object.entries(result.byStatus).filter(([s]) => Number(s) >= 500).reduce((n, [, c]) => n + c, 0)
+    t.ok(failed <= 6, `${failed} of ${result.sent} requests failed (at most those in flight on the killed instance)`)
+    t.comment(`haproxy failover: ${failed} failed of ${result.sent} while one of two instances was SIGKILLed`)
+
+    // After: only B is left; every request succeeds, the limit is still exact, the cache still shared.
+    const steady = await steadyLoad({ url: `${lb}/load/after`, concurrency: 4, maxRequests: 200, maxMs: 10_000 })
+    t.same(steady.byStatus, { 200: 200 }, `every request answered by the surviving instance ${JSON.stringify(steady.errors.slice(0, 3))}`)
+    const after: number[] = []
+    for (let i = 0; i < 15; i++) after.push((await send(`${lb}/lim/y${i}`, { from: '127.0.0.41' })).status)
+    t.same(after, [...Array(10).fill(200), ...Array(5).fill(429)], 'exactly 30 in all for the client, across both instances')
+    const hit = await send(`${lb}/cat/1`)
+    t.equal(hit.headers['x-cache'], 'HIT')
+    t.equal(upstream.hits('/cat/1'), 1, 'the upstream was asked once for the whole fleet')
+  })
+}
