@@ -4,12 +4,14 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { soak } from './soak.js'
 
 /**
  * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
  * a fixed time with one load generator (wrk when installed, else autocannon), and prints req/s, p50/p99 latency and
  * errors with meliproxy's ratios to the baselines. Options: --duration S (default 5), --connections N (default 64),
- * --workers N (default 2), --rounds N (default 5).
+ * --workers N (default 2), --rounds N (default 5). `--soak` instead runs the memory soak (bench/soak.ts): --duration S
+ * (default 60), --urls N (100000), --l1-mb N (64).
  */
 
 interface Figures {
@@ -204,7 +206,20 @@ function stopAll(): void {
   for (const p of started) if (p.exitCode === null) p.kill('SIGTERM')
 }
 
-main()
+const run = args.includes('--soak')
+  ? () =>
+      soak({
+        seconds: flag('--duration', 60),
+        urls: flag('--urls', 100_000),
+        l1Mb: flag('--l1-mb', 64),
+        workers: WORKERS,
+        connections: CONNECTIONS,
+        bin: BIN,
+        servers: SERVERS,
+        freePort,
+      })
+  : main
+run()
   .catch((err: Error) => {
     console.error(err.message)
     process.exitCode = 1

@@ -39,11 +39,30 @@ export function ageMs(e: CacheEntry, now: number): number {
   return e.initialAgeMs + Math.max(0, now - e.responseTime)
 }
 
-/** Bytes the entry holds (for the L1 byte bound). */
+/** Per-entry memory besides body and headers: the entry object, key, variant, arrays, LRU slots (from the soak: heap per entry). */
+const ENTRY_OVERHEAD = 4_000
+/** Per header string: V8's string header and the array slot; each entry holds its headers twice (stored and served). */
+const HEADER_OVERHEAD = 48
+
+/** Bytes the entry holds in memory (for the L1 byte bound). */
 export function entrySize(e: CacheEntry): number {
-  let n = e.body.length + 200
-  for (const h of e.headers) n += h.length
+  let n = e.body.length + ENTRY_OVERHEAD
+  for (const h of e.headers) n += 2 * (h.length + HEADER_OVERHEAD)
   return n
+}
+
+/**
+ * The bytes in a buffer of their own. A body kept in L1 must not be a slice of a larger buffer: Node hands out small
+ * buffers as slices of a shared 8 KB pool (and a Redis reply holds the metadata too), and one live slice keeps the
+ * whole block alive, so the memory behind the L1 byte bound would be several times the bodies' size.
+ */
+export function ownBytes(chunks: readonly Buffer[]): Buffer {
+  let total = 0
+  for (const c of chunks) total += c.length
+  const out = Buffer.allocUnsafeSlow(total)
+  let at = 0
+  for (const c of chunks) at += c.copy(out, at)
+  return out
 }
 
 function normalise(name: string, value: string | string[] | undefined): string {
@@ -99,7 +118,7 @@ export function decodeEntry(buf: Buffer): CacheEntry | null {
       status: m.s as number,
       statusMessage: m.m as string,
       headers: m.h as string[],
-      body: buf.subarray(4 + metaLength),
+      body: ownBytes([buf.subarray(4 + metaLength)]),
       responseTime: m.rt as number,
       initialAgeMs: m.ia as number,
       freshnessMs: m.f as number,

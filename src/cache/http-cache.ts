@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { Exchange } from '../exchange.js'
 import { compilePathGlob } from '../limiter/glob.js'
 import type { ForwardDone, ForwardResult, ResponseTap } from '../proxy/forward.js'
-import { ageMs, variantId, type CacheEntry } from './entry.js'
+import { ageMs, ownBytes, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
 import { initialAgeMs, requestDirectives, responsePolicy, type StoreRules } from './policy.js'
 import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
@@ -507,7 +507,7 @@ class StoreTap implements ResponseTap {
         this.#status,
         this.#statusMessage,
         this.#clientHeaders,
-        Buffer.concat(this.#chunks),
+        ownBytes(this.#chunks),
         this.#requestTime,
         Date.now(),
       )

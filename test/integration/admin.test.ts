@@ -1,7 +1,7 @@
 import t from 'tap'
 import { request } from 'undici'
 import { closeAgents, send } from '../helpers/client.js'
-import { runBinary, startMeliproxy, type RunningProxy } from '../helpers/meliproxy.js'
+import { adminCall, runBinary, startMeliproxy, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -85,4 +85,35 @@ t.test('an admin listener on a non-loopback address without a token refuses to s
   const r = await runBinary(['--admin-host', '0.0.0.0'])
   t.equal(r.code, 2)
   t.match(r.stderr, /--admin-host: "0\.0\.0\.0" is not a loopback address/)
+})
+
+t.test('every mutating admin call needs the token; tokens and Authorization headers never reach the logs', async (t) => {
+  const chatty = await startMeliproxy(['--upstream', upstream.url, '--admin-token', TOKEN, '--log-level', 'debug'])
+  t.teardown(() => chatty.stop())
+  const mutating: [string, string, unknown][] = [
+    ['PUT', '/api/limits', { limits: [] }],
+    ['POST', '/api/limits/rollback', { version: 0 }],
+    ['POST', '/api/limits/reset', { rule: 'x' }],
+    ['DELETE', '/api/cache?path=/items/**', undefined],
+  ]
+  for (const [method, path, body] of mutating) {
+    t.equal((await adminCall(chatty, method, path, { body })).status, 401, `${method} ${path} without a token`)
+    const wrong = await adminCall(chatty, method, path, { body, token: 'wrong-token-in-a-log-would-leak' })
+    t.equal(wrong.status, 401, `${method} ${path} with a wrong token`)
+    t.equal(wrong.body.error, 'unauthorized')
+  }
+  t.equal((await adminCall(chatty, 'PUT', '/api/limits', { body: { limits: [] }, token: TOKEN })).status, 200, 'the right token works')
+  await send(`${chatty.url}/items/secret`, { headers: { authorization: 'Bearer client-credential-xyz', cookie: 'session=abc' } })
+  await send(`${chatty.url}/items/secret?x=1`, { headers: { authorization: 'Basic dXNlcjpwYXNzd29yZA==' } })
+  await new Promise((r) => setTimeout(r, 300)) // the access log is written in batches
+  const logs = chatty.stdout.concat(chatty.stderr).join('\n')
+  t.match(logs, /\/items\/secret/, 'the requests were logged')
+  for (const secret of [TOKEN, 'wrong-token-in-a-log-would-leak', 'client-credential-xyz', 'dXNlcjpwYXNzd29yZA==', 'session=abc']) {
+    t.notOk(logs.includes(secret), `${secret.slice(0, 12)}... is not in the logs`)
+  }
+  const noToken = await startMeliproxy(['--upstream', upstream.url])
+  t.teardown(() => noToken.stop())
+  const unset = await adminCall(noToken, 'PUT', '/api/limits', { body: { limits: [] }, token: 'anything' })
+  t.equal(unset.status, 403, 'without a configured token nothing may mutate')
+  t.equal(unset.body.error, 'admin_token_unset')
 })
