@@ -46,6 +46,7 @@ export interface Config {
   readonly headersTimeout: number
   readonly bodyTimeout: number
   readonly drainTimeout: number
+  readonly shutdownDelay: number
   readonly instances: number
   readonly limiterTimeout: number
   /** Rate-limit rules (file or admin API only). */
@@ -143,6 +144,11 @@ export function parseRetention(raw: unknown): number {
   const ms = Number(m[1]) * RETENTION_UNITS[m[2]!]!
   if (ms < 60_000 || ms > 400 * 86_400_000) throw new BadValue(`"${s}" is out of range (1m to 400d)`)
   return ms
+}
+
+/** A duration that may be 0 (`0` turns the thing off). */
+function durationOrZero(raw: unknown): number {
+  return text(raw) === '0' ? 0 : parseDuration(raw)
 }
 
 const BYTE_UNITS: Record<string, number> = { b: 1, kb: 1024, kib: 1024, mb: 1024 ** 2, mib: 1024 ** 2, gb: 1024 ** 3, gib: 1024 ** 3 }
@@ -297,6 +303,7 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('headersTimeout', '--headers-timeout <duration>', 'upstream response headers timeout (504 after)', parseDuration, 30_000, '30s'),
   opt('bodyTimeout', '--body-timeout <duration>', 'upstream body idle timeout', parseDuration, 30_000, '30s'),
   opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', parseDuration, 30_000, '30s'),
+  opt('shutdownDelay', '--shutdown-delay <duration>', 'on SIGTERM, keep serving this long with /readyz failing before draining', durationOrZero, 0, '0'),
   opt('instances', '--instances <n>', 'instances sharing the limits: while Redis is down each enforces limit/n', integer(1, 10_000, 'an instance count'), 1),
   opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', parseDuration, 100, '100ms'),
   opt('cache', '--no-cache', 'turn off the HTTP cache', bool, true),

@@ -292,15 +292,26 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       for (const w of workers.values()) w.worker.process.kill('SIGKILL')
       process.exit(1)
     }
-    stopping = true
-    log.info('shutting down: draining workers', { signal, workers: workers.size, drainTimeoutMs: config.drainTimeout })
+    stopping = true // from now on /readyz answers 503, so a load balancer stops sending here
     if (respawnTimer !== null) clearTimeout(respawnTimer)
-    for (const w of workers.values()) drainWorker(w)
-    // A worker that ignores the drain is killed after the drain timeout plus a margin.
-    setTimeout(() => {
-      for (const w of workers.values()) w.worker.process.kill('SIGKILL')
-    }, config.drainTimeout + 2_000).unref()
-    if (workers.size === 0) finishShutdown()
+    log.info('shutting down', {
+      signal,
+      workers: workers.size,
+      shutdownDelayMs: config.shutdownDelay,
+      drainTimeoutMs: config.drainTimeout,
+    })
+    const drainAll = (): void => {
+      for (const w of workers.values()) drainWorker(w)
+      // A worker that ignores the drain is killed after the drain timeout plus a margin.
+      setTimeout(() => {
+        for (const w of workers.values()) w.worker.process.kill('SIGKILL')
+      }, config.drainTimeout + 2_000).unref()
+      if (workers.size === 0) finishShutdown()
+    }
+    // The workers keep serving for --shutdown-delay while the load balancer notices the failing /readyz; closing
+    // sooner races with requests it is still sending on its pooled connections.
+    if (config.shutdownDelay > 0) setTimeout(drainAll, config.shutdownDelay)
+    else drainAll()
   }
 
   function finishShutdown(): void {

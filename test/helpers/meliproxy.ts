@@ -106,10 +106,10 @@ export async function admin(p: RunningProxy, path: string): Promise<{ status: nu
 /** Starts the binary with free ports and `args`, and waits until /readyz says every worker listens. */
 export async function startMeliproxy(
   args: string[],
-  opts: { env?: Record<string, string>; workers?: number; port?: number; waitReady?: boolean } = {},
+  opts: { env?: Record<string, string>; workers?: number; port?: number; adminPort?: number; waitReady?: boolean } = {},
 ): Promise<RunningProxy> {
   const port = opts.port ?? (await freePort())
-  const adminPort = await freePort()
+  const adminPort = opts.adminPort ?? (await freePort())
   const workers = opts.workers ?? 2
   const [cmd, argv] = binCommand([
     '--port', String(port),

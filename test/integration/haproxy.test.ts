@@ -27,6 +27,7 @@ function register(): void {
   let b: RunningProxy
   let haproxy: ChildProcess
   let lb: string
+  let config: string
 
   t.before(async () => {
     upstream = await startUpstream()
@@ -37,11 +38,12 @@ function register(): void {
     upstream.route('/lim', (_req, res) => res.end('ok'))
     upstream.route('/load', (_req, res) => res.end('ok'))
     topo = await startSentinels()
-    const config = writeConfig({
+    config = writeConfig({
       upstream: upstream.url,
       accessLog: false,
       redisSentinels: topo.sentinelList,
       trustProxy: '127.0.0.1/32',
+      shutdownDelay: '2s', // longer than HAProxy needs to see /readyz fail (inter 500ms, fall 2)
       limits: [{ name: 'per-client', match: { path: '/lim/*' }, per: ['ip'], limit: 30, window: '1h' }],
     })
     ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
@@ -98,5 +100,27 @@ function register(): void {
     const hit = await send(`${lb}/cat/1`)
     t.equal(hit.headers['x-cache'], 'HIT')
     t.equal(upstream.hits('/cat/1'), 1, 'the upstream was asked once for the whole fleet')
+  })
+
+  t.test('a rolling restart of the fleet behind HAProxy under load: zero failed requests', async (t) => {
+    // A was killed above: it comes back on its ports first.
+    a = await startMeliproxy(['--config', config], { port: a.port, adminPort: a.adminPort })
+    await new Promise((r) => setTimeout(r, 1_500)) // HAProxy's check brings it back (rise 1, inter 500 ms)
+    let stop!: () => void
+    const until = new Promise<void>((r) => (stop = r))
+    const load = steadyLoad({ url: `${lb}/load/rolling`, concurrency: 6, maxRequests: 200_000, maxMs: 60_000, until })
+    for (const name of ['a', 'b'] as const) {
+      const old = name === 'a' ? a : b
+      await old.stop() // SIGTERM: /readyz turns 503, the port closes, in-flight requests finish
+      const fresh = await startMeliproxy(['--config', config], { port: old.port, adminPort: old.adminPort })
+      if (name === 'a') a = fresh
+      else b = fresh
+      await new Promise((r) => setTimeout(r, 1_500))
+    }
+    stop()
+    const result = await load
+    t.same(result.errors, [], `no request failed of ${result.sent}`)
+    t.same(Object.keys(result.byStatus), ['200'], `every request answered 200: ${JSON.stringify(result.byStatus)}`)
+    t.comment(`rolling restart behind HAProxy: ${result.sent} requests, ${result.errors.length} failed`)
   })
 }
