@@ -1,3 +1,5 @@
+import { TopK } from './topk.js'
+
 /**
  * What a worker hands on about a stretch of requests, all within one minute: counts by dimensions, a latency
  * histogram and the heavy hitters. Plain data: it travels over IPC and is added into Redis or the primary's memory.
@@ -46,32 +48,54 @@ export function splitPair(key: string): { ip: string; path: string } {
   return { ip: key.slice(0, i), path: key.slice(i + 1) }
 }
 
+/** Counts of one stretch of time as they are added up: from requests (a worker), or from batches (the stores). */
+export class Tally {
+  readonly counts = new Map<string, number>()
+  readonly latency = new Map<number, number>()
+  readonly ips: TopK
+  readonly paths: TopK
+  readonly pairs: TopK
+
+  /** `time`: the start of the minute (or hour); `top`: heavy hitters kept per kind. */
+  constructor(
+    readonly time: number,
+    top: number,
+  ) {
+    this.ips = new TopK(top)
+    this.paths = new TopK(top)
+    this.pairs = new TopK(top)
+  }
+
+  add(b: StatsBatch): void {
+    for (const [k, n] of b.counts) this.counts.set(k, (this.counts.get(k) ?? 0) + n)
+    for (const [k, n] of b.latency) this.latency.set(k, (this.latency.get(k) ?? 0) + n)
+    for (const [k, n] of b.ips) this.ips.add(k, n)
+    for (const [k, n] of b.paths) this.paths.add(k, n)
+    for (const [k, n] of b.pairs) this.pairs.add(k, n)
+  }
+
+  batch(): StatsBatch {
+    return {
+      minute: this.time,
+      counts: [...this.counts],
+      latency: [...this.latency],
+      ips: this.ips.top(),
+      paths: this.paths.top(),
+      pairs: this.pairs.top(),
+    }
+  }
+}
+
 /** Sums batches of the same minute into one (heavy hitters trimmed to `top` per kind); returns them oldest first. */
 export function mergeBatches(batches: readonly StatsBatch[], top: number): StatsBatch[] {
-  const byMinute = new Map<number, StatsBatch[]>()
+  const byMinute = new Map<number, Tally>()
   for (const b of batches) {
-    const list = byMinute.get(b.minute)
-    if (list === undefined) byMinute.set(b.minute, [b])
-    else list.push(b)
+    let tally = byMinute.get(b.minute)
+    if (tally === undefined) {
+      tally = new Tally(b.minute, top)
+      byMinute.set(b.minute, tally)
+    }
+    tally.add(b)
   }
-  const sum = <K>(lists: readonly (readonly (readonly [K, number])[])[]): Map<K, number> => {
-    const m = new Map<K, number>()
-    for (const list of lists) for (const [k, n] of list) m.set(k, (m.get(k) ?? 0) + n)
-    return m
-  }
-  const trimmed = (m: Map<string, number>): [string, number][] => [...m].sort((a, b) => b[1] - a[1]).slice(0, top)
-  return [...byMinute]
-    .sort((a, b) => a[0] - b[0])
-    .map(([minute, list]) =>
-      list.length === 1
-        ? list[0]!
-        : {
-            minute,
-            counts: [...sum(list.map((b) => b.counts))],
-            latency: [...sum(list.map((b) => b.latency))],
-            ips: trimmed(sum(list.map((b) => b.ips))),
-            paths: trimmed(sum(list.map((b) => b.paths))),
-            pairs: trimmed(sum(list.map((b) => b.pairs))),
-          },
-    )
+  return [...byMinute.values()].sort((a, b) => a.time - b.time).map((t) => t.batch())
 }

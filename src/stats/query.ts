@@ -20,8 +20,8 @@ export interface StatsQuery {
   readonly limit: number
 }
 
-export interface SeriesPoint {
-  readonly time: string
+/** Requests of a time range: how many, by status class and cache outcome, how many limited, latency percentiles. */
+export interface Counts {
   readonly requests: number
   readonly status: Record<string, number>
   readonly cache: Record<string, number>
@@ -30,19 +30,17 @@ export interface SeriesPoint {
   readonly p99Ms: number | null
 }
 
+/** One bucket of the time series. */
+export interface SeriesPoint extends Counts {
+  readonly time: string
+}
+
 export interface StatsAnswer {
   readonly from: string
   readonly to: string
   readonly resolution: Resolution
   readonly group: Group
-  readonly totals: {
-    readonly requests: number
-    readonly status: Record<string, number>
-    readonly cache: Record<string, number>
-    readonly limited: number
-    readonly p50Ms: number | null
-    readonly p99Ms: number | null
-  }
+  readonly totals: Counts
   readonly series: SeriesPoint[]
   readonly top: { key: string; requests: number; ip?: string; path?: string }[]
 }

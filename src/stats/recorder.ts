@@ -1,7 +1,6 @@
-import { dimsKey, type StatsBatch } from './batch.js'
+import { dimsKey, Tally, type StatsBatch } from './batch.js'
 import { latencyBucket } from './latency.js'
 import type { RouteNamer } from './routes.js'
-import { TopK } from './topk.js'
 
 /**
  * A worker's statistics between two flushes: a few Map updates per request, no I/O. `take()` (about once a second)
@@ -25,29 +24,9 @@ export interface Recorded {
   readonly limitedBy: string | undefined
 }
 
-class Minute {
-  readonly counts = new Map<string, number>()
-  readonly latency = new Map<number, number>()
-  readonly ips = new TopK(TOP_PER_FLUSH)
-  readonly paths = new TopK(TOP_PER_FLUSH)
-  readonly pairs = new TopK(TOP_PER_FLUSH)
-  constructor(readonly minute: number) {}
-
-  batch(): StatsBatch {
-    return {
-      minute: this.minute,
-      counts: [...this.counts],
-      latency: [...this.latency],
-      ips: this.ips.top(),
-      paths: this.paths.top(),
-      pairs: this.pairs.top(),
-    }
-  }
-}
-
 export class StatsRecorder {
   readonly #routes: RouteNamer
-  #minutes: Minute[] = []
+  #minutes: Tally[] = []
 
   constructor(routes: RouteNamer) {
     this.#routes = routes
@@ -57,7 +36,7 @@ export class StatsRecorder {
   record(r: Recorded, status: number, durationMs: number): void {
     const minuteStart = r.time - (r.time % 60_000)
     let m = this.#minutes[this.#minutes.length - 1]
-    if (m === undefined || m.minute !== minuteStart) m = this.#minute(minuteStart)
+    if (m === undefined || m.time !== minuteStart) m = this.#minute(minuteStart)
     const method = METHODS.has(r.method) ? r.method : 'OTHER'
     const status3 = STATUS_CLASS[status >= 100 && status < 600 ? Math.floor(status / 100) : 0]!
     let key = dimsKey(this.#routes.name(r.path), method, status3, r.cache ?? '-', r.limitedBy ?? '')
@@ -70,10 +49,10 @@ export class StatsRecorder {
     m.pairs.add(r.ip + ' ' + r.path)
   }
 
-  #minute(start: number): Minute {
-    let m = this.#minutes.find((x) => x.minute === start)
+  #minute(start: number): Tally {
+    let m = this.#minutes.find((x) => x.time === start)
     if (m === undefined) {
-      m = new Minute(start)
+      m = new Tally(start, TOP_PER_FLUSH)
       this.#minutes.push(m)
     }
     return m

@@ -1,5 +1,4 @@
-import type { StatsBatch } from './batch.js'
-import { TopK } from './topk.js'
+import { Tally, type StatsBatch } from './batch.js'
 
 /**
  * Where statistics are kept: minute buckets and hourly rollups (every batch is added to both), each with the counts
@@ -40,31 +39,14 @@ export interface StatsStore {
   readonly ready: boolean
 }
 
-class MemoryBucket {
-  readonly counts = new Map<string, number>()
-  readonly latency = new Map<number, number>()
-  readonly ips = new TopK(TOP_KEEP)
-  readonly paths = new TopK(TOP_KEEP)
-  readonly pairs = new TopK(TOP_KEEP)
-  constructor(readonly time: number) {}
-
-  add(b: StatsBatch): void {
-    for (const [k, n] of b.counts) this.counts.set(k, (this.counts.get(k) ?? 0) + n)
-    for (const [k, n] of b.latency) this.latency.set(k, (this.latency.get(k) ?? 0) + n)
-    for (const [k, n] of b.ips) this.ips.add(k, n)
-    for (const [k, n] of b.paths) this.paths.add(k, n)
-    for (const [k, n] of b.pairs) this.pairs.add(k, n)
-  }
-
-  read(): Bucket {
-    return {
-      time: this.time,
-      counts: new Map(this.counts),
-      latency: new Map(this.latency),
-      ips: new Map(this.ips.top()),
-      paths: new Map(this.paths.top()),
-      pairs: new Map(this.pairs.top()),
-    }
+function readTally(t: Tally): Bucket {
+  return {
+    time: t.time,
+    counts: new Map(t.counts),
+    latency: new Map(t.latency),
+    ips: new Map(t.ips.top()),
+    paths: new Map(t.paths.top()),
+    pairs: new Map(t.pairs.top()),
   }
 }
 
@@ -74,7 +56,7 @@ export class MemoryStatsStore implements StatsStore {
   readonly ready = true
   readonly #retention: Retention
   readonly #now: () => number
-  readonly #buckets: Record<Resolution, Map<number, MemoryBucket>> = { minute: new Map(), hour: new Map() }
+  readonly #buckets: Record<Resolution, Map<number, Tally>> = { minute: new Map(), hour: new Map() }
 
   constructor(retention: Retention, now: () => number = Date.now) {
     this.#retention = retention
@@ -87,7 +69,7 @@ export class MemoryStatsStore implements StatsStore {
         const t = b.minute - (b.minute % RESOLUTION_MS[res])
         let bucket = this.#buckets[res].get(t)
         if (bucket === undefined) {
-          bucket = new MemoryBucket(t)
+          bucket = new Tally(t, TOP_KEEP)
           this.#buckets[res].set(t, bucket)
         }
         bucket.add(b)
@@ -98,7 +80,7 @@ export class MemoryStatsStore implements StatsStore {
 
   async read(resolution: Resolution, from: number, to: number): Promise<Bucket[]> {
     const out: Bucket[] = []
-    for (const b of this.#buckets[resolution].values()) if (b.time >= from && b.time <= to) out.push(b.read())
+    for (const b of this.#buckets[resolution].values()) if (b.time >= from && b.time <= to) out.push(readTally(b))
     return out.sort((a, b) => a.time - b.time)
   }
 
