@@ -151,7 +151,8 @@ export async function startWorker(config: Config): Promise<void> {
     metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
     stats?.record(x, result.status, durationMs)
     if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
-    if (result.error !== null) {
+    // A 4xx error here is the client's (a body over the limit), not the upstream's.
+    if (result.error !== null && result.error.status >= 500) {
       metrics.upstreamErrors.labels(result.error.code).inc()
       // An open breaker is logged once when it opens, not per refused request.
       if (!(result.error instanceof CircuitOpenError)) {
