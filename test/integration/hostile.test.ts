@@ -144,5 +144,7 @@ t.test('a flood of connections: past --max-connections a worker closes new ones,
   t.ok(served <= 20, `${served} served of 60 connections (cap 20)`)
   t.ok(served >= 15, 'the cap still lets the allowed ones through')
   for (const s of sockets) s.destroy()
-  t.ok(await waitFor(async () => (await send(`${capped.url}/echo/after`)).status === 200, 3_000), 'serves again once they are gone')
+  // Until the worker has seen the flood's sockets close, a new connection may still be over the cap and reset.
+  const servesAgain = await waitFor(() => send(`${capped.url}/echo/after`).then((r) => r.status === 200, () => false), 3_000)
+  t.ok(servesAgain, 'serves again once they are gone')
 })
