@@ -55,7 +55,6 @@ t.test('SIGKILL the master, then SIGSTOP the next one, under load: no 5xx, no wr
 
   // 1. The master dies.
   await new Promise((r) => setTimeout(r, 500))
-  const first = topo.master.port
   const killedAt = Date.now()
   topo.master.signal('SIGKILL')
   t.ok(await waitFor(async () => (await topo.currentMasterPort()) === topo.replica.port, 15_000), 'the replica was promoted')
@@ -75,16 +74,13 @@ t.test('SIGKILL the master, then SIGSTOP the next one, under load: no 5xx, no wr
   )
   const frozenAt = Date.now()
   topo.replica.signal('SIGSTOP')
-  let resumed = false
   try {
     t.ok(await waitFor(async () => (await topo.currentMasterPort()) === third.port, 20_000), 'the third one was promoted')
     t.ok(await waitFor(() => redisUsed(third.port), 10_000), 'meliproxy uses it')
   } finally {
     topo.replica.signal('SIGCONT')
-    resumed = true
   }
   const afterFreezeMs = Date.now() - frozenAt
-  t.ok(resumed)
 
   // 3. The frozen master is back. A write can only be acknowledged over a connection; the connections meliproxy
   // had before the freeze were dropped by its clients (failoverDetector), so any meliproxy connection opened to it
@@ -122,5 +118,4 @@ t.test('SIGKILL the master, then SIGSTOP the next one, under load: no 5xx, no wr
   t.same(fivexx, [], 'no 5xx')
   t.ok((result.byStatus[200] ?? 0) > 100 && (result.byStatus[429] ?? 0) > 0, `hits, misses and limited ones were sent: ${JSON.stringify(result.byStatus)}`)
   t.comment(`failover under load: ${result.sent} requests; Redis used again ${afterKillMs} ms after SIGKILL of the master, ${afterFreezeMs} ms after SIGSTOP of the next`)
-  void first
 })
