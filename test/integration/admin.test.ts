@@ -1,5 +1,4 @@
 import t from 'tap'
-import { request } from 'undici'
 import { closeAgents, send } from '../helpers/client.js'
 import { adminCall, runBinary, startMeliproxy, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
@@ -28,12 +27,8 @@ t.teardown(async () => {
   await upstream?.close()
 })
 
-async function purge(p: RunningProxy, path: string | null, token?: string): Promise<{ status: number; body: any }> {
-  const res = await request(`${p.adminUrl}/api/cache${path === null ? '' : `?path=${encodeURIComponent(path)}`}`, {
-    method: 'DELETE',
-    headers: token === undefined ? {} : { authorization: `Bearer ${token}` },
-  })
-  return { status: res.statusCode, body: await res.body.json() }
+function purge(p: RunningProxy, path: string | null, token?: string): Promise<{ status: number; body: any }> {
+  return adminCall(p, 'DELETE', `/api/cache${path === null ? '' : `?path=${encodeURIComponent(path)}`}`, { token })
 }
 
 t.test('DELETE /api/cache without a valid token is 401 with a JSON code, and purges nothing', async (t) => {
