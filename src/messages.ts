@@ -1,5 +1,5 @@
 import type { Purge } from './cache/http-cache.js'
-import type { TakeItem, TakeResult } from './limiter/counter.js'
+import type { LeaseGrant, LeaseRequest } from './limiter/pool.js'
 import type { RuleSpec } from './limiter/rules.js'
 import type { Cidr } from './net/ip.js'
 import type { BreakerState } from './proxy/breaker.js'
@@ -15,18 +15,26 @@ export interface DrainMessage {
   readonly meliproxy: 'drain'
 }
 
-/** Worker -> primary: take one unit from each bucket in the primary's counter (embedded mode, or Redis fallback). */
-export interface LimitTakeMessage {
-  readonly meliproxy: 'limit-take'
+/** Worker -> primary: lease tokens of a bucket from the primary's pool (embedded mode, or Redis fallback). */
+export interface LeaseAcquireMessage {
+  readonly meliproxy: 'lease-acquire'
   readonly id: number
-  readonly items: readonly TakeItem[]
+  readonly req: LeaseRequest
 }
 
-/** Primary -> worker: the answer to a LimitTakeMessage with the same id. */
-export interface LimitResultMessage {
-  readonly meliproxy: 'limit-result'
+/** Primary -> worker: the answer to a LeaseAcquireMessage with the same id. */
+export interface LeaseGrantMessage {
+  readonly meliproxy: 'lease-grant'
   readonly id: number
-  readonly result: TakeResult
+  readonly grant: LeaseGrant
+}
+
+/** Worker -> primary: unused tokens of a window go back to the primary's pool. */
+export interface LeaseReleaseMessage {
+  readonly meliproxy: 'lease-release'
+  readonly key: string
+  readonly windowStart: number
+  readonly tokens: number
 }
 
 /** Worker -> primary -> every worker: drop keys or a path glob from L1 (L2 is handled by the sender). */
@@ -59,8 +67,9 @@ export interface BreakerMessage {
 /** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
 export type MeliproxyMessage =
   | DrainMessage
-  | LimitTakeMessage
-  | LimitResultMessage
+  | LeaseAcquireMessage
+  | LeaseGrantMessage
+  | LeaseReleaseMessage
   | CachePurgeMessage
   | StatsMessage
   | SetRulesMessage

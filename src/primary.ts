@@ -4,9 +4,9 @@ import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
 import { encodeConfig, isLoopback, WORKER_CONFIG_ENV, type Config } from './config.js'
 import { AdminError, createAdminServer, type AdminSources, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
-import { MemoryCounter } from './limiter/counter.js'
+import { MemoryPool } from './limiter/pool.js'
 import { FALLBACK_PREFIX } from './limiter/limiter.js'
-import { BUCKET_PREFIX } from './limiter/redis-counter.js'
+import { BUCKET_PREFIX } from './limiter/redis-pool.js'
 import {
   compileVersion,
   configVersion,
@@ -24,7 +24,7 @@ import {
   isMeliproxyMessage,
   type CachePurgeMessage,
   type DrainMessage,
-  type LimitResultMessage,
+  type LeaseGrantMessage,
   type SetRulesMessage,
 } from './messages.js'
 import type { BreakerState } from './proxy/breaker.js'
@@ -122,15 +122,17 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   // On every (re)connect: a change made while this instance could not hear it is picked up.
   redis?.on('ready', () => void syncRules())
 
-  // The instance's own limiter counter: the only one without Redis, the fallback with it (see src/limiter).
-  const counter = new MemoryCounter()
+  // The instance's own limiter pool: the only one without Redis, the fallback with it (see src/limiter).
+  const counter = new MemoryPool()
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
   sweep.unref()
   cluster.on('message', (worker, msg: unknown) => {
     if (!isMeliproxyMessage(msg)) return
-    if (msg.meliproxy === 'limit-take') {
-      const reply: LimitResultMessage = { meliproxy: 'limit-result', id: msg.id, result: counter.take(msg.items) }
+    if (msg.meliproxy === 'lease-acquire') {
+      const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: counter.acquire(msg.req) }
       if (worker.isConnected()) worker.send(reply)
+    } else if (msg.meliproxy === 'lease-release') {
+      counter.release(msg.key, msg.windowStart, msg.tokens)
     } else if (msg.meliproxy === 'breaker') {
       breakers.set(worker.id, msg.state)
     } else if (msg.meliproxy === 'stats') {

@@ -6,8 +6,9 @@ import type { Config } from './config.js'
 import { BodyTooLargeError, CircuitOpenError, ErrorCodes, MeliproxyError } from './errors.js'
 import { Limiter, type Verdict } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
-import { PrimaryCounter } from './limiter/primary-counter.js'
-import { RedisCounter } from './limiter/redis-counter.js'
+import { SWEEP_MS } from './limiter/leases.js'
+import { PrimaryPool } from './limiter/primary-pool.js'
+import { RedisPool } from './limiter/redis-pool.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
 import { RuleSet } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
@@ -15,7 +16,8 @@ import {
   isMeliproxyMessage,
   type BreakerMessage,
   type CachePurgeMessage,
-  type LimitTakeMessage,
+  type LeaseAcquireMessage,
+  type LeaseReleaseMessage,
   type StatsMessage,
 } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
@@ -62,13 +64,22 @@ export async function startWorker(config: Config): Promise<void> {
   const metrics = new WorkerMetrics(registry, () => inFlight)
 
   const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout })
-  const primaryCounter = new PrimaryCounter((msg: LimitTakeMessage) => process.send!(msg))
+  const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => {
+    if (process.connected) process.send!(msg)
+  })
+  const limiterMetrics = new LimiterMetrics(registry)
   const limiter = new Limiter(
     new RuleSet(config.limits, config.allow, config.deny),
-    { redis: redis === null ? null : new RedisCounter(redis), primary: primaryCounter, instances: config.instances },
-    new LimiterMetrics(registry),
+    {
+      redis: redis === null ? null : new RedisPool(redis, limiterMetrics),
+      primary: primaryPool,
+      instances: config.instances,
+      workers: config.workers,
+    },
+    limiterMetrics,
     log,
   )
+  setInterval(() => limiter.sweep(), SWEEP_MS).unref()
 
   const upstreamHost = new URL(config.upstream).host
   const trusted = new IpSet(config.trustProxy)
@@ -199,6 +210,7 @@ export async function startWorker(config: Config): Promise<void> {
     if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
     const verdict = limiter.check(x)
     if (verdict === null) return cached(x)
+    if (!(verdict instanceof Promise)) return afterLimit(x, verdict)
     verdict.then(
       (v) => afterLimit(x, v),
       (err: Error) => {
@@ -320,6 +332,7 @@ export async function startWorker(config: Config): Promise<void> {
     exiting = true
     accessLog?.flush()
     log.info('drained, exiting')
+    limiter.releaseAll() // tokens in hand go back before the connection closes
     closeRedis(redis)
     closeRedis(subscriber)
     setTimeout(() => process.exit(0), 1_000).unref()
@@ -351,8 +364,8 @@ export async function startWorker(config: Config): Promise<void> {
   process.on('message', (msg: unknown) => {
     if (!isMeliproxyMessage(msg)) return
     switch (msg.meliproxy) {
-      case 'limit-result':
-        primaryCounter.deliver(msg)
+      case 'lease-grant':
+        primaryPool.deliver(msg)
         break
       case 'cache-purge':
         cache?.dropLocal(msg.purge)

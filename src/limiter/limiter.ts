@@ -1,14 +1,16 @@
 import type { Logger } from '../log.js'
-import type { CounterStore, TakeItem, TakeResult } from './counter.js'
+import { LeaseTable, type LeaseEvents, type TakeItem, type TakeResult } from './leases.js'
 import type { LimiterMetrics } from './metrics.js'
-import type { RedisCounter } from './redis-counter.js'
+import type { LeasePool } from './pool.js'
+import type { RedisPool } from './redis-pool.js'
 import type { Bucket, CompiledRule, RequestFacts, RuleSet } from './rules.js'
 
 /**
  * The limiter a worker consults for every request: which buckets the request draws from (the rules), and the
- * counter that decides. With Redis, the counter is Redis (exact across every instance); while Redis is unusable it
- * falls back at once to the primary's counter, with each limit divided by the instance count so that the fleet total
- * stays near the limit, and goes back to Redis by itself. Without Redis, the primary's counter is the counter.
+ * leases that decide. With Redis, tokens are leased from Redis (exact across every instance); while Redis is
+ * unusable, tokens already in hand are used up, then the instance falls back at once to leases from the primary's
+ * pool, with each limit divided by the instance count so that the fleet total stays near the limit, and goes back
+ * to Redis by itself. Without Redis, the primary's pool is the pool.
  */
 
 /** The decision for one request governed by at least one rule. */
@@ -24,29 +26,41 @@ export interface Verdict {
 const REDIS_RETRY_MS = 500
 export const FALLBACK_PREFIX = 'fallback:'
 
-/** Where a Limiter counts. */
+/** Where a Limiter leases tokens. */
 export interface LimiterStores {
   /** Redis, when configured. */
-  readonly redis: RedisCounter | null
-  /** The primary's counter: the main one without Redis, the fallback with it. */
-  readonly primary: CounterStore
+  readonly redis: RedisPool | null
+  /** The primary's pool: the main one without Redis, the fallback with it. */
+  readonly primary: LeasePool
   /** Instances sharing the limits; fallback limits are divided by it. */
   readonly instances: number
+  /** Workers per instance: with `instances`, how many holders share a pool. */
+  readonly workers: number
 }
 
 /** Decides whether requests are within their limits. */
 export class Limiter {
   #rules: RuleSet
-  readonly #stores: LimiterStores
+  readonly #redis: RedisPool | null
+  readonly #redisLeases: LeaseTable | null
+  readonly #primaryLeases: LeaseTable
+  readonly #instances: number
   readonly #metrics: LimiterMetrics
   readonly #log: Logger
   #redisSkipUntil = 0
 
   constructor(rules: RuleSet, stores: LimiterStores, metrics: LimiterMetrics, log: Logger) {
     this.#rules = rules
-    this.#stores = stores
     this.#metrics = metrics
     this.#log = log
+    this.#instances = stores.instances
+    this.#redis = stores.redis
+    const events = (pool: string): LeaseEvents => ({
+      leased: (n) => metrics.leased(pool, n),
+      returned: (n) => metrics.returned(pool, n),
+    })
+    this.#redisLeases = stores.redis === null ? null : new LeaseTable(stores.redis, stores.instances * stores.workers, events('redis'))
+    this.#primaryLeases = new LeaseTable(stores.primary, stores.workers, events('primary'))
   }
 
   /** The rule set in force. */
@@ -57,32 +71,53 @@ export class Limiter {
   /** Replaces the rule set (the internal API behind SIGHUP and the admin API). Counters of kept names carry on. */
   replaceRules(rules: RuleSet): void {
     this.#rules = rules
+    this.#redisLeases?.clearExhausted()
+    this.#primaryLeases.clearExhausted()
   }
 
-  /** Null when no rule governs the request; otherwise the verdict. */
-  check(facts: RequestFacts): Promise<Verdict> | null {
+  /** Null when no rule governs the request; otherwise the verdict, synchronous when the tokens were in hand. */
+  check(facts: RequestFacts): Verdict | Promise<Verdict> | null {
     const buckets = this.#rules.bucketsFor(facts)
     if (buckets.length === 0) return null
-    const started = performance.now()
     const items: TakeItem[] = new Array(buckets.length)
     for (let i = 0; i < buckets.length; i++) {
       const b = buckets[i]!
       items[i] = { key: b.key, limit: b.rule.limit, windowMs: b.rule.windowMs }
     }
-    return this.#take(items).then((result) => this.#verdict(buckets, result, started))
+    const result = this.#take(items)
+    if (!(result instanceof Promise)) return this.#verdict(buckets, result)
+    const started = performance.now()
+    return result.then((r) => {
+      this.#metrics.duration.observe((performance.now() - started) / 1000)
+      return this.#verdict(buckets, r)
+    })
   }
 
-  #take(items: TakeItem[]): Promise<TakeResult> {
-    const redis = this.#stores.redis
-    if (redis === null) return Promise.resolve(this.#stores.primary.take(items))
-    if (redis.ready && Date.now() >= this.#redisSkipUntil) {
-      return redis.take(items).then(
-        (result) => {
+  /** Gives back tokens not needed any more (run every SWEEP_MS of src/limiter/leases.ts). */
+  sweep(): void {
+    this.#redisLeases?.sweep()
+    this.#primaryLeases.sweep()
+  }
+
+  /** Gives every unused token back (the worker is exiting). */
+  releaseAll(): void {
+    this.#redisLeases?.releaseAll()
+    this.#primaryLeases.releaseAll()
+  }
+
+  #take(items: TakeItem[]): TakeResult | Promise<TakeResult> {
+    const leases = this.#redisLeases
+    if (leases === null) return this.#primaryLeases.take(items)
+    if (this.#redis!.ready && Date.now() >= this.#redisSkipUntil) {
+      const result = leases.take(items)
+      if (!(result instanceof Promise)) return result
+      return result.then(
+        (r) => {
           if (this.#metrics.isDegraded) {
             this.#metrics.recovered()
             this.#log.info('limiter back on redis')
           }
-          return result
+          return r
         },
         (err: Error) => {
           this.#metrics.redisErrors.inc()
@@ -91,24 +126,24 @@ export class Limiter {
         },
       )
     }
-    return this.#fallback(items, redis.ready ? 'redis failed a moment ago' : 'redis is not connected')
+    // Redis is unusable: tokens already leased from it are still good for their window.
+    return leases.takeLocal(items) ?? this.#fallback(items, this.#redis!.ready ? 'redis failed a moment ago' : 'redis is not connected')
   }
 
-  #fallback(items: TakeItem[], reason: string): Promise<TakeResult> {
-    if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local counter', { reason })
+  #fallback(items: TakeItem[], reason: string): TakeResult | Promise<TakeResult> {
+    if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local pool', { reason })
     this.#metrics.degraded()
     this.#metrics.fallbacks.inc()
-    const n = this.#stores.instances
+    const n = this.#instances
     const scaled = items.map((it) => ({
       key: FALLBACK_PREFIX + it.key,
       limit: Math.max(1, Math.floor(it.limit / n)),
       windowMs: it.windowMs,
     }))
-    return Promise.resolve(this.#stores.primary.take(scaled))
+    return this.#primaryLeases.take(scaled)
   }
 
-  #verdict(buckets: readonly Bucket[], result: TakeResult, started: number): Verdict {
-    this.#metrics.duration.observe((performance.now() - started) / 1000)
+  #verdict(buckets: readonly Bucket[], result: TakeResult): Verdict {
     if (!result.allowed) {
       const rule = buckets[result.failed]!.rule
       this.#metrics.decision(rule.name, false)

@@ -7,6 +7,10 @@ export class LimiterMetrics {
   readonly duration: Histogram
   readonly fallbacks: Counter
   readonly redisErrors: Counter
+  readonly #leases: Counter<'pool'>
+  readonly #leasedTokens: Counter<'pool'>
+  readonly #returnedTokens: Counter<'pool'>
+  readonly #redisCalls: Counter<'op' | 'outcome'>
   #degradedSince: number | null = null
   #degradedMs = 0
 
@@ -23,18 +27,42 @@ export class LimiterMetrics {
     })
     this.duration = new Histogram({
       name: 'meliproxy_limiter_duration_seconds',
-      help: 'Time to decide whether a request is within its limits',
+      help: 'Time to decide a request that waited for a lease (one decided from tokens in hand waits for nothing)',
       buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
       registers: [registry],
     })
     this.fallbacks = new Counter({
       name: 'meliproxy_limiter_fallbacks_total',
-      help: 'Decisions made by the local (per-instance) counter because Redis was unusable',
+      help: 'Decisions made on the local (per-instance) pool because Redis was unusable',
       registers: [registry],
     })
     this.redisErrors = new Counter({
       name: 'meliproxy_limiter_redis_errors_total',
       help: 'Limiter calls to Redis that failed or timed out',
+      registers: [registry],
+    })
+    this.#leases = new Counter({
+      name: 'meliproxy_limiter_leases_total',
+      help: 'Blocks of tokens leased from a pool (redis, or the primary), each one round trip',
+      labelNames: ['pool'],
+      registers: [registry],
+    })
+    this.#leasedTokens = new Counter({
+      name: 'meliproxy_limiter_leased_tokens_total',
+      help: 'Tokens leased from a pool',
+      labelNames: ['pool'],
+      registers: [registry],
+    })
+    this.#returnedTokens = new Counter({
+      name: 'meliproxy_limiter_returned_tokens_total',
+      help: 'Leased tokens given back to their pool unused',
+      labelNames: ['pool'],
+      registers: [registry],
+    })
+    this.#redisCalls = new Counter({
+      name: 'meliproxy_limiter_redis_calls_total',
+      help: 'Scripts the limiter ran in Redis, by operation (acquire, release) and outcome (ok, error)',
+      labelNames: ['op', 'outcome'],
       registers: [registry],
     })
     const self = this
@@ -55,6 +83,22 @@ export class LimiterMetrics {
   decision(rule: string, allowed: boolean): void {
     const outcome = allowed ? 'allowed' : 'limited'
     this.#decisions.add(rule + (allowed ? ' a' : ' l'), () => ({ rule, outcome }))
+  }
+
+  /** A lease of `tokens` was granted by `pool`. */
+  leased(pool: string, tokens: number): void {
+    this.#leases.labels(pool).inc()
+    this.#leasedTokens.labels(pool).inc(tokens)
+  }
+
+  /** `tokens` went back to `pool` unused. */
+  returned(pool: string, tokens: number): void {
+    this.#returnedTokens.labels(pool).inc(tokens)
+  }
+
+  /** One script call in Redis. */
+  call(op: 'acquire' | 'release', ok: boolean): void {
+    this.#redisCalls.labels(op, ok ? 'ok' : 'error').inc()
   }
 
   /** Marks the start of a degraded stretch (idempotent). */

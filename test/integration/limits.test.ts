@@ -186,7 +186,7 @@ t.test('Sentinel: a SIGKILLed master fails no request, and counting resumes on t
   t.teardown(() => proxy.stop())
   const warm = await send(`${proxy.url}/failover/warm`)
   t.equal(warm.status, 200)
-  t.equal(await topo.master.client().hget('mp:rl:big', 'c'), '1', 'counted on the first master')
+  t.ok(Number(await topo.master.client().hget('mp:rl:big', 'c')) >= 1, 'a lease was taken on the first master')
 
   const oldMaster = topo.master.port
   let promoted = false
@@ -204,10 +204,11 @@ t.test('Sentinel: a SIGKILLed master fails no request, and counting resumes on t
 
   const newMaster = topo.replica.client()
   const resumed = await waitFor(async () => {
+    // Tokens in hand are used first; once they run out, the next lease comes from the new master.
     const before = Number(await newMaster.hget('mp:rl:big', 'c'))
-    await send(`${proxy.url}/failover/after`)
+    await burst(40, 4, () => send(`${proxy.url}/failover/after`))
     const after = Number(await newMaster.hget('mp:rl:big', 'c'))
-    return after === before + 1
+    return after > before
   }, 15_000)
   t.ok(resumed, 'requests are counted on the new master again')
 })

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { Registry } from 'prom-client'
-import { MemoryCounter } from '../../src/limiter/counter.js'
+import { LocalPool, MemoryPool } from '../../src/limiter/pool.js'
 import { Limiter } from '../../src/limiter/limiter.js'
 import { LimiterMetrics } from '../../src/limiter/metrics.js'
 import { parseRules, RuleSet } from '../../src/limiter/rules.js'
@@ -12,7 +12,7 @@ const facts = (ip: string, path: string) => ({ ip, method: 'GET', path, headers:
 function limiter(rules: unknown): Limiter {
   return new Limiter(
     new RuleSet(parseRules(rules), [], []),
-    { redis: null, primary: new MemoryCounter(), instances: 1 },
+    { redis: null, primary: new LocalPool(new MemoryPool()), instances: 1, workers: 1 },
     new LimiterMetrics(new Registry()),
     quiet,
   )
