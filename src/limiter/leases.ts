@@ -8,9 +8,9 @@ import type { LeaseGrant, LeasePool } from './pool.js'
  * - All-or-nothing: a request takes one token from every bucket it draws from, or none.
  * - A lease belongs to one window of the pool's clock. It is used until `sent + resetMs` by the local clock, which is
  *   never later than the window's real end (the pool read its clock after we sent), so no token outlives its window.
- * - Tokens not needed go back: a lease unused for IDLE_RETURN_MS, or held longer than MAX_HOLD_MS, is released at the
- *   next sweep (every SWEEP_MS), so a token never sits unused in one worker for more than about a second while
- *   another worker is refused.
+ * - Tokens not needed go back at the next sweep (every SWEEP_MS): all of a lease unused for IDLE_RETURN_MS, and of one
+ *   in use, whatever exceeds what it used in the last MAX_HOLD_MS. So a token never sits unneeded in one worker for
+ *   more than about a second while another worker is refused.
  * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS, halves when it lasted longer
  *   than MAX_HOLD_MS; the pool caps it by what is left and how many holders share it (see grantSize).
  */
@@ -42,8 +42,8 @@ export type TakeResult =
 export const SWEEP_MS = 100
 export const IDLE_RETURN_MS = 400
 export const MAX_HOLD_MS = 1_000
-const FAST_MS = 250
-const FIRST_WANT = 8
+const FAST_MS = 1_000
+const FIRST_WANT = 16
 const MAX_WANT = 16_384
 /** After the pool said "exhausted", requests are refused locally this long before the pool is asked again. */
 const EXHAUSTED_RECHECK_MS = 200
@@ -60,6 +60,9 @@ interface Lease {
   poolRemaining: number
   grantedAt: number
   lastUsed: number
+  /** Start of the current hold period, and the tokens used in it. */
+  periodStart: number
+  periodUsed: number
   want: number
   exhaustedUntil: number
   refill: Promise<void> | null
@@ -112,6 +115,7 @@ export class LeaseTable {
       const l = this.#leases.get(items[i]!.key)!
       l.tokens--
       l.lastUsed = now
+      l.periodUsed++
       remaining[i] = l.poolRemaining + l.tokens
       resetMs[i] = l.expiresAt - now
     }
@@ -146,6 +150,8 @@ export class LeaseTable {
         poolRemaining: 0,
         grantedAt: now,
         lastUsed: now,
+        periodStart: now,
+        periodUsed: 0,
         want: FIRST_WANT,
         exhaustedUntil: 0,
         refill: null,
@@ -193,6 +199,10 @@ export class LeaseTable {
     l.poolRemaining = g.remaining
     l.grantedAt = now
     l.lastUsed = now
+    if (l.tokens === g.granted) {
+      l.periodStart = now
+      l.periodUsed = 0
+    }
     l.exhaustedUntil = g.granted === 0 ? Math.min(l.expiresAt, now + EXHAUSTED_RECHECK_MS) : 0
     if (g.granted > 0) this.#events.leased(g.granted)
   }
@@ -208,15 +218,26 @@ export class LeaseTable {
         continue
       }
       if (l.tokens === 0) continue
-      const idle = now - l.lastUsed >= IDLE_RETURN_MS
-      if (idle || now - l.grantedAt >= MAX_HOLD_MS) {
-        this.#pool.release(key, l.windowStart, l.tokens)
-        this.#events.returned(l.tokens)
-        l.poolRemaining += l.tokens
-        l.tokens = 0
-        if (!idle) l.want = Math.max(1, l.want >> 1)
+      if (now - l.lastUsed >= IDLE_RETURN_MS) {
+        this.#release(key, l, l.tokens)
+      } else if (now - l.periodStart >= MAX_HOLD_MS) {
+        // Still in use, but holding more than a hold period's worth: the excess goes back, the rest is needed.
+        const excess = l.tokens - l.periodUsed
+        if (excess > 0) {
+          this.#release(key, l, excess)
+          l.want = Math.max(1, l.want >> 1)
+        }
+        l.periodStart = now
+        l.periodUsed = 0
       }
     }
+  }
+
+  #release(key: string, l: Lease, tokens: number): void {
+    this.#pool.release(key, l.windowStart, tokens)
+    this.#events.returned(tokens)
+    l.poolRemaining += tokens
+    l.tokens -= tokens
   }
 
   /** Forgets which buckets the pool called full (a new rule set may have raised their limits). */

@@ -26,7 +26,7 @@ t.test('a request with tokens in hand is decided synchronously; the first one of
   const first = table.take([item('a', 1_000)])
   t.ok(first instanceof Promise, 'no tokens yet: asks the pool')
   t.match(await first, { allowed: true })
-  t.equal(e.leased, 8, 'the first lease is a block of 8')
+  t.equal(e.leased, 16, 'the first lease is a block of 16')
   const second = table.take([item('a', 1_000)]) as TakeResult
   t.notOk(second instanceof Promise, 'then decided from the tokens in hand')
   t.match(second, { allowed: true, remaining: [1_000 - 2] }, 'remaining: the pool left plus the tokens still in hand')
