@@ -134,6 +134,8 @@ async function main(): Promise<void> {
   }
   const limitsConfig = join(dir, 'limits.json')
   writeFileSync(limitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}`, limits: BENCH_LIMITS }))
+  const noLimitsConfig = join(dir, 'no-limits.json')
+  writeFileSync(noLimitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}` }))
 
   const path = '/categories/MLA97994'
   const redisUrl = `redis://127.0.0.1:${redisPort}`
@@ -145,6 +147,9 @@ async function main(): Promise<void> {
     cacheL1: (await startMeliproxy(upstream, [])) + path,
     cacheL1Quiet: (await startMeliproxy(upstream, ['--no-access-log'])) + path,
     cacheL1NoStats: (await startMeliproxy(upstream, ['--no-stats'])) + path,
+    // Limits on cache hits, where their cost shows, against the same proxy with the same Redis and no rules.
+    cacheL1Redis: hasRedis ? (await startMeliproxy(upstream, ['--config', noLimitsConfig])) + path : null,
+    cacheL1Limits: hasRedis ? (await startMeliproxy(upstream, ['--config', limitsConfig])) + path : null,
     cacheL2: hasRedis ? (await startMeliproxy(upstream, ['--redis-url', redisUrl, '--cache-l1-size', '0'])) + path : null,
   }
   for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
@@ -162,6 +167,8 @@ async function main(): Promise<void> {
     ['meliproxy cache hit (L1, no stats)', targets.cacheL1NoStats],
     ['meliproxy cache hit (L1, no log)', targets.cacheL1Quiet],
     ['meliproxy cache hit (L2, L1 off)', targets.cacheL2],
+    ['meliproxy cache hit (L1, Redis)', targets.cacheL1Redis],
+    ['meliproxy cache hit + 4 limit rules', targets.cacheL1Limits],
     ['bare undici proxy', targets.undici],
     ['meliproxy proxy (access log on)', targets.meliproxy],
     ['meliproxy + 4 limit rules (Redis)', targets.limits],
@@ -170,10 +177,26 @@ async function main(): Promise<void> {
   const active = scenarios.filter((s): s is [string, string] => s[1] !== null)
   for (const [name, url] of active) load(name, url, 2) // warm-up: JIT, keep-alive pools
   const runs = new Map<string, Figures[]>(active.map(([name]) => [name, []]))
+  // The limiter's Redis work: every script it runs is an EVALSHA (the statistics use MULTI/EXEC, not scripts).
+  const evalshaCalls = (): number => {
+    if (!hasRedis) return 0
+    const out = spawnSync('redis-cli', ['-p', String(redisPort), 'info', 'commandstats'], { encoding: 'utf8' }).stdout ?? ''
+    return Number(/cmdstat_evalsha:calls=(\d+)/.exec(out)?.[1] ?? 0)
+  }
+  let limitScripts = 0
+  let limitRequests = 0
   for (let round = 0; round < ROUNDS; round++) {
     // Every other round runs in reverse order, so no scenario always follows the same neighbour.
     const order = round % 2 === 0 ? active : [...active].reverse()
-    for (const [name, url] of order) runs.get(name)!.push(load(name, url, DURATION))
+    for (const [name, url] of order) {
+      const before = name.includes('limit rules') ? evalshaCalls() : 0
+      const figures = load(name, url, DURATION)
+      runs.get(name)!.push(figures)
+      if (name.includes('limit rules')) {
+        limitScripts += evalshaCalls() - before
+        limitRequests += figures.rps * DURATION
+      }
+    }
   }
   const mean = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length
   console.log('\nscenario                          req/s     p50 ms   p99 ms   errors')
@@ -196,6 +219,13 @@ async function main(): Promise<void> {
   }
   ratio('meliproxy proxy / bare undici proxy', 'meliproxy proxy (access log on)', 'bare undici proxy', ' (target >= 1.0x)')
   ratio('meliproxy with limits / without', 'meliproxy + 4 limit rules (Redis)', 'meliproxy proxy (access log on)', ' (target >= 0.7x)')
+  ratio('limits on cache hits / same proxy without', 'meliproxy cache hit + 4 limit rules', 'meliproxy cache hit (L1, Redis)', ' (target >= 0.9x)')
+  if (limitRequests > 0) {
+    console.log(
+      `limiter Redis scripts per request (both limit scenarios): ${(limitScripts / limitRequests).toFixed(5)} ` +
+        `(${limitScripts} scripts, each 3-4 commands inside, for about ${Math.round(limitRequests)} requests)`,
+    )
+  }
   ratio('meliproxy cache hit (L1) / bare node (memory)', 'meliproxy cache hit (L1)', 'bare node (memory)', ' (target >= 0.85x)')
   ratio('statistics on / off (cache hit, L1)', 'meliproxy cache hit (L1)', 'meliproxy cache hit (L1, no stats)', ' (target >= 0.95x)')
   ratio('meliproxy cache hit (L1, no access log) / bare node', 'meliproxy cache hit (L1, no log)', 'bare node (memory)', '')

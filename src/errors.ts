@@ -13,6 +13,7 @@ export const ErrorCodes = {
   FORBIDDEN: 'forbidden',
   RATE_LIMITED: 'rate_limited',
   UPSTREAM_CIRCUIT_OPEN: 'upstream_circuit_open',
+  ROUTE_CIRCUIT_OPEN: 'route_circuit_open',
   URI_TOO_LONG: 'uri_too_long',
   HEADERS_TOO_LARGE: 'headers_too_large',
   BODY_TOO_LARGE: 'body_too_large',
@@ -70,11 +71,20 @@ export class UpstreamError extends MeliproxyError {
   }
 }
 
-/** The circuit breaker is open: the upstream is not asked at all for a while: 503 with Retry-After. */
+/**
+ * A circuit breaker is open: 503 with Retry-After, and the upstream is not asked for a while. `route` names the sick
+ * route when only its breaker is open; null when the upstream as a whole is unreachable.
+ */
 export class CircuitOpenError extends MeliproxyError {
   readonly retryAfterSeconds: number
-  constructor(retryAfterMs: number) {
-    super(ErrorCodes.UPSTREAM_CIRCUIT_OPEN, 503, 'the upstream is failing: meliproxy stopped sending to it for a moment')
+  constructor(retryAfterMs: number, route: string | null = null) {
+    super(
+      route === null ? ErrorCodes.UPSTREAM_CIRCUIT_OPEN : ErrorCodes.ROUTE_CIRCUIT_OPEN,
+      503,
+      route === null
+        ? 'the upstream is unreachable: meliproxy stopped sending to it for a moment'
+        : `the upstream is failing on ${route}: meliproxy stopped sending requests for that route for a moment`,
+    )
     this.retryAfterSeconds = Math.max(1, Math.ceil(retryAfterMs / 1000))
   }
 }

@@ -37,6 +37,13 @@ export interface LeaseReleaseMessage {
   readonly tokens: number
 }
 
+/** Primary -> worker: a rule's counters (or one bucket's, when `bucket` is set) were reset: drop their leases. */
+export interface LimitsResetMessage {
+  readonly meliproxy: 'limits-reset'
+  readonly rule: string
+  readonly bucket: string | null
+}
+
 /** Worker -> primary -> every worker: drop keys or a path glob from L1 (L2 is handled by the sender). */
 export interface CachePurgeMessage {
   readonly meliproxy: 'cache-purge'
@@ -58,9 +65,10 @@ export interface SetRulesMessage {
   readonly deny: readonly Cidr[]
 }
 
-/** Worker -> primary: its upstream circuit breaker changed state. */
+/** Worker -> primary: one of its circuit breakers changed state (`route` null: the upstream-wide one). */
 export interface BreakerMessage {
   readonly meliproxy: 'breaker'
+  readonly route: string | null
   readonly state: BreakerState
 }
 
@@ -70,6 +78,7 @@ export type MeliproxyMessage =
   | LeaseAcquireMessage
   | LeaseGrantMessage
   | LeaseReleaseMessage
+  | LimitsResetMessage
   | CachePurgeMessage
   | StatsMessage
   | SetRulesMessage

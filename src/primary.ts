@@ -4,6 +4,7 @@ import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
 import { encodeConfig, isLoopback, WORKER_CONFIG_ENV, type Config } from './config.js'
 import { AdminError, createAdminServer, type AdminSources, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
+import { leaseFigures } from './limiter/metrics.js'
 import { MemoryPool } from './limiter/pool.js'
 import { FALLBACK_PREFIX } from './limiter/limiter.js'
 import { BUCKET_PREFIX } from './limiter/redis-pool.js'
@@ -12,6 +13,7 @@ import {
   configVersion,
   MemoryRuleStore,
   RedisRuleStore,
+  LIMITS_RESET_CHANNEL,
   RULES_CHANNEL,
   type CompiledVersion,
   type RuleStore,
@@ -25,6 +27,7 @@ import {
   type CachePurgeMessage,
   type DrainMessage,
   type LeaseGrantMessage,
+  type LimitsResetMessage,
   type SetRulesMessage,
 } from './messages.js'
 import type { BreakerState } from './proxy/breaker.js'
@@ -81,8 +84,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let stopping = false
   let reloading = false
   let restartCount = 0
-  /** Each worker's upstream circuit breaker, as it last reported (absent: closed). */
-  const breakers = new Map<number, BreakerState>()
+  /** Each worker's circuit breakers as it last reported them (absent: closed): the upstream's, and open routes. */
+  const breakers = new Map<number, { upstream: BreakerState; routes: Map<string, BreakerState> }>()
   const startedAt = Date.now()
 
   const registry = new Registry()
@@ -117,8 +120,22 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let fileRules = configVersion(config.limits, config.allow, config.deny)
   let rules: CompiledVersion = { version: fileRules, limits: config.limits, allow: config.allow, deny: config.deny }
   const rulesSubscriber = redis === null ? null : createRedis(config, 'primary-sub', log, { enableOfflineQueue: true })
-  rulesSubscriber?.subscribe(RULES_CHANNEL).catch(() => {})
-  rulesSubscriber?.on('message', () => void syncRules())
+  rulesSubscriber?.subscribe(RULES_CHANNEL, LIMITS_RESET_CHANNEL).catch(() => {})
+  rulesSubscriber?.on('message', (channel: string, text: string) => {
+    if (channel === RULES_CHANNEL) return void syncRules()
+    try {
+      const { rule, bucket } = JSON.parse(text) as { rule: string; bucket: string | null }
+      tellWorkersReset(rule, bucket)
+    } catch {
+      log.warn('ignored a malformed limits-reset message')
+    }
+  })
+
+  /** Every worker of this instance drops its leases of a reset rule or bucket. */
+  function tellWorkersReset(rule: string, bucket: string | null): void {
+    const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
+    for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+  }
   // On every (re)connect: a change made while this instance could not hear it is picked up.
   redis?.on('ready', () => void syncRules())
 
@@ -134,7 +151,11 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     } else if (msg.meliproxy === 'lease-release') {
       counter.release(msg.key, msg.windowStart, msg.tokens)
     } else if (msg.meliproxy === 'breaker') {
-      breakers.set(worker.id, msg.state)
+      let b = breakers.get(worker.id)
+      if (b === undefined) breakers.set(worker.id, (b = { upstream: 'closed', routes: new Map() }))
+      if (msg.route === null) b.upstream = msg.state
+      else if (msg.state === 'closed') b.routes.delete(msg.route)
+      else b.routes.set(msg.route, msg.state)
     } else if (msg.meliproxy === 'stats') {
       collector?.add(msg.batches)
     } else if (msg.meliproxy === 'cache-purge') {
@@ -344,21 +365,30 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         ),
         new Promise<'unreachable'>((r) => setTimeout(() => r('unreachable'), 500).unref()),
       ])
-      if (redisState !== 'ok') reasons.push('redis is unreachable')
     }
-    // An open breaker is reported, not a reason to be taken out of the load balancer: every instance shares the upstream.
+    // Readiness means "this instance can serve". Redis and the upstream are shared by every instance: their trouble
+    // is reported here, never a reason to leave the load balancer (that would take every instance out at once, while
+    // each keeps serving without Redis and answers fast while the upstream is away).
     return {
       ready: reasons.length === 0,
       reasons,
       workers: { listening, desired: config.workers },
       redis: redisState,
       upstreamBreaker: worstBreaker(),
+      openRoutes: openRoutes(),
     }
   }
 
   function worstBreaker(): BreakerState {
-    const states = [...breakers.values()]
+    const states = [...breakers.values()].map((b) => b.upstream)
     return states.includes('open') ? 'open' : states.includes('half-open') ? 'half-open' : 'closed'
+  }
+
+  /** Routes whose breaker is open or half-open in some worker, sorted. */
+  function openRoutes(): string[] {
+    const all = new Set<string>()
+    for (const b of breakers.values()) for (const r of b.routes.keys()) all.add(r)
+    return [...all].sort()
   }
 
   async function metrics(): Promise<{ contentType: string; body: string }> {
@@ -379,20 +409,31 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     return { removed }
   }
 
-  /** Clears a rule's counters (or one bucket's) here and in Redis. */
+  /**
+   * Clears a rule's counters (or one bucket's) here and in Redis; every worker of every instance then drops its
+   * leases of them (through pub/sub with Redis, which reaches this instance too; by IPC without).
+   */
   async function resetLimit(rule: string, key: string | null): Promise<number> {
     const bucket = key === null ? undefined : `${rule}|${key}`
     let cleared = counter.reset(rule, bucket) + counter.reset(FALLBACK_PREFIX + rule, bucket && FALLBACK_PREFIX + bucket)
-    if (redis === null) return cleared
+    if (redis === null) {
+      tellWorkersReset(rule, bucket ?? null)
+      return cleared
+    }
     if (redis.status !== 'ready') throw new AdminError(503, 'redis_unavailable', 'Redis is not reachable: counters there were not reset')
-    if (bucket !== undefined) return cleared + (await redis.del(BUCKET_PREFIX + bucket))
-    cleared += await redis.del(BUCKET_PREFIX + rule)
-    let cursor = '0'
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
-      cursor = next
-      if (keys.length > 0) cleared += await redis.del(...keys)
-    } while (cursor !== '0')
+    if (bucket !== undefined) {
+      cleared += await redis.del(BUCKET_PREFIX + bucket)
+    } else {
+      cleared += await redis.del(BUCKET_PREFIX + rule)
+      let cursor = '0'
+      do {
+        const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
+        cursor = next
+        // One DEL per key: the limiter's keys are only ever touched one at a time (Redis Cluster-ready).
+        for (const k of keys) cleared += await redis.del(k)
+      } while (cursor !== '0')
+    }
+    await redis.publish(LIMITS_RESET_CHANNEL, JSON.stringify({ rule, bucket: bucket ?? null }))
     log.info('limit counters reset', { rule, key, cleared })
     return cleared
   }
@@ -458,10 +499,18 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
           state: redis?.status ?? 'none',
           role: await redisRole(),
         },
+        limiter: leaseFigures(await aggregator.clusterMetrics().catch(() => '')),
         rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
         stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
         cache: { enabled: config.cache },
-        upstreamBreaker: { state: worstBreaker(), workers: Object.fromEntries(breakers) },
+        upstreamBreaker: {
+          state: worstBreaker(),
+          workers: Object.fromEntries([...breakers].map(([id, b]) => [id, b.upstream])),
+        },
+        routeBreakers: {
+          open: openRoutes(),
+          workers: Object.fromEntries([...breakers].map(([id, b]) => [id, Object.fromEntries(b.routes)])),
+        },
       }
     },
     get adminToken() {

@@ -26,7 +26,8 @@ import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
-import { CircuitBreaker, RetryBudget } from './proxy/breaker.js'
+import { RetryBudget } from './proxy/breaker.js'
+import { Breakers } from './proxy/breakers.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
 import { clientErrorResponse, limitedBody, targetProblem } from './proxy/guard.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
@@ -81,10 +82,12 @@ export async function startWorker(config: Config): Promise<void> {
   )
   setInterval(() => limiter.sweep(), SWEEP_MS).unref()
 
+  /** Route names (`/items/:id`): the unit of statistics and of the per-route circuit breakers. */
+  const routes = new RouteNamer(config.statsRoutes)
   const upstreamHost = new URL(config.upstream).host
   const trusted = new IpSet(config.trustProxy)
   const upstreamMetrics = new UpstreamMetrics(registry)
-  const breaker = new CircuitBreaker(
+  const breakers: Breakers = new Breakers(
     {
       failures: config.breakerFailures,
       errorRatio: config.breakerErrorRatio,
@@ -92,11 +95,17 @@ export async function startWorker(config: Config): Promise<void> {
       minRequests: config.breakerMinRequests,
       openMs: config.breakerOpenTime,
     },
-    (state) => {
-      upstreamMetrics.state(state)
-      if (state === 'open') log.warn('upstream circuit breaker open: refusing upstream requests', { openMs: config.breakerOpenTime })
-      else log.info('upstream circuit breaker ' + state)
-      const msg: BreakerMessage = { meliproxy: 'breaker', state }
+    (route, state) => {
+      if (route === null) {
+        upstreamMetrics.state(state)
+        if (state === 'open') log.warn('upstream circuit breaker open: refusing every upstream request', { openMs: config.breakerOpenTime })
+        else log.info('upstream circuit breaker ' + state)
+      } else {
+        upstreamMetrics.route(route, state, breakers.openRoutes().length)
+        if (state === 'open') log.warn('route circuit breaker open: refusing requests for this route', { route, openMs: config.breakerOpenTime })
+        else log.info('route circuit breaker ' + state, { route })
+      }
+      const msg: BreakerMessage = { meliproxy: 'breaker', route, state }
       if (process.connected) process.send!(msg)
     },
   )
@@ -104,7 +113,7 @@ export async function startWorker(config: Config): Promise<void> {
     config.upstream,
     { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
     {
-      breaker,
+      breakers,
       budget: new RetryBudget(config.retryBudget),
       retries: config.retries,
       onRetry: () => upstreamMetrics.retries.inc(),
@@ -143,7 +152,7 @@ export async function startWorker(config: Config): Promise<void> {
     })
   }
 
-  const stats = config.stats ? new StatsRecorder(new RouteNamer(config.statsRoutes)) : null
+  const stats = config.stats ? new StatsRecorder(routes) : null
   /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
   function sendStats(then?: () => void): void {
     const batches = stats?.take() ?? []
@@ -269,7 +278,7 @@ export async function startWorker(config: Config): Promise<void> {
     let extra = x.rateHeaders
     if (extraHeaders !== null) extra = extra === null ? extraHeaders : extra.concat(extraHeaders)
     forwarder.forward(
-      { method: x.method, path: x.url, headers, body },
+      { method: x.method, path: x.url, route: routes.name(x.path), headers, body },
       toClient ? x.res : null,
       extra,
       tap,
@@ -372,6 +381,9 @@ export async function startWorker(config: Config): Promise<void> {
         break
       case 'drain':
         drain('primary asked')
+        break
+      case 'limits-reset':
+        limiter.forget(msg.rule, msg.bucket)
         break
       case 'set-rules':
         limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))

@@ -86,10 +86,10 @@ export const OPENAPI = {
   paths: {
     '/healthz': { get: { summary: 'Liveness', responses: { '200': ok({ type: 'object' }) } } },
     '/readyz': {
-      get: { summary: 'Readiness (workers listening, Redis reachable)', responses: { '200': ok({ type: 'object' }), '503': ok({ type: 'object' }, 'Not ready') } },
+      get: { summary: 'Readiness: 200 while workers listen and the instance is not shutting down; Redis and breaker states are reported in the body, never a reason for 503', responses: { '200': ok({ type: 'object' }), '503': ok({ type: 'object' }, 'Not ready') } },
     },
     '/metrics': { get: { summary: 'Prometheus metrics, summed over the workers', responses: { '200': { description: 'text exposition format' } } } },
-    '/api/status': { get: { summary: 'Version, uptime, workers, Redis, rules version', responses: { '200': ok({ type: 'object' }) } } },
+    '/api/status': { get: { summary: 'Version, uptime, workers, Redis, rules version, upstream and route circuit breakers', responses: { '200': ok({ type: 'object' }) } } },
     '/api/stats': {
       get: {
         summary: 'Totals, time series and top entries over a time range',

@@ -21,6 +21,8 @@ export interface Readiness {
   readonly redis: 'not configured' | 'ok' | 'unreachable'
   /** The worst upstream circuit-breaker state over the workers. */
   readonly upstreamBreaker: 'closed' | 'half-open' | 'open'
+  /** Routes whose circuit breaker is open or half-open in some worker. */
+  readonly openRoutes: readonly string[]
 }
 
 /** What the admin listener asks of the primary. */

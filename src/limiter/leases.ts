@@ -240,6 +240,14 @@ export class LeaseTable {
     l.tokens -= tokens
   }
 
+  /** Drops the leases of one bucket, or of every bucket of a rule (their pool count was reset). */
+  forget(rule: string, bucket: string | null, prefix = ''): void {
+    for (const key of this.#leases.keys()) {
+      const k = key.startsWith(prefix) ? key.slice(prefix.length) : key
+      if (bucket !== null ? k === bucket : k === rule || k.startsWith(rule + '|')) this.#leases.delete(key)
+    }
+  }
+
   /** Forgets which buckets the pool called full (a new rule set may have raised their limits). */
   clearExhausted(): void {
     for (const l of this.#leases.values()) l.exhaustedUntil = 0

@@ -93,6 +93,13 @@ export class Limiter {
     })
   }
 
+  /** Drops the leases of a rule (or of one bucket) whose counters were reset: the pool starts them afresh. */
+  forget(rule: string, bucket: string | null): void {
+    this.#redisLeases?.forget(rule, bucket)
+    this.#primaryLeases.forget(rule, bucket)
+    this.#primaryLeases.forget(rule, bucket, FALLBACK_PREFIX)
+  }
+
   /** Gives back tokens not needed any more (run every SWEEP_MS of src/limiter/leases.ts). */
   sweep(): void {
     this.#redisLeases?.sweep()

@@ -118,3 +118,20 @@ export class LimiterMetrics {
     return this.#degradedSince !== null
   }
 }
+
+/** The lease figures the status API and the dashboard show, summed from the cluster's metrics text. */
+export function leaseFigures(metricsText: string): { leases: number; leasedTokens: number; returnedTokens: number; redisCalls: number } {
+  const sums = new Map<string, number>()
+  for (const line of metricsText.split('\n')) {
+    if (!line.startsWith('meliproxy_limiter_')) continue
+    const end = line.search(/[{ ]/)
+    const name = line.slice(0, end)
+    sums.set(name, (sums.get(name) ?? 0) + Number(line.slice(line.lastIndexOf(' ') + 1)))
+  }
+  return {
+    leases: sums.get('meliproxy_limiter_leases_total') ?? 0,
+    leasedTokens: sums.get('meliproxy_limiter_leased_tokens_total') ?? 0,
+    returnedTokens: sums.get('meliproxy_limiter_returned_tokens_total') ?? 0,
+    redisCalls: sums.get('meliproxy_limiter_redis_calls_total') ?? 0,
+  }
+}

@@ -37,6 +37,8 @@ export interface CompiledVersion {
 
 const DOC_KEYS = new Set(['limits', 'allow', 'deny'])
 export const RULES_CHANNEL = 'mp:limits:changed'
+/** Pub/sub channel: a rule's counters (or one bucket's) were reset; JSON {rule, bucket}. Workers drop their leases. */
+export const LIMITS_RESET_CHANNEL = 'mp:limits:reset'
 const VERSION_KEY = 'mp:limits:version'
 const CURRENT_KEY = 'mp:limits:current'
 const HISTORY_KEY = 'mp:limits:history'

@@ -9,7 +9,8 @@ import {
   UpstreamTimeoutError,
   UpstreamUnreachableError,
 } from '../errors.js'
-import type { CircuitBreaker, RetryBudget } from './breaker.js'
+import type { RetryBudget } from './breaker.js'
+import type { Breakers, Outcome } from './breakers.js'
 import { clientResponseHeaders } from './headers.js'
 
 /**
@@ -20,7 +21,7 @@ import { clientResponseHeaders } from './headers.js'
 
 /** How the forwarder protects the upstream and retries. */
 export interface UpstreamPolicy {
-  readonly breaker: CircuitBreaker
+  readonly breakers: Breakers
   readonly budget: RetryBudget
   /** Retries per request at most (connection failures of idempotent, body-less requests only). */
   readonly retries: number
@@ -71,6 +72,8 @@ export interface ResponseTap {
 export interface ForwardRequest {
   readonly method: string
   readonly path: string
+  /** The route name (src/stats/routes.ts): the unit of the per-route breakers. */
+  readonly route: string
   readonly headers: string[]
   /** The client's request body stream, or null. */
   readonly body: Readable | null
@@ -93,6 +96,16 @@ const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
 const FAILING_STATUS = new Set([502, 503, 504])
 const CLIENT_CLOSED = 'client closed'
 const TIMEOUT = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'ETIMEDOUT'])
+
+/**
+ * What a failed attempt says: the upstream is gone (no connection, or one refused or reset before any response) or
+ * the route is sick (it timed out, or failed once it had started answering).
+ */
+function failureOutcome(err: Error, answered: boolean): Outcome {
+  const code = (err as NodeJS.ErrnoException).code ?? ''
+  if (!answered && (UNREACHABLE.has(code) || code === 'UND_ERR_CONNECT_TIMEOUT')) return 'upstream'
+  return TIMEOUT.has(code) ? 'route-timeout' : 'route'
+}
 
 /** Translates an undici/socket error into ours (502 or 504). */
 export function toUpstreamError(err: Error): MeliproxyError {
@@ -156,14 +169,16 @@ export class Forwarder {
     done: ForwardDone,
     attempt: number,
   ): void {
-    const { breaker } = this.#policy
-    if (!breaker.allow()) {
+    const { breakers } = this.#policy
+    const refusing = breakers.admit(request.route)
+    if (refusing !== null) {
       this.#policy.onRefused()
-      new ProxyHandler(res, extraHeaders, tap, done, null).refuse(new CircuitOpenError(breaker.retryAfterMs))
+      const route = refusing === breakers.upstream ? null : request.route
+      new ProxyHandler(res, extraHeaders, tap, done, null).refuse(new CircuitOpenError(refusing.retryAfterMs, route))
       return
     }
     const handler = new ProxyHandler(res, extraHeaders, tap, done, {
-      record: (ok) => (ok === null ? breaker.release() : breaker.record(ok)),
+      record: (outcome) => breakers.record(request.route, outcome),
       retry: (err) => {
         if (!this.#mayRetry(request, res, attempt, err)) return false
         this.#policy.onRetry()
@@ -209,9 +224,9 @@ function pushAll(target: string[], items: readonly string[]): string[] {
   return target
 }
 
-/** How one attempt reports to the breaker (null: no outcome) and asks for a retry (true: a retry took over). */
+/** How one attempt reports to the breakers (null: no outcome) and asks for a retry (true: a retry took over). */
 interface AttemptHooks {
-  record(ok: boolean | null): void
+  record(outcome: Outcome | null): void
   retry(err: Error): boolean
 }
 
@@ -248,10 +263,10 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     this.#fail(err, err, ['retry-after', String(err.retryAfterSeconds)])
   }
 
-  #record(ok: boolean | null): void {
+  #record(outcome: Outcome | null): void {
     if (this.#recorded) return
     this.#recorded = true
-    this.#hooks?.record(ok)
+    this.#hooks?.record(outcome)
   }
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
@@ -266,7 +281,7 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     statusMessage?: string,
   ): void {
     if (statusCode < 200) return // 1xx interim responses are the upstream connection's business
-    this.#record(!FAILING_STATUS.has(statusCode))
+    this.#record(FAILING_STATUS.has(statusCode) ? 'route' : 'ok')
     this.#result.status = statusCode
     const res = this.#res
     if (res !== null && res.destroyed && this.#tap === null) {
@@ -305,7 +320,7 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     if (this.#finished) return
     const clientLeft = err.message === CLIENT_CLOSED
     // The client's doing (it left, or sent too much) says nothing about the upstream.
-    this.#record(clientLeft || err instanceof BodyTooLargeError ? null : false)
+    this.#record(clientLeft || err instanceof BodyTooLargeError ? null : failureOutcome(err, this.#result.status !== 0))
     if (!clientLeft && this.#result.status === 0 && this.#hooks?.retry(err)) {
       // A fresh attempt answers the client: this one steps aside without reporting.
       this.#res?.off('close', this.onClientClose)

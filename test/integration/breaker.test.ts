@@ -25,6 +25,11 @@ t.before(async () => {
     res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'max-age=1, stale-if-error=60' })
     res.end('fine')
   })
+  upstream.route('/healthy', (_req, res) => res.end('fine'))
+  upstream.route('/sick', (_req, res) => {
+    res.writeHead(503, { 'content-type': 'text/plain' })
+    res.end('this route is down')
+  })
   let resets = 0
   upstream.route('/reset-once', (req, res) => {
     if (resets++ % 2 === 0) return req.socket.destroy() // a connection reset before any response byte
@@ -44,27 +49,31 @@ t.teardown(async () => {
 
 const metric = async (name: string): Promise<number> => sumMetric((await admin(proxy, '/metrics')).text, name)
 
-t.test('three failures open the breaker: 503 with Retry-After and no upstream request, until a probe succeeds', async (t) => {
+t.test('three timeouts on a route open its breaker: 503 with Retry-After for that route only, until a probe succeeds', async (t) => {
   mode = 'hang'
   for (let i = 0; i < 3; i++) t.equal((await send(`${proxy.url}/svc/x?n=${i}`)).status, 504, 'timeouts count as failures')
   const seen = upstream.hits('/svc/x')
   const refused = await send(`${proxy.url}/svc/x?n=after`)
   t.equal(refused.status, 503)
-  t.equal(JSON.parse(refused.body).error, 'upstream_circuit_open')
+  t.equal(JSON.parse(refused.body).error, 'route_circuit_open')
+  t.match(JSON.parse(refused.body).message, '/svc/x', 'the error names the route')
   t.equal(refused.headers['retry-after'], '1')
   t.equal(upstream.hits('/svc/x'), seen, 'the upstream was not asked')
+  t.equal((await send(`${proxy.url}/healthy/1`)).status, 200, 'another route is still served')
   const ready = await admin(proxy, '/readyz')
   t.equal(ready.status, 200, 'an open breaker does not take the instance out of the load balancer')
-  t.equal(ready.body.upstreamBreaker, 'open')
-  t.equal((await admin(proxy, '/api/status')).body.upstreamBreaker.state, 'open')
-  t.equal(await metric('meliproxy_upstream_breaker_state'), 2)
+  t.same(ready.body.openRoutes, ['/svc/x'], '/readyz lists the open route')
+  t.equal(ready.body.upstreamBreaker, 'closed', 'the upstream as a whole is fine')
+  t.same((await admin(proxy, '/api/status')).body.routeBreakers.open, ['/svc/x'])
+  t.equal(await metric('meliproxy_route_breakers_open'), 1)
+  t.equal(await metric('meliproxy_upstream_breaker_state'), 0)
   t.ok((await metric('meliproxy_upstream_breaker_refused_total')) >= 1)
 
   mode = 'fail'
   await new Promise((r) => setTimeout(r, 1_100))
   t.equal((await send(`${proxy.url}/svc/x?n=probe1`)).status, 503, 'the probe reaches the failing upstream')
   t.equal(upstream.hits('/svc/x'), seen + 1, 'one probe')
-  t.equal(JSON.parse((await send(`${proxy.url}/svc/x?n=refused`)).body).error, 'upstream_circuit_open', 'open again')
+  t.equal(JSON.parse((await send(`${proxy.url}/svc/x?n=refused`)).body).error, 'route_circuit_open', 'open again')
 
   mode = 'ok'
   await new Promise((r) => setTimeout(r, 1_100))
@@ -72,17 +81,17 @@ t.test('three failures open the breaker: 503 with Retry-After and no upstream re
   const after: number[] = []
   for (let i = 0; i < 5; i++) after.push((await send(`${proxy.url}/svc/x?n=closed${i}`)).status)
   t.same(after, [200, 200, 200, 200, 200], 'closed again')
-  t.ok(await waitFor(async () => (await admin(proxy, '/readyz')).body.upstreamBreaker === 'closed', 2_000))
-  t.equal(await metric('meliproxy_upstream_breaker_state'), 0)
+  t.ok(await waitFor(async () => (await admin(proxy, '/readyz')).body.openRoutes.length === 0, 2_000))
+  t.equal(await metric('meliproxy_route_breakers_open'), 0)
 })
 
-t.test('while the breaker is open, stale content is served where stale-if-error allows', async (t) => {
+t.test('while a route breaker is open, stale content is served where stale-if-error allows', async (t) => {
   mode = 'ok'
   t.equal((await send(`${proxy.url}/svc/cached`)).headers['x-cache'], 'MISS')
   await new Promise((r) => setTimeout(r, 1_100)) // stale now (max-age=1), usable on error for 60 s
   mode = 'fail'
-  for (let i = 0; i < 3; i++) await send(`${proxy.url}/svc/fail-${i}`)
-  t.equal(JSON.parse((await send(`${proxy.url}/svc/other`)).body).error, 'upstream_circuit_open', 'the breaker is open')
+  for (let i = 0; i < 3; i++) await send(`${proxy.url}/svc/cached?fail=${i}`) // the same route, other URLs
+  t.equal(JSON.parse((await send(`${proxy.url}/svc/cached?other`)).body).error, 'route_circuit_open', 'the route is open')
   const seen = upstream.hits('/svc/cached')
   const stale = await send(`${proxy.url}/svc/cached`)
   t.equal(stale.status, 200)
@@ -91,7 +100,45 @@ t.test('while the breaker is open, stale content is served where stale-if-error 
   t.equal(upstream.hits('/svc/cached'), seen, 'served without asking the upstream')
   mode = 'ok'
   await new Promise((r) => setTimeout(r, 1_100))
-  await send(`${proxy.url}/svc/probe`)
+  await send(`${proxy.url}/svc/cached?probe`)
+})
+
+t.test('default flags, 2 workers: 30 upstream 503s on one route open its breaker; other routes keep getting 200', async (t) => {
+  const two = await startMeliproxy(['--upstream', upstream.url])
+  t.teardown(() => two.stop())
+  const sick: number[] = []
+  const healthy: number[] = []
+  for (let i = 0; i < 30; i++) {
+    sick.push((await send(`${two.url}/sick/${i}`)).status)
+    healthy.push((await send(`${two.url}/healthy/${i}`)).status)
+  }
+  t.same(new Set(sick), new Set([503]), 'the sick route answers 503 (the upstream\'s, then the breaker\'s)')
+  t.same(new Set(healthy), new Set([200]), 'every request to a healthy route was served')
+  const reached = upstream.hits('/sick')
+  t.ok(reached <= 12, `the upstream saw ${reached} of the 30 sick requests: each worker's breaker opened after 5`)
+  t.equal((await admin(two, '/readyz')).status, 200)
+  t.same((await admin(two, '/api/status')).body.routeBreakers.open, ['/sick/:id'], 'the open route, by its route name')
+})
+
+t.test('with the upstream gone, every route gets 503 + Retry-After at once, without trying it', async (t) => {
+  const { freePort } = await import('../helpers/ports.js')
+  const gone = await startMeliproxy(['--upstream', `http://127.0.0.1:${await freePort()}`, '--breaker-failures', '3'], { workers: 1 })
+  t.teardown(() => gone.stop())
+  // The first GET is refused, retried (connection failures of idempotent requests are), refused again: the three
+  // failures open the upstream-wide breaker.
+  t.equal((await send(`${gone.url}/a/1`)).status, 502, 'connection refused: 502')
+  const answers: { error: string; retryAfter: unknown; ms: number }[] = []
+  for (const path of ['/categories/MLA1', '/items/MLA2', '/sites/MLA', '/users/1']) {
+    const started = performance.now()
+    const r = await send(`${gone.url}${path}`)
+    answers.push({ error: JSON.parse(r.body).error, retryAfter: r.headers['retry-after'], ms: performance.now() - started })
+  }
+  t.same(answers.map((a) => a.error), Array(4).fill('upstream_circuit_open'), 'every route is refused by the upstream-wide breaker')
+  t.ok(answers.every((a) => Number(a.retryAfter) >= 1), 'each with Retry-After')
+  const worst = Math.max(...answers.map((a) => a.ms))
+  t.ok(worst < 2_000, 'answered without waiting on anything')
+  t.comment(`upstream gone: 503 in ${answers.map((a) => a.ms.toFixed(1)).join(', ')} ms`)
+  t.equal((await admin(gone, '/readyz')).body.upstreamBreaker, 'open')
 })
 
 t.test('a connection reset before any response byte is retried for idempotent requests only', async (t) => {
