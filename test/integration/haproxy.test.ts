@@ -5,7 +5,7 @@ import { join } from 'node:path'
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
 import { steadyLoad } from '../helpers/load.js'
-import { startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { freePort } from '../helpers/ports.js'
 import { startSentinels, type SentinelTopology } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -13,7 +13,8 @@ import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 /**
  * The fleet on one machine: config/haproxy.cfg (ports rewritten to free ones) in front of two meliproxy instances
  * sharing Redis Sentinel. One instance is killed under load: the health check moves traffic to the other, limits
- * stay exact and the cache stays shared. Runs where haproxy is installed (.ci/run installs it).
+ * stay exact and the cache stays shared. Then Redis fails over and dies entirely under load: no instance leaves the
+ * rotation and no request is lost. Runs where haproxy is installed (.ci/run installs it).
  */
 
 const hasHaproxy = spawnSync('sh', ['-c', 'command -v haproxy']).status === 0
@@ -124,5 +125,30 @@ function register(): void {
     t.same(result.errors, [], `no request failed of ${result.sent}`)
     t.same(Object.keys(result.byStatus), ['200'], `every request answered 200: ${JSON.stringify(result.byStatus)}`)
     t.comment(`rolling restart behind HAProxy: ${result.sent} requests, ${result.errors.length} failed`)
+  })
+
+  t.test('Redis fails over, then dies entirely, under load behind HAProxy: no instance leaves the rotation, no request is lost', async (t) => {
+    let stop!: () => void
+    const until = new Promise<void>((r) => (stop = r))
+    let n = 0
+    const url = (): string => (n++ % 2 === 0 ? `${lb}/cat/1` : `${lb}/load/redis-${n % 50}`)
+    const load = steadyLoad({ url, concurrency: 6, maxRequests: 200_000, maxMs: 60_000, until })
+    await new Promise((r) => setTimeout(r, 500))
+    const oldMaster = topo.master.port
+    topo.master.signal('SIGKILL')
+    t.ok(await waitFor(async () => (await topo.currentMasterPort()) !== oldMaster, 15_000), 'the replica was promoted')
+    await new Promise((r) => setTimeout(r, 1_000))
+    topo.replica.signal('SIGKILL') // no Redis left at all
+    const readiness = await waitFor(async () => {
+      const both = await Promise.all([admin(a, '/readyz'), admin(b, '/readyz')])
+      return both.every((r) => r.status === 200 && r.body.redis === 'unreachable')
+    }, 5_000)
+    t.ok(readiness, 'both instances stay ready and report Redis unreachable in /readyz')
+    await new Promise((r) => setTimeout(r, 3_000)) // several health-check intervals with Redis gone
+    stop()
+    const result = await load
+    const failed = result.errors.length + Object.entries(result.byStatus).filter(([s]) => Number(s) >= 500).reduce((m, [, c]) => m + c, 0)
+    t.equal(failed, 0, `no request failed of ${result.sent}: ${JSON.stringify(result.byStatus)} ${result.errors.slice(0, 3)}`)
+    t.comment(`redis failover then outage behind HAProxy: ${result.sent} requests, ${failed} failed`)
   })
 }
