@@ -24,6 +24,13 @@ export class PendingCounts<L extends string> {
     else p.n++
   }
 
+  /** Adds one to the series named by `key`, whose labels were made in advance. */
+  addSeries(key: string, labels: Record<L, string>): void {
+    const p = this.#pending.get(key)
+    if (p === undefined) this.#pending.set(key, { labels, n: 1 })
+    else p.n++
+  }
+
   /** Moves the counts into the counter (call from its collect()). */
   flushInto(counter: Counter<L>): void {
     for (const p of this.#pending.values()) {
@@ -90,6 +97,8 @@ export class WorkerMetrics {
   readonly upstreamDuration: HotHistogram
   readonly inFlight: Gauge
   readonly upstreamErrors: Counter<'error'>
+  /** Requests refused by the parser or the guards (and pipelined ones dropped after a closing answer), by reason. */
+  readonly refused: Counter<'reason'>
   /** route -> (status * 16 + method index) -> pending count: no string is built per request. */
   readonly #counts = new Map<string, Map<number, { readonly labels: Record<'method' | 'status' | 'route', string>; n: number }>>()
 
@@ -135,6 +144,12 @@ export class WorkerMetrics {
       name: 'meliproxy_upstream_errors_total',
       help: 'Upstream failures, by error code',
       labelNames: ['error'],
+      registers: [registry],
+    })
+    this.refused = new Counter({
+      name: 'meliproxy_refused_requests_total',
+      help: 'Requests refused before the upstream (parser errors by Node code, guards by error code; after_close: pipelined after a closing answer)',
+      labelNames: ['reason'],
       registers: [registry],
     })
     collectDefaultMetrics({ register: registry })

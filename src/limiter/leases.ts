@@ -26,10 +26,12 @@ export interface TakeItem {
 export type TakeResult =
   | {
       readonly allowed: true
-      /** Per bucket, in request order: units left (pool remaining plus tokens in hand) after this request. */
-      readonly remaining: readonly number[]
-      /** Per bucket: milliseconds until its window ends. */
-      readonly resetMs: readonly number[]
+      /** Index of the bucket nearest exhaustion (the fewest units left). */
+      readonly nearest: number
+      /** Its units left after this request: the pool's remaining plus the tokens in hand. */
+      readonly remaining: number
+      /** Milliseconds until its window ends. */
+      readonly resetMs: number
     }
   | {
       readonly allowed: false
@@ -82,6 +84,8 @@ export class LeaseTable {
   readonly #events: LeaseEvents
   readonly #now: () => number
   readonly #leases = new Map<string, Lease>()
+  /** The leases of the take being decided (takeLocal is synchronous, so one array serves every take). */
+  readonly #scratch: Lease[] = []
 
   constructor(pool: LeasePool, holders: number, events: LeaseEvents, now: () => number = Date.now) {
     this.#pool = pool
@@ -98,6 +102,7 @@ export class LeaseTable {
   /** Decides from what is in hand only; null when some bucket needs the pool. Never calls the pool. */
   takeLocal(items: readonly TakeItem[]): TakeResult | null {
     const now = this.#now()
+    const found = this.#scratch
     let missing = false
     for (let i = 0; i < items.length; i++) {
       const l = this.#leases.get(items[i]!.key)
@@ -106,20 +111,25 @@ export class LeaseTable {
       } else if (l.tokens === 0) {
         if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: l.expiresAt - now }
         missing = true
+      } else {
+        found[i] = l
       }
     }
     if (missing) return null
-    const remaining: number[] = new Array(items.length)
-    const resetMs: number[] = new Array(items.length)
+    let nearest = 0
+    let least = Infinity
     for (let i = 0; i < items.length; i++) {
-      const l = this.#leases.get(items[i]!.key)!
+      const l = found[i]!
       l.tokens--
       l.lastUsed = now
       l.periodUsed++
-      remaining[i] = l.poolRemaining + l.tokens
-      resetMs[i] = l.expiresAt - now
+      const left = l.poolRemaining + l.tokens
+      if (left < least) {
+        least = left
+        nearest = i
+      }
     }
-    return { allowed: true, remaining, resetMs }
+    return { allowed: true, nearest, remaining: least, resetMs: found[nearest]!.expiresAt - now }
   }
 
   /** Refills every bucket that needs it, then decides; rejects when the pool does (the caller falls back). */

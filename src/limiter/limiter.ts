@@ -79,12 +79,7 @@ export class Limiter {
   check(facts: RequestFacts): Verdict | Promise<Verdict> | null {
     const buckets = this.#rules.bucketsFor(facts)
     if (buckets.length === 0) return null
-    const items: TakeItem[] = new Array(buckets.length)
-    for (let i = 0; i < buckets.length; i++) {
-      const b = buckets[i]!
-      items[i] = { key: b.key, limit: b.rule.limit, windowMs: b.rule.windowMs }
-    }
-    const result = this.#take(items)
+    const result = this.#take(buckets)
     if (!(result instanceof Promise)) return this.#verdict(buckets, result)
     const started = performance.now()
     return result.then((r) => {
@@ -112,7 +107,7 @@ export class Limiter {
     this.#primaryLeases.releaseAll()
   }
 
-  #take(items: TakeItem[]): TakeResult | Promise<TakeResult> {
+  #take(items: readonly TakeItem[]): TakeResult | Promise<TakeResult> {
     const leases = this.#redisLeases
     if (leases === null) return this.#primaryLeases.take(items)
     if (this.#redis!.ready && Date.now() >= this.#redisSkipUntil) {
@@ -137,7 +132,7 @@ export class Limiter {
     return leases.takeLocal(items) ?? this.#fallback(items, this.#redis!.ready ? 'redis failed a moment ago' : 'redis is not connected')
   }
 
-  #fallback(items: TakeItem[], reason: string): TakeResult | Promise<TakeResult> {
+  #fallback(items: readonly TakeItem[], reason: string): TakeResult | Promise<TakeResult> {
     if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local pool', { reason })
     this.#metrics.degraded()
     this.#metrics.fallbacks.inc()
@@ -153,19 +148,10 @@ export class Limiter {
   #verdict(buckets: readonly Bucket[], result: TakeResult): Verdict {
     if (!result.allowed) {
       const rule = buckets[result.failed]!.rule
-      this.#metrics.decision(rule.name, false)
+      this.#metrics.decision(rule, false)
       return { allowed: false, rule, remaining: 0, resetMs: result.resetMs }
     }
-    let nearest = 0
-    for (let i = 0; i < buckets.length; i++) {
-      this.#metrics.decision(buckets[i]!.rule.name, true)
-      if (result.remaining[i]! < result.remaining[nearest]!) nearest = i
-    }
-    return {
-      allowed: true,
-      rule: buckets[nearest]!.rule,
-      remaining: result.remaining[nearest]!,
-      resetMs: result.resetMs[nearest]!,
-    }
+    for (let i = 0; i < buckets.length; i++) this.#metrics.decision(buckets[i]!.rule, true)
+    return { allowed: true, rule: buckets[result.nearest]!.rule, remaining: result.remaining, resetMs: result.resetMs }
   }
 }

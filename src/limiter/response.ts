@@ -10,7 +10,7 @@ import type { Verdict } from './limiter.js'
 /** The RateLimit-* header fields (flat [name, value, ...]) for a verdict. */
 export function rateLimitHeaders(v: Verdict): string[] {
   return [
-    'ratelimit-limit', String(v.rule.limit),
+    'ratelimit-limit', v.rule.limitText,
     'ratelimit-remaining', String(v.remaining),
     'ratelimit-reset', String(Math.max(0, Math.ceil(v.resetMs / 1000))),
     'ratelimit-policy', v.rule.policy,

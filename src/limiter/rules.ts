@@ -160,11 +160,13 @@ export interface RequestFacts {
   readonly headers: IncomingHttpHeaders
 }
 
-/** One counter a request draws from. */
+/** One counter a request draws from (with its rule's limit and window: what a lease table takes). */
 export interface Bucket {
   readonly rule: CompiledRule
   /** The counter's key: rule name plus the `per` values. */
   readonly key: string
+  readonly limit: number
+  readonly windowMs: number
 }
 
 /** A rule ready for the hot path. */
@@ -175,6 +177,11 @@ export class CompiledRule {
   readonly windowMs: number
   /** `limit;w=seconds`, the draft's RateLimit-Policy item. */
   readonly policy: string
+  /** The limit as text (RateLimit-Limit), made once. */
+  readonly limitText: string
+  /** Metric series keys and labels for its outcomes, made once (src/limiter/metrics.ts). */
+  readonly allowedSeries: { readonly key: string; readonly labels: { rule: string; outcome: string } }
+  readonly limitedSeries: { readonly key: string; readonly labels: { rule: string; outcome: string } }
   readonly #ips: IpSet | null
   readonly #paths: RegExp[] | null
   readonly #methods: Set<string> | null
@@ -186,6 +193,9 @@ export class CompiledRule {
     this.limit = spec.limit
     this.windowMs = spec.windowMs
     this.policy = `${spec.limit};w=${spec.windowMs / 1000}`
+    this.limitText = String(spec.limit)
+    this.allowedSeries = { key: spec.name + ' a', labels: { rule: spec.name, outcome: 'allowed' } }
+    this.limitedSeries = { key: spec.name + ' l', labels: { rule: spec.name, outcome: 'limited' } }
     this.#ips = spec.match.ip ? new IpSet(spec.match.ip.map((s) => parseCidr(s) as Cidr)) : null
     this.#paths = spec.match.path ? spec.match.path.map((p) => compilePathGlob(p) as RegExp) : null
     this.#methods = spec.match.method ? new Set(spec.match.method) : null
@@ -198,7 +208,16 @@ export class CompiledRule {
   matches(r: RequestFacts): boolean {
     if (this.#methods !== null && !this.#methods.has(r.method)) return false
     if (this.#ips !== null && !this.#ips.has(r.ip)) return false
-    if (this.#paths !== null && !this.#paths.some((re) => re.test(r.path))) return false
+    if (this.#paths !== null) {
+      let any = false
+      for (const re of this.#paths) {
+        if (re.test(r.path)) {
+          any = true
+          break
+        }
+      }
+      if (!any) return false
+    }
     if (this.#headers !== null) {
       for (const [name, re] of this.#headers) {
         const v = r.headers[name]
@@ -253,7 +272,7 @@ export class RuleSet {
     if (this.rules.length === 0 || this.#allow.has(r.ip)) return NO_BUCKETS
     const out: Bucket[] = []
     for (const rule of this.rules) {
-      if (rule.matches(r)) out.push({ rule, key: rule.bucketKey(r) })
+      if (rule.matches(r)) out.push({ rule, key: rule.bucketKey(r), limit: rule.limit, windowMs: rule.windowMs })
     }
     return out
   }
