@@ -7,6 +7,7 @@ import type { CacheRule } from './cache/http-cache.js'
 import { compilePathGlob } from './limiter/glob.js'
 import { parseIpList, parseRules, type RuleSpec } from './limiter/rules.js'
 import { parseCidr, type Cidr } from './net/ip.js'
+import type { UnderscoreAction } from './proxy/guard.js'
 import { parseRoutePatterns } from './stats/routes.js'
 
 /**
@@ -74,6 +75,7 @@ export interface Config {
   readonly clientHeadersTimeout: number
   readonly clientRequestTimeout: number
   readonly maxConnections: number
+  readonly headersWithUnderscores: UnderscoreAction
   readonly stats: boolean
   readonly statsRetention: number
   readonly statsRollupRetention: number
@@ -265,6 +267,14 @@ function logLevel(raw: unknown): LogLevel {
   return s as LogLevel
 }
 
+const UNDERSCORE_ACTIONS: readonly UnderscoreAction[] = ['allow', 'drop', 'reject']
+
+function underscoreAction(raw: unknown): UnderscoreAction {
+  const s = text(raw).toLowerCase()
+  if (!(UNDERSCORE_ACTIONS as readonly string[]).includes(s)) throw new BadValue(`"${s}" is not one of ${UNDERSCORE_ACTIONS.join(', ')}`)
+  return s as UnderscoreAction
+}
+
 interface Option<T> extends OptionSpec {
   readonly parse: Parser<T>
   readonly default: T
@@ -316,6 +326,7 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', parseDuration, 10_000, '10s'),
   opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', parseDuration, 120_000, '2m'),
   opt('maxConnections', '--max-connections <n>', 'open client connections per worker; more are closed at once', integer(1, 1_000_000, 'a count'), 10_000),
+  opt('headersWithUnderscores', '--headers-with-underscores <action>', 'request header names with "_": allow (forward), drop, or reject (400)', underscoreAction, 'allow'),
   opt('breakerFailures', '--breaker-failures <n>', 'consecutive upstream failures that open the circuit breaker (0: no breaker)', integer(0, 10_000, 'a count'), 5),
   opt('breakerErrorRatio', '--breaker-error-ratio <r>', 'failure ratio over the breaker window that opens it', ratio, 0.5),
   opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', parseDuration, 10_000, '10s'),

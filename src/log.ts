@@ -59,6 +59,8 @@ export interface AccessEntry {
   upstreamMs: number | null
   cache?: string
   limited?: string
+  /** Why the proxy refused the request itself (a parser or guard error code). */
+  reason?: string
 }
 
 /** Batches access-log lines and flushes them every ACCESS_FLUSH_MS or ACCESS_FLUSH_BYTES. */
@@ -88,6 +90,7 @@ export class AccessLog {
       `"upstreamMs":${e.upstreamMs === null ? 'null' : ms(e.upstreamMs)},` +
       (e.cache ? `"cache":"${e.cache}",` : '') +
       (e.limited ? `"limited":${JSON.stringify(e.limited)},` : '') +
+      (e.reason ? `"reason":${quote(e.reason)},` : '') +
       `"worker":${this.#worker}}\n`
     if (this.#buffer.length >= ACCESS_FLUSH_BYTES) this.flush()
     else if (!this.#scheduled) {

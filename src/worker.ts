@@ -21,7 +21,7 @@ import {
   type StatsMessage,
 } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
-import { IpSet } from './net/ip.js'
+import { IpSet, normalizeIp } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { CacheMetrics } from './cache/metrics.js'
@@ -29,7 +29,8 @@ import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
 import { RetryBudget } from './proxy/breaker.js'
 import { Breakers } from './proxy/breakers.js'
 import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
-import { clientErrorResponse, limitedBody, targetProblem } from './proxy/guard.js'
+import { Connections } from './proxy/connections.js'
+import { clientErrorResponse, headerProblem, limitedBody, targetProblem } from './proxy/guard.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
@@ -190,16 +191,36 @@ export async function startWorker(config: Config): Promise<void> {
       upstreamMs: result.upstreamMs,
       limited: x.limitedBy,
       cache: x.cache,
+      reason: x.reason,
     })
   }
 
   function reject(x: Exchange, err: MeliproxyError): void {
+    x.reason = err.code
+    metrics.refused.labels(err.code).inc()
     const bytes = sendError(x.res, err)
     finish(x, { status: err.status, bytes, upstreamMs: null, error: null, forwarded: false })
   }
 
-  /** The request path. */
+  /** Every request Node parsed, in order per connection (pipelined ones too). */
   function handle(req: IncomingMessage, res: ServerResponse): void {
+    if (!connections.accept(req.socket, req, res)) return droppedAfterClose(req)
+    serve(req, res)
+    // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
+    if (!res.shouldKeepAlive) connections.closeAfter(req.socket)
+  }
+
+  /** A request pipelined after an answer that closes the connection: never processed, never answered, logged. */
+  function droppedAfterClose(req: IncomingMessage): void {
+    metrics.refused.labels('after_close').inc()
+    accessLog?.write({
+      time: Date.now(), ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0,
+      durationMs: 0, upstreamMs: null, reason: 'after_close',
+    })
+  }
+
+  /** The request path. */
+  function serve(req: IncomingMessage, res: ServerResponse): void {
     inFlight++
     if (draining) {
       sockets.set(req.socket, Date.now())
@@ -210,6 +231,11 @@ export async function startWorker(config: Config): Promise<void> {
     if (bad !== null) {
       res.shouldKeepAlive = false // a client that sends this gets no second chance on the connection
       return reject(x, bad)
+    }
+    const badHeaders = headerProblem(req.rawHeaders, req.httpVersion, config.headersWithUnderscores)
+    if (badHeaders !== null) {
+      res.shouldKeepAlive = false
+      return reject(x, badHeaders)
     }
     const length = x.headers['content-length']
     if (length !== undefined && Number(length) > config.maxBodySize) {
@@ -263,6 +289,7 @@ export async function startWorker(config: Config): Promise<void> {
       peerIp: x.peer,
       peerTrusted: trusted.has(x.peer),
       upstreamHost,
+      dropUnderscored: config.headersWithUnderscores === 'drop',
     })
     if (conditional !== null) {
       const kept: string[] = []
@@ -293,6 +320,7 @@ export async function startWorker(config: Config): Promise<void> {
       headersTimeout: config.clientHeadersTimeout,
       requestTimeout: config.clientRequestTimeout,
       connectionsCheckingInterval: 1_000, // how often the two timeouts above are checked (Node's default is 30 s)
+      requireHostHeader: false, // checked in serve(), so the refusal is logged and closes the connection in order
     },
     handle,
   )
@@ -308,10 +336,26 @@ export async function startWorker(config: Config): Promise<void> {
     sockets.set(socket, Date.now())
     socket.once('close', () => sockets.delete(socket))
   })
-  // Requests the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx, then close.
+  const connections = new Connections()
+  // Bytes the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx after the answers
+  // to the requests pipelined before them, then close; logged and counted like any refused request.
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
-    if (socket.writable && !socket.destroyed) socket.end(clientErrorResponse(err.code))
-    else socket.destroy()
+    if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
+      socket.destroy() // the client went away: nothing to answer, nothing was requested
+      return
+    }
+    // Bytes after a request that asked to close: nothing is answered (the connection closes after that request's
+    // answer), as for a request pipelined after any closing answer.
+    const afterClose = err.code === 'HPE_CLOSED_CONNECTION'
+    const refusal = afterClose ? null : clientErrorResponse(err.code)
+    if (refusal === null) connections.closeAfter(socket)
+    else connections.refuse(socket, refusal.text)
+    const reason = afterClose ? 'after_close' : (err.code ?? 'parse_error')
+    metrics.refused.labels(reason).inc()
+    accessLog?.write({
+      time: Date.now(), ip: normalizeIp(socket.remoteAddress ?? ''), method: '-', path: '-', status: refusal?.status ?? 0,
+      bytes: refusal?.text.length ?? 0, durationMs: 0, upstreamMs: null, reason,
+    })
     log.debug('client error', { code: err.code })
   })
   // CONNECT (a tunnel to somewhere else) is not something this proxy does.

@@ -31,19 +31,53 @@ export function targetProblem(url: string, maxLength: number): MeliproxyError | 
   return null
 }
 
-/** The raw response to a request the parser refused (`clientError`), with Connection: close. */
-export function clientErrorResponse(code: string | undefined): string {
-  let status = '400 Bad Request'
+/** What the proxy answers to bytes the parser refused: the status, our error code, and the raw response. */
+export interface ParserRefusal {
+  readonly status: number
+  readonly code: string
+  /** The whole response, with Connection: close. */
+  readonly text: string
+}
+
+/** The answer to a request the parser refused (`clientError`, with Node's error code). */
+export function clientErrorResponse(parserCode: string | undefined): ParserRefusal {
+  let status = 400
+  let line = '400 Bad Request'
   let body: { error: string; message: string } = { error: ErrorCodes.BAD_REQUEST, message: 'malformed request' }
-  if (code === 'HPE_HEADER_OVERFLOW') {
-    status = '431 Request Header Fields Too Large'
+  if (parserCode === 'HPE_HEADER_OVERFLOW') {
+    status = 431
+    line = '431 Request Header Fields Too Large'
     body = { error: ErrorCodes.HEADERS_TOO_LARGE, message: 'the request line and headers are too large' }
-  } else if (code === 'ERR_HTTP_REQUEST_TIMEOUT') {
-    status = '408 Request Timeout'
+  } else if (parserCode === 'ERR_HTTP_REQUEST_TIMEOUT') {
+    status = 408
+    line = '408 Request Timeout'
     body = { error: ErrorCodes.REQUEST_TIMEOUT, message: 'the request did not arrive in time' }
   }
-  const text = JSON.stringify(body)
-  return `HTTP/1.1 ${status}\r\ncontent-type: application/json\r\ncontent-length: ${text.length}\r\nconnection: close\r\n\r\n${text}`
+  const json = JSON.stringify(body)
+  const text = `HTTP/1.1 ${line}\r\ncontent-type: application/json\r\ncontent-length: ${json.length}\r\nconnection: close\r\n\r\n${json}`
+  return { status, code: body.error, text }
+}
+
+/** What `--headers-with-underscores` does with a field name containing `_`. */
+export type UnderscoreAction = 'allow' | 'drop' | 'reject'
+
+/**
+ * Header checks the parser leaves to us: more than one Host (RFC 9112 3.2: 400), no Host in HTTP/1.1 (400), and
+ * field names with `_` when the operator rejects them (some backends read `Transfer_Encoding` as
+ * `Transfer-Encoding`). Null when the headers are fine.
+ */
+export function headerProblem(rawHeaders: readonly string[], httpVersion: string, underscores: UnderscoreAction): MeliproxyError | null {
+  let hosts = 0
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!
+    if (name.length === 4 && name.toLowerCase() === 'host') hosts++
+    else if (underscores === 'reject' && name.includes('_')) {
+      return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, `header field names with "_" are refused here (${name.slice(0, 64)})`)
+    }
+  }
+  if (hosts > 1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'more than one Host header field')
+  if (hosts === 0 && httpVersion === '1.1') return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'an HTTP/1.1 request needs a Host header field')
+  return null
 }
 
 /** The request body, failing with BodyTooLargeError once more than `max` bytes arrived (for bodies without a length). */

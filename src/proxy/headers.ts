@@ -46,6 +46,8 @@ export interface RequestHeaderInput {
   readonly peerIp: string
   readonly peerTrusted: boolean
   readonly upstreamHost: string
+  /** Leave out fields whose name contains `_` (--headers-with-underscores drop). */
+  readonly dropUnderscored: boolean
 }
 
 /**
@@ -54,7 +56,7 @@ export interface RequestHeaderInput {
  * (kept from a trusted proxy), Via appended. Repeated fields keep their order.
  */
 export function upstreamRequestHeaders(input: RequestHeaderInput): string[] {
-  const { rawHeaders, headers, peerIp, peerTrusted, upstreamHost } = input
+  const { rawHeaders, headers, peerIp, peerTrusted, upstreamHost, dropUnderscored } = input
   const named = connectionTokens(headers.connection)
   const out: string[] = ['host', upstreamHost]
   let forwardedFor: string | null = null
@@ -66,6 +68,7 @@ export function upstreamRequestHeaders(input: RequestHeaderInput): string[] {
     const value = rawHeaders[i + 1]!
     const lower = name.toLowerCase()
     if (HOP_BY_HOP.has(lower) || (named !== null && named.has(lower))) continue
+    if (dropUnderscored && lower.includes('_')) continue
     switch (lower) {
       case 'host':
       case 'expect':

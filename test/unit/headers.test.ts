@@ -15,6 +15,7 @@ t.test('a trusted proxy keeps its X-Forwarded-Proto and X-Forwarded-Host; Via is
       peerIp: '10.0.0.2',
       peerTrusted: true,
       upstreamHost: 'api.mercadolibre.com',
+      dropUnderscored: false,
     }),
   )
   t.same(out.find(([k]) => k === 'host'), ['host', 'api.mercadolibre.com'])
@@ -33,6 +34,7 @@ t.test('Expect and Transfer-Encoding are never forwarded as headers', async (t) 
       peerIp: '127.0.0.1',
       peerTrusted: false,
       upstreamHost: 'u',
+      dropUnderscored: false,
     }),
   )
   t.same(out.filter(([k]) => /expect|transfer-encoding|upgrade/i.test(k)), [])

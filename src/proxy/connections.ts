@@ -1,0 +1,80 @@
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
+
+/**
+ * HTTP/1.1 pipelining, per client connection (RFC 9112 9.3 and 9.6). Node parses every request a client pipelines
+ * and hands each to the server at once, answering them in order; two things it leaves to us:
+ * - Once an answer closes the connection (`Connection: close`: the client asked for it, a guard refused the request,
+ *   the worker drains), no later request on that connection may be processed: its answer could never be sent, so
+ *   forwarding it would execute something upstream that the client never hears about.
+ * - A parse error after valid pipelined requests: the requests before it are answered first, then the error, then
+ *   the connection closes (writing the error at once would cut the earlier answers).
+ */
+
+interface State {
+  /** Requests accepted on the connection whose responses have not closed yet. */
+  pending: number
+  /** No further request on this connection is processed. */
+  closing: boolean
+  /** A refusal to send once `pending` drops to 0, then close. */
+  finalAnswer: string | null
+  /** The last request accepted on the connection. */
+  last: IncomingMessage | null
+}
+
+export class Connections {
+  readonly #states = new WeakMap<Socket, State>()
+
+  #state(socket: Socket): State {
+    let s = this.#states.get(socket)
+    if (s === undefined) {
+      s = { pending: 0, closing: false, finalAnswer: null, last: null }
+      this.#states.set(socket, s)
+    }
+    return s
+  }
+
+  /**
+   * A request arrived on `res`'s connection. False when the connection is closing: the request must not be processed
+   * (nor answered: its answer could not be sent).
+   */
+  accept(socket: Socket, req: IncomingMessage, res: ServerResponse): boolean {
+    const s = this.#state(socket)
+    if (s.closing) return false
+    s.pending++
+    s.last = req
+    res.once('close', () => this.#answered(socket, s))
+    return true
+  }
+
+  /** The request just accepted is the connection's last: later ones on it are not processed. */
+  closeAfter(socket: Socket): void {
+    this.#state(socket).closing = true
+  }
+
+  /**
+   * The parser refused what came after the accepted requests: `answer` (a raw response with Connection: close) goes
+   * out once those are answered, and the connection then closes. When the refused bytes are the body of the request
+   * being read (a bad chunk), that request cannot be completed: the answer goes out at once.
+   */
+  refuse(socket: Socket, answer: string): void {
+    const s = this.#state(socket)
+    s.closing = true
+    if (s.pending === 0 || (s.last !== null && !s.last.complete)) this.#end(socket, answer)
+    else s.finalAnswer = answer
+  }
+
+  #answered(socket: Socket, s: State): void {
+    s.pending--
+    if (s.pending === 0 && s.finalAnswer !== null) {
+      const answer = s.finalAnswer
+      s.finalAnswer = null
+      this.#end(socket, answer)
+    }
+  }
+
+  #end(socket: Socket, answer: string): void {
+    if (socket.writable && !socket.destroyed) socket.end(answer)
+    else socket.destroy()
+  }
+}
