@@ -438,6 +438,15 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     return cleared
   }
 
+  /** The workers' lease figures; null when they do not all answer within 500 ms (e.g. while workers crash-loop). */
+  async function limiterFigures(): Promise<ReturnType<typeof leaseFigures> | null> {
+    const text = await Promise.race([
+      aggregator.clusterMetrics().catch(() => null),
+      new Promise<null>((r) => setTimeout(() => r(null), 500).unref()),
+    ])
+    return text === null ? null : leaseFigures(text)
+  }
+
   async function redisRole(): Promise<string | null> {
     if (redis === null || redis.status !== 'ready') return null
     try {
@@ -499,7 +508,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
           state: redis?.status ?? 'none',
           role: await redisRole(),
         },
-        limiter: leaseFigures(await aggregator.clusterMetrics().catch(() => '')),
+        limiter: await limiterFigures(),
         rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
         stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
         cache: { enabled: config.cache },

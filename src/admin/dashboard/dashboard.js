@@ -127,7 +127,9 @@ async function refreshStatus() {
     'v' + s.version + ' · up ' + fmt(s.uptimeSeconds) + ' s · upstream ' + s.upstream + ' · rules v' + s.rules.version
   $('workers').textContent = s.workers.listening + '/' + s.workers.desired + ' · ' + s.workers.restarts
   $('redis').textContent = s.redis.configured ? s.redis.state + (s.redis.role ? ' (' + s.redis.role + ')' : '') : 'not used'
-  $('leases').textContent = fmt(s.limiter.leases) + ' · ' + fmt(s.limiter.returnedTokens) + ' · ' + fmt(s.limiter.redisCalls)
+  $('leases').textContent = s.limiter
+    ? fmt(s.limiter.leases) + ' · ' + fmt(s.limiter.returnedTokens) + ' · ' + fmt(s.limiter.redisCalls)
+    : '–'
   const open = s.routeBreakers.open
   $('breakers').textContent =
     'upstream ' + s.upstreamBreaker.state + ' · ' + (open.length === 0 ? 'no route open' : 'open: ' + open.join(', '))
