@@ -3,71 +3,116 @@
  * Clients see `{"error": "<code>", "message": "..."}`; the CLI prints one line and exits 2 on ConfigError.
  */
 
-/** The registry of stable error codes: the wire value a client or an operator can match on. */
+/**
+ * The registry: every error code a client or an operator can see, declared once with its HTTP status (fastify's
+ * createError shape). The README's error lists are checked against it by test/unit/errors.test.ts.
+ */
+export const ERRORS = {
+  config_invalid: 500, // the CLI's: exit code 2 and one line, never an HTTP answer
+  // the proxy's answers
+  upstream_unreachable: 502,
+  upstream_timeout: 504,
+  upstream_error: 502,
+  upstream_circuit_open: 503,
+  route_circuit_open: 503,
+  bad_request: 400,
+  forbidden: 403,
+  method_not_allowed: 405,
+  request_timeout: 408,
+  body_too_large: 413,
+  uri_too_long: 414,
+  rate_limited: 429,
+  headers_too_large: 431,
+  // the admin API's
+  invalid_json: 400,
+  invalid_rules: 400,
+  unauthorized: 401,
+  admin_token_unset: 403,
+  not_found: 404,
+  stats_disabled: 404,
+  redis_unavailable: 503,
+  internal: 500,
+} as const
+
+/** One of the stable codes above. */
+export type ErrorCode = keyof typeof ERRORS
+
+/** The codes by name, for code that wants a constant (ErrorCodes.BAD_REQUEST === 'bad_request'). */
 export const ErrorCodes = {
   CONFIG_INVALID: 'config_invalid',
   UPSTREAM_UNREACHABLE: 'upstream_unreachable',
   UPSTREAM_TIMEOUT: 'upstream_timeout',
   UPSTREAM_ERROR: 'upstream_error',
-  BAD_REQUEST: 'bad_request',
-  FORBIDDEN: 'forbidden',
-  RATE_LIMITED: 'rate_limited',
   UPSTREAM_CIRCUIT_OPEN: 'upstream_circuit_open',
   ROUTE_CIRCUIT_OPEN: 'route_circuit_open',
-  URI_TOO_LONG: 'uri_too_long',
-  HEADERS_TOO_LARGE: 'headers_too_large',
-  BODY_TOO_LARGE: 'body_too_large',
-  REQUEST_TIMEOUT: 'request_timeout',
+  BAD_REQUEST: 'bad_request',
+  FORBIDDEN: 'forbidden',
   METHOD_NOT_ALLOWED: 'method_not_allowed',
-} as const
+  REQUEST_TIMEOUT: 'request_timeout',
+  BODY_TOO_LARGE: 'body_too_large',
+  URI_TOO_LONG: 'uri_too_long',
+  RATE_LIMITED: 'rate_limited',
+  HEADERS_TOO_LARGE: 'headers_too_large',
+  INVALID_JSON: 'invalid_json',
+  INVALID_RULES: 'invalid_rules',
+  UNAUTHORIZED: 'unauthorized',
+  ADMIN_TOKEN_UNSET: 'admin_token_unset',
+  NOT_FOUND: 'not_found',
+  STATS_DISABLED: 'stats_disabled',
+  REDIS_UNAVAILABLE: 'redis_unavailable',
+  INTERNAL: 'internal',
+} as const satisfies Record<string, ErrorCode>
 
-/** One of the stable codes above. */
-export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes]
-
-/** Base class: a code, an HTTP status for clients, and a message safe to show. */
+/** Base class: a code, its HTTP status (from the registry), a message safe to show, and the field it is about. */
 export class MeliproxyError extends Error {
   readonly code: ErrorCode
   readonly status: number
-  constructor(code: ErrorCode, status: number, message: string) {
+  readonly field: string | undefined
+  constructor(code: ErrorCode, message: string, field?: string) {
     super(message)
     this.name = new.target.name
     this.code = code
-    this.status = status
+    this.status = ERRORS[code]
+    this.field = field
   }
 
   /** The JSON body a client receives for this error. */
-  toJSON(): { error: ErrorCode; message: string } {
-    return { error: this.code, message: this.message }
+  toJSON(): { error: ErrorCode; message: string; field?: string } {
+    return this.field === undefined ? { error: this.code, message: this.message } : { error: this.code, message: this.message, field: this.field }
   }
+}
+
+/** The one way an error body is written: JSON with the code, the message, the field if any, and `extra` fields. */
+export function errorBody(err: MeliproxyError, extra?: Record<string, unknown>): string {
+  return JSON.stringify(extra === undefined ? err.toJSON() : { ...err.toJSON(), ...extra })
 }
 
 /** A bad option from a flag, the environment or the config file; names the field and the value. */
 export class ConfigError extends MeliproxyError {
-  readonly field: string
+  declare readonly field: string
   constructor(field: string, message: string) {
-    super(ErrorCodes.CONFIG_INVALID, 500, `${field}: ${message}`)
-    this.field = field
+    super(ErrorCodes.CONFIG_INVALID, `${field}: ${message}`, field)
   }
 }
 
 /** The upstream could not be reached (refused, DNS, reset before a response): 502. */
 export class UpstreamUnreachableError extends MeliproxyError {
   constructor(message: string) {
-    super(ErrorCodes.UPSTREAM_UNREACHABLE, 502, message)
+    super(ErrorCodes.UPSTREAM_UNREACHABLE, message)
   }
 }
 
 /** The upstream did not answer (or stalled mid-body) within the configured timeout: 504. */
 export class UpstreamTimeoutError extends MeliproxyError {
   constructor(message: string) {
-    super(ErrorCodes.UPSTREAM_TIMEOUT, 504, message)
+    super(ErrorCodes.UPSTREAM_TIMEOUT, message)
   }
 }
 
 /** Any other upstream failure before a response started: 502. */
 export class UpstreamError extends MeliproxyError {
   constructor(message: string) {
-    super(ErrorCodes.UPSTREAM_ERROR, 502, message)
+    super(ErrorCodes.UPSTREAM_ERROR, message)
   }
 }
 
@@ -80,7 +125,6 @@ export class CircuitOpenError extends MeliproxyError {
   constructor(retryAfterMs: number, route: string | null = null) {
     super(
       route === null ? ErrorCodes.UPSTREAM_CIRCUIT_OPEN : ErrorCodes.ROUTE_CIRCUIT_OPEN,
-      503,
       route === null
         ? 'the upstream is unreachable: meliproxy stopped sending to it for a moment'
         : `the upstream is failing on ${route}: meliproxy stopped sending requests for that route for a moment`,
@@ -92,6 +136,6 @@ export class CircuitOpenError extends MeliproxyError {
 /** A request body over --max-body-size: 413 (the connection is closed after it: the rest of the body is unread). */
 export class BodyTooLargeError extends MeliproxyError {
   constructor(max: number) {
-    super(ErrorCodes.BODY_TOO_LARGE, 413, `the request body is over ${max} bytes`)
+    super(ErrorCodes.BODY_TOO_LARGE, `the request body is over ${max} bytes`)
   }
 }

@@ -17,6 +17,10 @@ export class Exchange implements RequestFacts {
   rateHeaders: string[] | null = null
   /** The rule that rejected it, for the access log. */
   limitedBy: string | undefined = undefined
+  /** Index of the pipeline stage it goes to next (src/pipeline/pipeline.ts). */
+  stage = 0
+  /** Set once the pipeline recorded it. */
+  finished = false
   /** The error code the proxy refused it with (guards), for the access log. */
   reason: string | undefined = undefined
   /** X-Cache value it was answered with (HIT, MISS, STALE, BYPASS), for the access log. */

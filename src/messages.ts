@@ -6,8 +6,8 @@ import type { BreakerState } from './proxy/breaker.js'
 import type { StatsBatch } from './stats/batch.js'
 
 /**
- * Every message between the primary and its workers, as one typed union.
- * (prom-client's AggregatorRegistry sends its own messages on the same channel; `isMeliproxyMessage` tells ours apart.)
+ * Every message between the primary and its workers, split by direction (ToPrimary, ToWorker); each side
+ * dispatches through a handler map that must cover every message of its direction.
  */
 
 /** Primary -> worker: stop accepting, finish in-flight requests within the drain timeout, exit 0. */
@@ -72,19 +72,31 @@ export interface BreakerMessage {
   readonly state: BreakerState
 }
 
-/** Any message of ours. (A worker's readiness needs none: cluster reports 'listening' itself.) */
-export type MeliproxyMessage =
-  | DrainMessage
-  | LeaseAcquireMessage
-  | LeaseGrantMessage
-  | LeaseReleaseMessage
-  | LimitsResetMessage
-  | CachePurgeMessage
-  | StatsMessage
-  | SetRulesMessage
-  | BreakerMessage
+/** Every message a worker sends the primary. */
+export type ToPrimary = LeaseAcquireMessage | LeaseReleaseMessage | CachePurgeMessage | StatsMessage | BreakerMessage
 
-/** True for a message sent by meliproxy itself (not by a library sharing the IPC channel). */
-export function isMeliproxyMessage(msg: unknown): msg is MeliproxyMessage {
-  return typeof msg === 'object' && msg !== null && typeof (msg as { meliproxy?: unknown }).meliproxy === 'string'
+/** Every message the primary sends a worker. */
+export type ToWorker = DrainMessage | LeaseGrantMessage | LimitsResetMessage | CachePurgeMessage | SetRulesMessage
+
+/**
+ * A handler for every message of a direction: a message type without a handler does not compile. `A` are extra
+ * arguments the receiver passes along (the primary: the worker that sent it).
+ */
+export type Handlers<M extends { readonly meliproxy: string }, A extends unknown[] = []> = {
+  readonly [K in M['meliproxy']]: (msg: Extract<M, { readonly meliproxy: K }>, ...args: A) => void
+}
+
+/**
+ * Hands a message received over IPC to its handler. Messages that are not ours (prom-client's AggregatorRegistry
+ * uses the same channel) or of an unknown type are ignored.
+ */
+export function dispatch<M extends { readonly meliproxy: string }, A extends unknown[]>(
+  handlers: Handlers<M, A>,
+  msg: unknown,
+  ...args: A
+): void {
+  if (typeof msg !== 'object' || msg === null) return
+  const type = (msg as { meliproxy?: unknown }).meliproxy
+  if (typeof type !== 'string' || !Object.hasOwn(handlers, type)) return
+  ;(handlers[type as M['meliproxy']] as (m: M, ...a: A) => void)(msg as M, ...args)
 }

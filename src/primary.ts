@@ -23,7 +23,9 @@ import { RedisStatsStore } from './stats/redis-store.js'
 import { MemoryStatsStore } from './stats/store.js'
 import { dropSharedMatching, pathGlobMatcher, PURGE_CHANNEL } from './cache/tiers.js'
 import {
-  isMeliproxyMessage,
+  dispatch,
+  type Handlers,
+  type ToPrimary,
   type CachePurgeMessage,
   type DrainMessage,
   type LeaseGrantMessage,
@@ -143,26 +145,30 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   const counter = new MemoryPool()
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
   sweep.unref()
-  cluster.on('message', (worker, msg: unknown) => {
-    if (!isMeliproxyMessage(msg)) return
-    if (msg.meliproxy === 'lease-acquire') {
+  const fromWorkers: Handlers<ToPrimary, [Worker]> = {
+    'lease-acquire'(msg, worker) {
       const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: counter.acquire(msg.req) }
       if (worker.isConnected()) worker.send(reply)
-    } else if (msg.meliproxy === 'lease-release') {
+    },
+    'lease-release'(msg) {
       counter.release(msg.key, msg.windowStart, msg.tokens)
-    } else if (msg.meliproxy === 'breaker') {
+    },
+    breaker(msg, worker) {
       let b = breakers.get(worker.id)
       if (b === undefined) breakers.set(worker.id, (b = { upstream: 'closed', routes: new Map() }))
       if (msg.route === null) b.upstream = msg.state
       else if (msg.state === 'closed') b.routes.delete(msg.route)
       else b.routes.set(msg.route, msg.state)
-    } else if (msg.meliproxy === 'stats') {
+    },
+    stats(msg) {
       collector?.add(msg.batches)
-    } else if (msg.meliproxy === 'cache-purge') {
+    },
+    'cache-purge'(msg) {
       // One worker's invalidation reaches every worker of this instance (Redis pub/sub reaches other instances).
       for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
-    }
-  })
+    },
+  }
+  cluster.on('message', (worker, msg: unknown) => dispatch(fromWorkers, msg, worker))
 
   function countListening(): number {
     let n = 0
@@ -420,7 +426,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       tellWorkersReset(rule, bucket ?? null)
       return cleared
     }
-    if (redis.status !== 'ready') throw new AdminError(503, 'redis_unavailable', 'Redis is not reachable: counters there were not reset')
+    if (redis.status !== 'ready') throw new AdminError('redis_unavailable', 'Redis is not reachable: counters there were not reset')
     if (bucket !== undefined) {
       cleared += await redis.del(BUCKET_PREFIX + bucket)
     } else {
@@ -462,11 +468,11 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     metrics,
     purgeCache,
     async stats(q) {
-      if (collector === null) throw new AdminError(404, 'stats_disabled', 'statistics are off (--no-stats)')
+      if (collector === null) throw new AdminError('stats_disabled', 'statistics are off (--no-stats)')
       try {
         return await collector.query(q)
       } catch (err) {
-        throw new AdminError(503, 'redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
+        throw new AdminError('redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
       }
     },
     limits: () => rules.version,
@@ -475,7 +481,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       try {
         stored = await ruleStore.put(doc, source)
       } catch (err) {
-        throw new AdminError(503, 'redis_unavailable', `the rule set could not be stored: ${(err as Error).message}`)
+        throw new AdminError('redis_unavailable', `the rule set could not be stored: ${(err as Error).message}`)
       }
       applyRules(compileVersion(stored))
       return stored
@@ -484,7 +490,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       try {
         return [...(await ruleStore.history()), fileRules]
       } catch (err) {
-        throw new AdminError(503, 'redis_unavailable', `the history could not be read: ${(err as Error).message}`)
+        throw new AdminError('redis_unavailable', `the history could not be read: ${(err as Error).message}`)
       }
     },
     resetLimit,

@@ -3,17 +3,18 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { Server as NetServer, type Socket } from 'node:net'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
-import { BodyTooLargeError, CircuitOpenError, ErrorCodes, MeliproxyError } from './errors.js'
-import { Limiter, type Verdict } from './limiter/limiter.js'
+import { CircuitOpenError, ErrorCodes, errorBody, MeliproxyError } from './errors.js'
+import { Limiter } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
 import { SWEEP_MS } from './limiter/leases.js'
 import { PrimaryPool } from './limiter/primary-pool.js'
 import { RedisPool } from './limiter/redis-pool.js'
-import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from './limiter/response.js'
 import { RuleSet } from './limiter/rules.js'
 import { AccessLog, createLogger } from './log.js'
 import {
-  isMeliproxyMessage,
+  dispatch,
+  type Handlers,
+  type ToWorker,
   type BreakerMessage,
   type CachePurgeMessage,
   type LeaseAcquireMessage,
@@ -24,24 +25,28 @@ import { WorkerMetrics } from './metrics.js'
 import { IpSet, normalizeIp } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
+import { cacheStage } from './pipeline/cache.js'
+import { forwardStage } from './pipeline/forward.js'
+import { guardStage } from './pipeline/guard.js'
+import { limitStage } from './pipeline/limit.js'
+import { Pipeline } from './pipeline/pipeline.js'
+import { Upstream } from './pipeline/upstream.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
 import { RetryBudget } from './proxy/breaker.js'
 import { Breakers } from './proxy/breakers.js'
-import { Forwarder, sendError, type ForwardResult } from './proxy/forward.js'
+import { Forwarder, type ForwardResult } from './proxy/forward.js'
 import { Connections } from './proxy/connections.js'
-import { clientErrorResponse, headerProblem, limitedBody, targetProblem } from './proxy/guard.js'
+import { clientErrorResponse } from './proxy/guard.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
-import { upstreamRequestHeaders } from './proxy/headers.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
 import { RouteNamer } from './stats/routes.js'
 
 /**
- * A worker process: builds its dependencies from the Config, then serves the proxy on the socket it shares with
- * the other workers. The request path, top to bottom: `handle()` (target check, deny list) -> limiter ->
- * cache (`HttpCache.handle`, which calls `fetch()` on a miss) or, with the cache off, `forward()` (upstream);
- * `finish()` records every request once.
+ * A worker process: builds its dependencies from the Config, composes the request path (`pipeline`: guard ->
+ * limit -> cache -> forward, src/pipeline/) and serves it on the socket it shares with the other workers; the
+ * pipeline records every request once (`record`).
  */
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
@@ -50,8 +55,6 @@ const LEASE_MS = 3_000
 const STATS_FLUSH_MS = 1_000
 /** While draining, a keep-alive socket idle this long is closed (see drainStep). */
 const DRAIN_IDLE_MS = 1_000
-
-const FORBIDDEN = new MeliproxyError(ErrorCodes.FORBIDDEN, 403, 'this client is not allowed')
 
 /** Starts serving; resolves once the proxy listens. */
 export async function startWorker(config: Config): Promise<void> {
@@ -85,7 +88,6 @@ export async function startWorker(config: Config): Promise<void> {
 
   /** Route names (`/items/:id`): the unit of statistics and of the per-route circuit breakers. */
   const routes = new RouteNamer(config.statsRoutes)
-  const upstreamHost = new URL(config.upstream).host
   const trusted = new IpSet(config.trustProxy)
   const upstreamMetrics = new UpstreamMetrics(registry)
   const breakers: Breakers = new Breakers(
@@ -122,10 +124,12 @@ export async function startWorker(config: Config): Promise<void> {
     },
   )
 
+  const upstream = new Upstream(config, forwarder, trusted, routes)
+
   const cacheMetrics = new CacheMetrics(registry)
   const cacheIO: CacheIO = {
-    fetch: (...args) => fetch(...args),
-    finish: (x, result) => finish(x, result),
+    fetch: (x, opts, done) => upstream.fetch(x, opts, done),
+    finish: (x, result) => pipeline.finish(x, result),
     publishPurge: (purge: Purge) => {
       const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
       process.send!(msg)
@@ -165,8 +169,45 @@ export async function startWorker(config: Config): Promise<void> {
 
   let draining = false
 
-  /** Every request, once it is answered: metrics and the access log. */
-  function finish(x: Exchange, result: ForwardResult): void {
+  // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
+  const pipeline = new Pipeline(
+    [
+      ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
+      ['limit', limitStage(limiter, log)], // rate limits: 429, or RateLimit-* fields on the answer
+      ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; misses go upstream through `upstream`
+      ['forward', forwardStage(upstream)], // the upstream's answer, streamed
+    ],
+    {
+      record,
+      refused: (_x, err) => metrics.refused.labels(err.code).inc(),
+      bug: (msg, x) => log.error(msg, { path: x.path }),
+    },
+  )
+
+  /** Every request Node parsed, in order per connection (pipelined ones too). */
+  function handle(req: IncomingMessage, res: ServerResponse): void {
+    if (!connections.accept(req.socket, req, res)) return droppedAfterClose(req)
+    inFlight++
+    if (draining) {
+      sockets.set(req.socket, Date.now())
+      res.shouldKeepAlive = false
+    }
+    pipeline.run(new Exchange(req, res, trusted))
+    // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
+    if (!res.shouldKeepAlive) connections.closeAfter(req.socket)
+  }
+
+  /** A request pipelined after an answer that closes the connection: never processed, never answered, logged. */
+  function droppedAfterClose(req: IncomingMessage): void {
+    metrics.refused.labels('after_close').inc()
+    accessLog?.write({
+      time: Date.now(), ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0,
+      durationMs: 0, upstreamMs: null, reason: 'after_close',
+    })
+  }
+
+  /** Every request, once it is answered (the pipeline calls it once): metrics, statistics, the access log. */
+  function record(x: Exchange, result: ForwardResult): void {
     inFlight--
     const durationMs = performance.now() - x.started
     metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
@@ -193,124 +234,6 @@ export async function startWorker(config: Config): Promise<void> {
       cache: x.cache,
       reason: x.reason,
     })
-  }
-
-  function reject(x: Exchange, err: MeliproxyError): void {
-    x.reason = err.code
-    metrics.refused.labels(err.code).inc()
-    const bytes = sendError(x.res, err)
-    finish(x, { status: err.status, bytes, upstreamMs: null, error: null, forwarded: false })
-  }
-
-  /** Every request Node parsed, in order per connection (pipelined ones too). */
-  function handle(req: IncomingMessage, res: ServerResponse): void {
-    if (!connections.accept(req.socket, req, res)) return droppedAfterClose(req)
-    serve(req, res)
-    // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
-    if (!res.shouldKeepAlive) connections.closeAfter(req.socket)
-  }
-
-  /** A request pipelined after an answer that closes the connection: never processed, never answered, logged. */
-  function droppedAfterClose(req: IncomingMessage): void {
-    metrics.refused.labels('after_close').inc()
-    accessLog?.write({
-      time: Date.now(), ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0,
-      durationMs: 0, upstreamMs: null, reason: 'after_close',
-    })
-  }
-
-  /** The request path. */
-  function serve(req: IncomingMessage, res: ServerResponse): void {
-    inFlight++
-    if (draining) {
-      sockets.set(req.socket, Date.now())
-      res.shouldKeepAlive = false
-    }
-    const x = new Exchange(req, res, trusted)
-    const bad = targetProblem(x.url, config.maxUrlLength)
-    if (bad !== null) {
-      res.shouldKeepAlive = false // a client that sends this gets no second chance on the connection
-      return reject(x, bad)
-    }
-    const badHeaders = headerProblem(req.rawHeaders, req.httpVersion, config.headersWithUnderscores)
-    if (badHeaders !== null) {
-      res.shouldKeepAlive = false
-      return reject(x, badHeaders)
-    }
-    const length = x.headers['content-length']
-    if (length !== undefined && Number(length) > config.maxBodySize) {
-      res.shouldKeepAlive = false // the body is not read
-      return reject(x, new BodyTooLargeError(config.maxBodySize))
-    }
-    if (limiter.rules.denies(x.ip)) return reject(x, FORBIDDEN)
-    const verdict = limiter.check(x)
-    if (verdict === null) return cached(x)
-    if (!(verdict instanceof Promise)) return afterLimit(x, verdict)
-    verdict.then(
-      (v) => afterLimit(x, v),
-      (err: Error) => {
-        // The limiter's stores never reject (Redis failures fall back); this is a bug, not a client's problem.
-        log.error('limiter failed; request let through', { error: err.message })
-        forward(x)
-      },
-    )
-  }
-
-  function afterLimit(x: Exchange, v: Verdict): void {
-    if (x.res.destroyed) return finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
-    if (v.allowed) {
-      x.rateHeaders = rateLimitHeaders(v)
-      return cached(x)
-    }
-    x.limitedBy = v.rule.name
-    const body = rejectionBody(v)
-    const headers = rateLimitHeaders(v)
-    headers.push('retry-after', String(retryAfterSeconds(v)), 'content-type', 'application/json')
-    headers.push('content-length', String(Buffer.byteLength(body)))
-    x.res.writeHead(429, headers)
-    x.res.end(body)
-    finish(x, { status: 429, bytes: Buffer.byteLength(body), upstreamMs: null, error: null, forwarded: false })
-  }
-
-  function cached(x: Exchange): void {
-    if (cache === null) return forward(x)
-    cache.handle(x)
-  }
-
-  function forward(x: Exchange): void {
-    fetch(x, null, true, null, null, (result) => finish(x, result))
-  }
-
-  /** Sends the exchange upstream; `conditional` (the cache's validators) replaces the client's own. */
-  function fetch(...[x, conditional, toClient, extraHeaders, tap, done]: Parameters<CacheIO['fetch']>): void {
-    let headers = upstreamRequestHeaders({
-      rawHeaders: x.req.rawHeaders,
-      headers: x.headers,
-      peerIp: x.peer,
-      peerTrusted: trusted.has(x.peer),
-      upstreamHost,
-      dropUnderscored: config.headersWithUnderscores === 'drop',
-    })
-    if (conditional !== null) {
-      const kept: string[] = []
-      for (let i = 0; i < headers.length; i += 2) {
-        const n = headers[i]!.toLowerCase()
-        if (n !== 'if-none-match' && n !== 'if-modified-since') kept.push(headers[i]!, headers[i + 1]!)
-      }
-      headers = kept.concat(conditional)
-    }
-    const hasBody = toClient && (x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined)
-    // A body without a declared length is counted as it streams (one with a length was checked in handle()).
-    const body = !hasBody ? null : x.headers['content-length'] === undefined ? limitedBody(x.req, config.maxBodySize) : x.req
-    let extra = x.rateHeaders
-    if (extraHeaders !== null) extra = extra === null ? extraHeaders : extra.concat(extraHeaders)
-    forwarder.forward(
-      { method: x.method, path: x.url, route: routes.name(x.path), headers, body },
-      toClient ? x.res : null,
-      extra,
-      tap,
-      done,
-    )
   }
 
   const server: Server = createServer(
@@ -360,7 +283,7 @@ export async function startWorker(config: Config): Promise<void> {
   })
   // CONNECT (a tunnel to somewhere else) is not something this proxy does.
   server.on('connect', (_req: IncomingMessage, socket: Socket) => {
-    const body = JSON.stringify({ error: ErrorCodes.METHOD_NOT_ALLOWED, message: 'CONNECT is not supported' })
+    const body = errorBody(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))
     socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
   })
 
@@ -414,27 +337,17 @@ export async function startWorker(config: Config): Promise<void> {
     }, config.drainTimeout).unref()
   }
 
-  process.on('message', (msg: unknown) => {
-    if (!isMeliproxyMessage(msg)) return
-    switch (msg.meliproxy) {
-      case 'lease-grant':
-        primaryPool.deliver(msg)
-        break
-      case 'cache-purge':
-        cache?.dropLocal(msg.purge)
-        break
-      case 'drain':
-        drain('primary asked')
-        break
-      case 'limits-reset':
-        limiter.forget(msg.rule, msg.bucket)
-        break
-      case 'set-rules':
-        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
-        log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
-        break
-    }
-  })
+  const fromPrimary: Handlers<ToWorker> = {
+    'lease-grant': (msg) => primaryPool.deliver(msg),
+    'cache-purge': (msg) => cache?.dropLocal(msg.purge),
+    drain: () => drain('primary asked'),
+    'limits-reset': (msg) => limiter.forget(msg.rule, msg.bucket),
+    'set-rules': (msg) => {
+      limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
+      log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
+    },
+  }
+  process.on('message', (msg: unknown) => dispatch(fromPrimary, msg))
   process.on('SIGTERM', () => drain('SIGTERM'))
   process.on('SIGINT', () => drain('SIGINT'))
 

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { ConfigError } from '../errors.js'
+import { ConfigError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
 import { parseRuleSetDoc, type RuleVersion } from '../limiter/rule-store.js'
 import { GROUPS, type Group, type StatsAnswer, type StatsQuery } from '../stats/query.js'
 import { checkBearer } from './auth.js'
@@ -46,17 +46,8 @@ export interface AdminSources {
   readonly tokenForReads: boolean
 }
 
-/** A refusal with an HTTP status and a stable code. */
-export class AdminError extends Error {
-  constructor(
-    readonly status: number,
-    readonly code: string,
-    message: string,
-    readonly field?: string,
-  ) {
-    super(message)
-  }
-}
+/** A refusal of the admin API: a registered code (its status comes from src/errors.ts), and the field it is about. */
+export class AdminError extends MeliproxyError {}
 
 const MAX_BODY_BYTES = 1024 * 1024
 const STATS_DEFAULT_RANGE_MS = 3_600_000
@@ -80,15 +71,15 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
   let size = 0
   for await (const chunk of req as AsyncIterable<Buffer>) {
     size += chunk.length
-    if (size > MAX_BODY_BYTES) throw new AdminError(413, 'body_too_large', `the body is over ${MAX_BODY_BYTES} bytes`)
+    if (size > MAX_BODY_BYTES) throw new AdminError('body_too_large', `the body is over ${MAX_BODY_BYTES} bytes`)
     chunks.push(chunk)
   }
   const text = Buffer.concat(chunks).toString('utf8')
-  if (text.trim() === '') throw new AdminError(400, 'bad_request', 'send a JSON body')
+  if (text.trim() === '') throw new AdminError('bad_request', 'send a JSON body')
   try {
     return JSON.parse(text)
   } catch (err) {
-    throw new AdminError(400, 'invalid_json', `the body is not JSON: ${(err as Error).message}`)
+    throw new AdminError('invalid_json', `the body is not JSON: ${(err as Error).message}`)
   }
 }
 
@@ -99,7 +90,7 @@ export function parseTime(text: string, field: string, now: number): number {
   if (rel) return now - Number(rel[1]) * { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[rel[2] as 's']
   if (/^\d{10,}$/.test(text)) return Number(text)
   const t = Date.parse(text)
-  if (Number.isNaN(t)) throw new AdminError(400, 'bad_request', `${field}: "${text}" is not a time (ISO 8601, epoch ms, now, now-1h)`, field)
+  if (Number.isNaN(t)) throw new AdminError('bad_request', `${field}: "${text}" is not a time (ISO 8601, epoch ms, now, now-1h)`, field)
   return t
 }
 
@@ -107,19 +98,19 @@ function statsQuery(params: URLSearchParams): StatsQuery {
   const now = Date.now()
   const to = params.has('to') ? parseTime(params.get('to')!, 'to', now) : now
   const from = params.has('from') ? parseTime(params.get('from')!, 'from', now) : to - STATS_DEFAULT_RANGE_MS
-  if (from > to) throw new AdminError(400, 'bad_request', 'from: must not be after to', 'from')
+  if (from > to) throw new AdminError('bad_request', 'from: must not be after to', 'from')
   const group = (params.get('group') ?? 'route') as Group
-  if (!GROUPS.includes(group)) throw new AdminError(400, 'bad_request', `group: "${group}" is not one of ${GROUPS.join(', ')}`, 'group')
+  if (!GROUPS.includes(group)) throw new AdminError('bad_request', `group: "${group}" is not one of ${GROUPS.join(', ')}`, 'group')
   const limitText = params.get('limit') ?? '10'
   if (!/^\d+$/.test(limitText) || Number(limitText) < 1 || Number(limitText) > STATS_MAX_LIMIT) {
-    throw new AdminError(400, 'bad_request', `limit: "${limitText}" is not a whole number from 1 to ${STATS_MAX_LIMIT}`, 'limit')
+    throw new AdminError('bad_request', `limit: "${limitText}" is not a whole number from 1 to ${STATS_MAX_LIMIT}`, 'limit')
   }
   return { from, to, group, limit: Number(limitText) }
 }
 
 function requireToken(req: IncomingMessage, sources: AdminSources): void {
   const refused = checkBearer(req.headers, sources.adminToken)
-  if (refused !== null) throw new AdminError(refused.status, refused.error, refused.message)
+  if (refused !== null) throw refused
 }
 
 type Handler = (req: IncomingMessage, url: URL, sources: AdminSources, res: ServerResponse) => Promise<[number, unknown] | null>
@@ -144,7 +135,7 @@ const ROUTES: Record<string, Record<string, [boolean, Handler]>> = {
       try {
         parsed = parseRuleSetDoc(body)
       } catch (err) {
-        if (err instanceof ConfigError) throw new AdminError(400, 'invalid_rules', err.message, err.field)
+        if (err instanceof ConfigError) throw new AdminError('invalid_rules', err.message, err.field)
         throw err
       }
       return [200, await s.putLimits(parsed.doc, 'api')]
@@ -156,10 +147,10 @@ const ROUTES: Record<string, Record<string, [boolean, Handler]>> = {
       const body = (await readJson(req)) as { version?: unknown }
       const v = body?.version
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0) {
-        throw new AdminError(400, 'bad_request', 'version: give the version number to roll back to', 'version')
+        throw new AdminError('bad_request', 'version: give the version number to roll back to', 'version')
       }
       const old = (await s.limitsHistory()).find((h) => h.version === v)
-      if (old === undefined) throw new AdminError(404, 'not_found', `version: ${v} is not in the history`, 'version')
+      if (old === undefined) throw new AdminError('not_found', `version: ${v} is not in the history`, 'version')
       return [200, await s.putLimits({ limits: old.limits, allow: old.allow, deny: old.deny }, 'rollback')]
     }],
   },
@@ -167,13 +158,13 @@ const ROUTES: Record<string, Record<string, [boolean, Handler]>> = {
     POST: [true, async (req, _url, s) => {
       const body = (await readJson(req)) as { rule?: unknown; key?: unknown }
       const rule = body?.rule
-      if (typeof rule !== 'string' || rule === '') throw new AdminError(400, 'bad_request', 'rule: give the rule name', 'rule')
+      if (typeof rule !== 'string' || rule === '') throw new AdminError('bad_request', 'rule: give the rule name', 'rule')
       if (!s.limits().limits.some((r) => r.name === rule)) {
-        throw new AdminError(404, 'not_found', `rule: "${rule}" is not a rule in force`, 'rule')
+        throw new AdminError('not_found', `rule: "${rule}" is not a rule in force`, 'rule')
       }
       const key = body.key
       if (key !== undefined && (typeof key !== 'string' || key === '')) {
-        throw new AdminError(400, 'bad_request', 'key: must be a bucket key (the rule\'s per values joined by |)', 'key')
+        throw new AdminError('bad_request', 'key: must be a bucket key (the rule\'s per values joined by |)', 'key')
       }
       const cleared = await s.resetLimit(rule, key ?? null)
       return [200, { rule, key: key ?? null, cleared }]
@@ -183,10 +174,10 @@ const ROUTES: Record<string, Record<string, [boolean, Handler]>> = {
     DELETE: [true, async (_req, url, s) => {
       const glob = url.searchParams.get('path')
       if (glob === null || glob === '') {
-        throw new AdminError(400, 'bad_request', 'path: give the path or glob to purge: DELETE /api/cache?path=/items/**', 'path')
+        throw new AdminError('bad_request', 'path: give the path or glob to purge: DELETE /api/cache?path=/items/**', 'path')
       }
       const r = await s.purgeCache(glob)
-      if ('invalid' in r) throw new AdminError(400, 'bad_request', `path: ${r.invalid}`, 'path')
+      if ('invalid' in r) throw new AdminError('bad_request', `path: ${r.invalid}`, 'path')
       return [200, { purged: glob, removedFromL2: r.removed }]
     }],
   },
@@ -213,11 +204,11 @@ async function route(req: IncomingMessage, res: ServerResponse, sources: AdminSo
     return
   }
   const methods = ROUTES[path]
-  if (methods === undefined) throw new AdminError(404, 'not_found', `no admin endpoint ${path}`)
+  if (methods === undefined) throw new AdminError('not_found', `no admin endpoint ${path}`)
   const entry = methods[method]
   if (entry === undefined) {
     res.setHeader('allow', Object.keys(methods).join(', '))
-    throw new AdminError(405, 'method_not_allowed', `${req.method} is not allowed on ${path} (allowed: ${Object.keys(methods).join(', ')})`)
+    throw new AdminError('method_not_allowed', `${req.method} is not allowed on ${path} (allowed: ${Object.keys(methods).join(', ')})`)
   }
   const [mutating, handler] = entry
   if (mutating || sources.tokenForReads) requireToken(req, sources)
@@ -230,12 +221,12 @@ export function createAdminServer(sources: AdminSources, onError: (err: Error) =
   return createServer((req, res) => {
     route(req, res, sources).catch((err: Error) => {
       if (res.headersSent) return res.destroy()
-      if (err instanceof AdminError) {
-        json(res, err.status, { error: err.code, message: err.message, ...(err.field ? { field: err.field } : {}) })
-        return
-      }
-      onError(err)
-      json(res, 500, { error: 'internal', message: 'admin request failed' })
+      const known = err instanceof MeliproxyError && !(err instanceof ConfigError)
+      if (!known) onError(err)
+      const refusal = known ? err : new MeliproxyError(ErrorCodes.INTERNAL, 'admin request failed')
+      const body = errorBody(refusal)
+      res.writeHead(refusal.status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store' })
+      res.end(body)
     })
   })
 }

@@ -18,19 +18,21 @@ import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
  */
 
 /** What the cache asks of the worker. */
+/** How the cache asks for one upstream fetch. */
+export interface FetchOptions {
+  /** The cache's own validators, replacing the client's (a revalidation). */
+  readonly conditional: string[] | null
+  /** False for a background fetch: its answer does not go to the client. */
+  readonly toClient: boolean
+  /** Fields added to the client's response. */
+  readonly extraHeaders: readonly string[] | null
+  /** Sees the upstream's answer as it streams (the cache stores from it). */
+  readonly tap: ResponseTap | null
+}
+
 export interface CacheIO {
-  /**
-   * Sends the exchange upstream. `conditional` replaces the client's validators with the cache's own; `toClient`
-   * false makes a background fetch; `extraHeaders` are added to the client's response.
-   */
-  fetch(
-    x: Exchange,
-    conditional: string[] | null,
-    toClient: boolean,
-    extraHeaders: string[] | null,
-    tap: ResponseTap | null,
-    done: ForwardDone,
-  ): void
+  /** Sends the exchange upstream as `opts` say; `done` runs once with what happened. */
+  fetch(x: Exchange, opts: FetchOptions, done: ForwardDone): void
   /** Records a finished exchange (metrics, access log). */
   finish(x: Exchange, result: ForwardResult): void
   /** Tells every worker of every instance to drop keys (or a path glob) from L1 and L2. */
@@ -63,7 +65,8 @@ export interface CacheOptions {
 
 const UNSAFE = new Set(['POST', 'PUT', 'PATCH', 'DELETE'])
 const ERROR_STATUS = new Set([500, 502, 503, 504])
-const BYPASS_HEADERS = ['x-cache', 'BYPASS'] as const
+const BYPASS_HEADERS: readonly string[] = ['x-cache', 'BYPASS']
+const MISS_HEADERS: readonly string[] = ['x-cache', 'MISS']
 /** Headers a 304 carries over to the client from the stored response (RFC 9110 15.4.5). */
 const NOT_MODIFIED_HEADERS = new Set(['cache-control', 'content-location', 'date', 'etag', 'expires', 'vary', 'via'])
 /** Headers of a 304 that must not replace the stored ones (RFC 9111 3.2). */
@@ -196,7 +199,7 @@ export class HttpCache {
     // The URL is dropped everywhere before the request goes upstream (dropping is always safe), so a client that
     // reads right after its own write never gets the old version from another worker or from L2.
     void this.purge({ keys: [this.key(x.url)] }).then(() =>
-      this.#io.fetch(x, null, true, [...BYPASS_HEADERS], tap, (r) => this.#io.finish(x, r)),
+      this.#io.fetch(x, { conditional: null, toClient: true, extraHeaders: BYPASS_HEADERS, tap }, (r) => this.#io.finish(x, r)),
     )
   }
 
@@ -219,7 +222,7 @@ export class HttpCache {
   #bypass(x: Exchange): void {
     x.cache = 'BYPASS'
     this.#metrics.request('bypass', 'none')
-    this.#io.fetch(x, null, true, [...BYPASS_HEADERS], null, (r) => this.#io.finish(x, r))
+    this.#io.fetch(x, { conditional: null, toClient: true, extraHeaders: BYPASS_HEADERS, tap: null }, (r) => this.#io.finish(x, r))
   }
 
   #decide(x: Exchange, key: string, found: Found | null, noCache: boolean): void {
@@ -282,7 +285,7 @@ export class HttpCache {
     const conditional = stale !== null && x.method === 'GET' ? this.#validators(stale) : null
     const tap = new StoreTap(this, x, key, stale, conditional !== null, settle ?? (() => {}))
     x.cache = 'MISS'
-    this.#io.fetch(x, conditional, true, ['x-cache', 'MISS'], tap, (result) => {
+    this.#io.fetch(x, { conditional, toClient: true, extraHeaders: MISS_HEADERS, tap }, (result) => {
       if (settle !== null) {
         this.#inflight.delete(key)
         this.#tiers.release(key)
@@ -309,7 +312,7 @@ export class HttpCache {
       }
       const conditional = this.#validators(stale)
       const tap = new StoreTap(this, x, key, stale, conditional !== null, () => {})
-      this.#io.fetch(x, conditional, false, null, tap, () => {
+      this.#io.fetch(x, { conditional, toClient: false, extraHeaders: null, tap }, () => {
         this.#refreshing.delete(key)
         this.#tiers.release(key)
       })

@@ -1,4 +1,4 @@
-import { ErrorCodes } from '../errors.js'
+import { ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
 import type { Verdict } from './limiter.js'
 
 /**
@@ -25,10 +25,6 @@ export function retryAfterSeconds(v: Verdict): number {
 /** The 429 body. */
 export function rejectionBody(v: Verdict): string {
   const s = retryAfterSeconds(v)
-  return JSON.stringify({
-    error: ErrorCodes.RATE_LIMITED,
-    rule: v.rule.name,
-    retryAfter: s,
-    message: `rate limit "${v.rule.name}" (${v.rule.limit} per ${v.rule.spec.window}) exceeded; retry in ${s}s`,
-  })
+  const err = new MeliproxyError(ErrorCodes.RATE_LIMITED, `rate limit "${v.rule.name}" (${v.rule.limit} per ${v.rule.spec.window}) exceeded; retry in ${s}s`)
+  return errorBody(err, { rule: v.rule.name, retryAfter: s })
 }

@@ -4,6 +4,7 @@ import { Pool, type Dispatcher } from 'undici'
 import {
   BodyTooLargeError,
   CircuitOpenError,
+  errorBody,
   MeliproxyError,
   UpstreamError,
   UpstreamTimeoutError,
@@ -118,7 +119,7 @@ export function toUpstreamError(err: Error): MeliproxyError {
 
 /** Writes a JSON error body to a client whose response has not started. Returns the bytes written. */
 export function sendError(res: ServerResponse, err: MeliproxyError, extraHeaders?: readonly string[]): number {
-  const body = JSON.stringify(err.toJSON())
+  const body = errorBody(err)
   const headers = ['content-type', 'application/json', 'content-length', String(Buffer.byteLength(body))]
   if (extraHeaders) headers.push(...extraHeaders)
   res.writeHead(err.status, headers)

@@ -1,6 +1,6 @@
 import type { IncomingMessage } from 'node:http'
 import { Transform, type Readable } from 'node:stream'
-import { BodyTooLargeError, ErrorCodes, MeliproxyError } from '../errors.js'
+import { BodyTooLargeError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
 
 /**
  * What the proxy refuses before anything reaches the upstream. Node's HTTP parser (llhttp, strict mode) already
@@ -15,17 +15,17 @@ const DOT_SEGMENT = /^(\.|%2e){1,2}$/i
 /** Why a request target is refused, or null when it is fine. */
 export function targetProblem(url: string, maxLength: number): MeliproxyError | null {
   if (url.length > maxLength) {
-    return new MeliproxyError(ErrorCodes.URI_TOO_LONG, 414, `the request target is over ${maxLength} characters`)
+    return new MeliproxyError(ErrorCodes.URI_TOO_LONG, `the request target is over ${maxLength} characters`)
   }
   if (url.charCodeAt(0) !== 47 /* '/' */) {
-    return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'request target must be a path (origin-form)')
+    return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'request target must be a path (origin-form)')
   }
-  if (BAD_PERCENT.test(url)) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'invalid percent-encoding in the request target')
+  if (BAD_PERCENT.test(url)) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'invalid percent-encoding in the request target')
   const q = url.indexOf('?')
   const path = q === -1 ? url : url.slice(0, q)
   if (path.includes('.') || path.includes('%')) {
     for (const segment of path.split('/')) {
-      if (DOT_SEGMENT.test(segment)) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'dot segments (. or ..) are not allowed in the path')
+      if (DOT_SEGMENT.test(segment)) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'dot segments (. or ..) are not allowed in the path')
     }
   }
   return null
@@ -39,23 +39,21 @@ export interface ParserRefusal {
   readonly text: string
 }
 
+const REASON_PHRASE: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 431: 'Request Header Fields Too Large' }
+
 /** The answer to a request the parser refused (`clientError`, with Node's error code). */
 export function clientErrorResponse(parserCode: string | undefined): ParserRefusal {
-  let status = 400
-  let line = '400 Bad Request'
-  let body: { error: string; message: string } = { error: ErrorCodes.BAD_REQUEST, message: 'malformed request' }
-  if (parserCode === 'HPE_HEADER_OVERFLOW') {
-    status = 431
-    line = '431 Request Header Fields Too Large'
-    body = { error: ErrorCodes.HEADERS_TOO_LARGE, message: 'the request line and headers are too large' }
-  } else if (parserCode === 'ERR_HTTP_REQUEST_TIMEOUT') {
-    status = 408
-    line = '408 Request Timeout'
-    body = { error: ErrorCodes.REQUEST_TIMEOUT, message: 'the request did not arrive in time' }
-  }
-  const json = JSON.stringify(body)
-  const text = `HTTP/1.1 ${line}\r\ncontent-type: application/json\r\ncontent-length: ${json.length}\r\nconnection: close\r\n\r\n${json}`
-  return { status, code: body.error, text }
+  const err =
+    parserCode === 'HPE_HEADER_OVERFLOW'
+      ? new MeliproxyError(ErrorCodes.HEADERS_TOO_LARGE, 'the request line and headers are too large')
+      : parserCode === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? new MeliproxyError(ErrorCodes.REQUEST_TIMEOUT, 'the request did not arrive in time')
+        : new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed request')
+  const json = errorBody(err)
+  const text =
+    `HTTP/1.1 ${err.status} ${REASON_PHRASE[err.status]}\r\ncontent-type: application/json\r\n` +
+    `content-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`
+  return { status: err.status, code: err.code, text }
 }
 
 /** What `--headers-with-underscores` does with a field name containing `_`. */
@@ -72,11 +70,11 @@ export function headerProblem(rawHeaders: readonly string[], httpVersion: string
     const name = rawHeaders[i]!
     if (name.length === 4 && name.toLowerCase() === 'host') hosts++
     else if (underscores === 'reject' && name.includes('_')) {
-      return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, `header field names with "_" are refused here (${name.slice(0, 64)})`)
+      return new MeliproxyError(ErrorCodes.BAD_REQUEST, `header field names with "_" are refused here (${name.slice(0, 64)})`)
     }
   }
-  if (hosts > 1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'more than one Host header field')
-  if (hosts === 0 && httpVersion === '1.1') return new MeliproxyError(ErrorCodes.BAD_REQUEST, 400, 'an HTTP/1.1 request needs a Host header field')
+  if (hosts > 1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'more than one Host header field')
+  if (hosts === 0 && httpVersion === '1.1') return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'an HTTP/1.1 request needs a Host header field')
   return null
 }
 
