@@ -60,6 +60,8 @@ export interface Config {
   readonly cacheMaxObject: number
   readonly cacheL1Size: number
   readonly cacheL2TtlCap: number
+  /** A targeted cache-control field of the operator's (lowercase), honoured before CDN-Cache-Control. */
+  readonly cacheTargetedField: string | null
   /** Per-path-pattern cache overrides (file only). */
   readonly cacheRules: readonly CacheRule[]
   readonly breakerFailures: number
@@ -248,6 +250,13 @@ function nonEmpty(raw: unknown): string {
   return s
 }
 
+function headerName(raw: unknown): string | null {
+  const s = text(raw)
+  if (s === '') return null
+  if (!/^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(s)) throw new BadValue(`"${s}" is not a header field name`)
+  return s.toLowerCase()
+}
+
 function optionalSecret(raw: unknown): string | null {
   const s = text(raw)
   return s === '' ? null : s
@@ -320,6 +329,7 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
   opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
   opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
+  opt('cacheTargetedField', '--cache-targeted-field <name>', 'a targeted cache-control field of yours (e.g. Meliproxy-Cache-Control), honoured before CDN-Cache-Control and Cache-Control (RFC 9213)', headerName, null),
   opt('maxBodySize', '--max-body-size <bytes>', 'largest request body accepted (413 above)', parseBytes, 10 * 1024 ** 2, '10mb'),
   opt('maxUrlLength', '--max-url-length <n>', 'longest request target accepted (414 above)', integer(64, 65_536, 'a length'), 8192),
   opt('maxHeaderSize', '--max-header-size <bytes>', 'largest request line plus headers accepted (431 above)', parseBytes, 16 * 1024, '16kb'),

@@ -140,7 +140,13 @@ export async function startWorker(config: Config): Promise<void> {
     ? new HttpCache(
         new Tiers(redis, { l1Bytes: config.cacheL1Size, l2TtlCapMs: config.cacheL2TtlCap }, cacheMetrics),
         cacheIO,
-        { origin: config.upstream, maxObjectBytes: config.cacheMaxObject, rules: config.cacheRules, leaseMs: LEASE_MS },
+        {
+          origin: config.upstream,
+          maxObjectBytes: config.cacheMaxObject,
+          rules: config.cacheRules,
+          targetedFields: config.cacheTargetedField === null ? ['cdn-cache-control'] : [config.cacheTargetedField, 'cdn-cache-control'],
+          leaseMs: LEASE_MS,
+        },
         cacheMetrics,
       )
     : null

@@ -13,8 +13,8 @@ import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
  * stale with a validator -> revalidated with a conditional request (a 304 refreshes the stored headers);
  * otherwise fetched, streamed to the client and stored when cacheable. Concurrent misses for one URL make one upstream
  * request per worker, and one across workers and instances through a short Redis lease. An upstream error or timeout
- * is answered with stale content where stale-if-error allows. A successful POST/PUT/PATCH/DELETE invalidates the URL
- * (and same-origin Location/Content-Location) in every tier, worker and instance.
+ * is answered with stale content where stale-if-error allows. A successful request of any method not known to be
+ * safe invalidates the URL (and same-origin Location/Content-Location) in every tier, worker and instance.
  */
 
 /** What the cache asks of the worker. */
@@ -59,11 +59,14 @@ export interface CacheOptions {
   readonly origin: string
   readonly maxObjectBytes: number
   readonly rules: readonly CacheRule[]
+  /** Targeted cache-control fields (RFC 9213), lowercase, most specific first: the first present one is used. */
+  readonly targetedFields: readonly string[]
   /** How long a miss lease lasts (and how long a waiter waits for the peer's fetch). */
   readonly leaseMs: number
 }
 
-const UNSAFE = new Set(['POST', 'PUT', 'PATCH', 'DELETE'])
+/** Methods known to be safe (RFC 9110 9.2.1); any other, known or not (M-SEARCH), invalidates (RFC 9111 4.4). */
+const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE'])
 const ERROR_STATUS = new Set([500, 502, 503, 504])
 const BYPASS_HEADERS: readonly string[] = ['x-cache', 'BYPASS']
 const MISS_HEADERS: readonly string[] = ['x-cache', 'MISS']
@@ -80,6 +83,13 @@ interface CompiledRule {
 function headerValue(headers: readonly string[], name: string): string | null {
   for (let i = 0; i < headers.length; i += 2) if (headers[i] === name) return headers[i + 1]!
   return null
+}
+
+/** A flat header list without the field `name` (lowercase). */
+function withoutField(headers: readonly string[], name: string): string[] {
+  const out: string[] = []
+  for (let i = 0; i < headers.length; i += 2) if (headers[i] !== name) out.push(headers[i]!, headers[i + 1]!)
+  return out
 }
 
 function toIncoming(headers: readonly string[]): IncomingHttpHeaders {
@@ -182,7 +192,7 @@ export class HttpCache {
 
   /** Methods the cache does not serve: forwarded; a successful unsafe one invalidates what is stored. */
   #passThrough(x: Exchange): void {
-    if (!UNSAFE.has(x.method)) return this.#bypass(x)
+    if (SAFE.has(x.method)) return this.#bypass(x)
     x.cache = 'BYPASS'
     const tap: ResponseTap = {
       onHeaders: (status, _msg, headers) => {
@@ -374,7 +384,8 @@ export class HttpCache {
   /** True when a response with these headers may be stored (checked before its body is collected). */
   storable(x: Exchange, status: number, headers: IncomingHttpHeaders): boolean {
     const rule = this.#ruleFor(x.path)
-    return responsePolicy(status, headers, x.headers, { defaultTtlMs: rule?.ttlMs ?? null }, Date.now()).notStorable === null
+    const rules: StoreRules = { defaultTtlMs: rule?.ttlMs ?? null, targetedFields: this.#options.targetedFields }
+    return responsePolicy(status, headers, x.headers, rules, Date.now()).notStorable === null
   }
 
   /** Builds an entry from a response that arrived at `responseTime`; null when it may not be stored. */
@@ -388,14 +399,17 @@ export class HttpCache {
     responseTime: number,
   ): CacheEntry | null {
     const incoming = toIncoming(clientHeaders)
+    // The cache sends its own Age (RFC 9111 4.2.3, 5.1): the upstream's is in initialAgeMs, never stored to be
+    // sent a second time.
+    const stored = clientHeaders.includes('age') ? withoutField(clientHeaders, 'age') : clientHeaders
     const rule = this.#ruleFor(x.path)
-    const rules: StoreRules = { defaultTtlMs: rule?.ttlMs ?? null }
+    const rules: StoreRules = { defaultTtlMs: rule?.ttlMs ?? null, targetedFields: this.#options.targetedFields }
     const p = responsePolicy(status, incoming, x.headers, rules, responseTime)
     if (p.notStorable !== null) return null
     return {
       status,
       statusMessage,
-      headers: clientHeaders,
+      headers: stored,
       body,
       responseTime,
       initialAgeMs: initialAgeMs(incoming, requestTime, responseTime),
@@ -404,8 +418,8 @@ export class HttpCache {
       sieMs: p.sieMs,
       vary: p.vary,
       variant: variantId(p.vary, x.headers),
-      etag: headerValue(clientHeaders, 'etag'),
-      lastModified: headerValue(clientHeaders, 'last-modified'),
+      etag: headerValue(stored, 'etag'),
+      lastModified: headerValue(stored, 'last-modified'),
     }
   }
 

@@ -44,11 +44,46 @@ export function deltaSeconds(arg: string | true | undefined): number | null {
 /** Status codes cacheable by default (RFC 9110 15.1). */
 const HEURISTIC_STATUS = new Set([200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501])
 
-/** An HTTP-date as ms since the epoch, or null when invalid (RFC 9111 5.3: an invalid Expires is in the past). */
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec']
+const DAY = '(Mon|Tue|Wed|Thu|Fri|Sat|Sun)'
+const LONG_DAY = '(Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)'
+const MONTH = '(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)'
+const TIME = '(\\d{2}):(\\d{2}):(\\d{2})'
+/** IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`. */
+const IMF_FIXDATE = new RegExp(`^${DAY}, (\\d{2}) ${MONTH} (\\d{4}) ${TIME} GMT$`)
+/** Obsolete RFC 850: `Sunday, 06-Nov-94 08:49:37 GMT`. */
+const RFC850 = new RegExp(`^${LONG_DAY}, (\\d{2})-${MONTH}-(\\d{2}) ${TIME} GMT$`)
+/** Obsolete asctime: `Sun Nov  6 08:49:37 1994`. */
+const ASCTIME = new RegExp(`^${DAY} ${MONTH} ([ \\d]\\d) ${TIME} (\\d{4})$`)
+
+function utc(year: number, month: string, day: number, h: string, m: string, s: string): number | null {
+  const hh = Number(h)
+  const mm = Number(m)
+  const ss = Number(s)
+  if (day < 1 || day > 31 || hh > 23 || mm > 59 || ss > 60) return null
+  return Date.UTC(year, MONTHS.indexOf(month), day, hh, mm, Math.min(ss, 59))
+}
+
+/**
+ * An HTTP-date as ms since the epoch, or null when invalid. Only the three forms of RFC 9110 5.6.7 are valid
+ * (IMF-fixdate with "GMT", the obsolete RFC 850 and asctime forms); anything else (other zones such as UTC,
+ * missing comma, extra spaces, dashes, a one-digit hour, several lines) is invalid, and an invalid Expires means
+ * already stale (RFC 9111 5.3). `Date.parse` accepts all of those, so it is not used.
+ */
 export function parseHttpDate(value: string | undefined): number | null {
   if (value === undefined) return null
-  const ms = Date.parse(value)
-  return Number.isNaN(ms) ? null : ms
+  let m = IMF_FIXDATE.exec(value)
+  if (m !== null) return utc(Number(m[4]), m[3]!, Number(m[2]), m[5]!, m[6]!, m[7]!)
+  m = RFC850.exec(value)
+  if (m !== null) {
+    // A two-digit year more than 50 years in the future means the past century (RFC 9110 5.6.7).
+    let year = 2000 + Number(m[4])
+    if (year > new Date().getUTCFullYear() + 50) year -= 100
+    return utc(year, m[3]!, Number(m[2]), m[5]!, m[6]!, m[7]!)
+  }
+  m = ASCTIME.exec(value)
+  if (m !== null) return utc(Number(m[7]), m[2]!, Number(m[3]!.trim()), m[4]!, m[5]!, m[6]!)
+  return null
 }
 
 /** The facts about a response a cache decides on, computed once when it arrives. */
@@ -69,6 +104,11 @@ export interface ResponsePolicy {
 export interface StoreRules {
   /** A TTL (ms) for a cacheable-by-default response that carries no freshness of its own, or null. */
   readonly defaultTtlMs: number | null
+  /**
+   * Targeted cache-control fields (RFC 9213), lowercase, most specific first (the operator's own, then
+   * cdn-cache-control): the first one present replaces Cache-Control for this cache.
+   */
+  readonly targetedFields: readonly string[]
 }
 
 function first(value: string | string[] | undefined): string | undefined {
@@ -86,7 +126,15 @@ export function responsePolicy(
   rules: StoreRules,
   now: number,
 ): ResponsePolicy {
-  const cc = parseCacheControl(headers['cache-control'])
+  let control: string | string[] | undefined = headers['cache-control']
+  for (const field of rules.targetedFields) {
+    const targeted = headers[field]
+    if (targeted !== undefined) {
+      control = targeted
+      break
+    }
+  }
+  const cc = parseCacheControl(control)
   const vary = varyNames(headers.vary)
   const none = (why: string): ResponsePolicy => ({ notStorable: why, freshnessMs: 0, swrMs: 0, sieMs: 0, vary })
   if (cc.has('no-store')) return none('no-store')

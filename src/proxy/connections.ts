@@ -20,16 +20,35 @@ interface State {
   finalAnswer: string | null
   /** The last request accepted on the connection. */
   last: IncomingMessage | null
+  readonly socket: Socket
+}
+
+/** Where a connection's state hangs: on its socket, and on each of its responses (no lookup, no closure per request). */
+const STATE = Symbol('meliproxy.connection')
+type Tagged<T> = T & { [STATE]?: State }
+
+/** A response on the connection closed (finished and handed to the socket, or cut): one listener for all. */
+function answered(this: Tagged<ServerResponse>): void {
+  const s = this[STATE]!
+  s.pending--
+  if (s.pending === 0 && s.finalAnswer !== null) {
+    const answer = s.finalAnswer
+    s.finalAnswer = null
+    end(s.socket, answer)
+  }
+}
+
+function end(socket: Socket, answer: string): void {
+  if (socket.writable && !socket.destroyed) socket.end(answer)
+  else socket.destroy()
 }
 
 export class Connections {
-  readonly #states = new WeakMap<Socket, State>()
-
-  #state(socket: Socket): State {
-    let s = this.#states.get(socket)
+  #state(socket: Tagged<Socket>): State {
+    let s = socket[STATE]
     if (s === undefined) {
-      s = { pending: 0, closing: false, finalAnswer: null, last: null }
-      this.#states.set(socket, s)
+      s = { pending: 0, closing: false, finalAnswer: null, last: null, socket }
+      socket[STATE] = s
     }
     return s
   }
@@ -43,7 +62,8 @@ export class Connections {
     if (s.closing) return false
     s.pending++
     s.last = req
-    res.once('close', () => this.#answered(socket, s))
+    ;(res as Tagged<ServerResponse>)[STATE] = s
+    res.on('close', answered)
     return true
   }
 
@@ -60,21 +80,7 @@ export class Connections {
   refuse(socket: Socket, answer: string): void {
     const s = this.#state(socket)
     s.closing = true
-    if (s.pending === 0 || (s.last !== null && !s.last.complete)) this.#end(socket, answer)
+    if (s.pending === 0 || (s.last !== null && !s.last.complete)) end(socket, answer)
     else s.finalAnswer = answer
-  }
-
-  #answered(socket: Socket, s: State): void {
-    s.pending--
-    if (s.pending === 0 && s.finalAnswer !== null) {
-      const answer = s.finalAnswer
-      s.finalAnswer = null
-      this.#end(socket, answer)
-    }
-  }
-
-  #end(socket: Socket, answer: string): void {
-    if (socket.writable && !socket.destroyed) socket.end(answer)
-    else socket.destroy()
   }
 }
