@@ -7,21 +7,20 @@ import { createLogger, type Logger } from './log.js'
 import { leaseFigures } from './limiter/metrics.js'
 import { MemoryPool } from './limiter/pool.js'
 import { FALLBACK_PREFIX } from './limiter/limiter.js'
-import { BUCKET_PREFIX } from './limiter/redis-pool.js'
+import { resetBuckets } from './limiter/redis-pool.js'
 import {
   compileVersion,
   configVersion,
   MemoryRuleStore,
   RedisRuleStore,
-  LIMITS_RESET_CHANNEL,
-  RULES_CHANNEL,
   type CompiledVersion,
   type RuleStore,
 } from './limiter/rule-store.js'
 import { StatsCollector } from './stats/collector.js'
 import { RedisStatsStore } from './stats/redis-store.js'
 import { MemoryStatsStore } from './stats/store.js'
-import { dropSharedMatching, pathGlobMatcher, PURGE_CHANNEL } from './cache/tiers.js'
+import { dropSharedMatching, pathGlobMatcher } from './cache/tiers.js'
+import { LIMITS_RESET_CHANNEL, PURGE_CHANNEL, RULES_CHANNEL } from './redis/keys.js'
 import {
   dispatch,
   type Handlers,
@@ -427,18 +426,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       return cleared
     }
     if (redis.status !== 'ready') throw new AdminError('redis_unavailable', 'Redis is not reachable: counters there were not reset')
-    if (bucket !== undefined) {
-      cleared += await redis.del(BUCKET_PREFIX + bucket)
-    } else {
-      cleared += await redis.del(BUCKET_PREFIX + rule)
-      let cursor = '0'
-      do {
-        const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
-        cursor = next
-        // One DEL per key: the limiter's keys are only ever touched one at a time (Redis Cluster-ready).
-        for (const k of keys) cleared += await redis.del(k)
-      } while (cursor !== '0')
-    }
+    cleared += await resetBuckets(redis, rule, bucket)
     await redis.publish(LIMITS_RESET_CHANNEL, JSON.stringify({ rule, bucket: bucket ?? null }))
     log.info('limit counters reset', { rule, key, cleared })
     return cleared

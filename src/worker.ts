@@ -1,9 +1,7 @@
 import cluster from 'node:cluster'
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import { Server as NetServer, type Socket } from 'node:net'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
-import { CircuitOpenError, ErrorCodes, errorBody, MeliproxyError } from './errors.js'
+import { CircuitOpenError } from './errors.js'
 import { Limiter } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
 import { SWEEP_MS } from './limiter/leases.js'
@@ -22,7 +20,7 @@ import {
   type StatsMessage,
 } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
-import { IpSet, normalizeIp } from './net/ip.js'
+import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { cacheStage } from './pipeline/cache.js'
@@ -32,13 +30,13 @@ import { limitStage } from './pipeline/limit.js'
 import { Pipeline } from './pipeline/pipeline.js'
 import { Upstream } from './pipeline/upstream.js'
 import { CacheMetrics } from './cache/metrics.js'
-import { PURGE_CHANNEL, Tiers } from './cache/tiers.js'
+import { Tiers } from './cache/tiers.js'
+import { PURGE_CHANNEL } from './redis/keys.js'
 import { RetryBudget } from './proxy/breaker.js'
 import { Breakers } from './proxy/breakers.js'
 import { Forwarder, type ForwardResult } from './proxy/forward.js'
-import { Connections } from './proxy/connections.js'
-import { clientErrorResponse } from './proxy/guard.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
+import { ProxyServer } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
 import { RouteNamer } from './stats/routes.js'
@@ -53,8 +51,6 @@ import { RouteNamer } from './stats/routes.js'
 const LEASE_MS = 3_000
 /** How often the statistics counted here go to the primary. */
 const STATS_FLUSH_MS = 1_000
-/** While draining, a keep-alive socket idle this long is closed (see drainStep). */
-const DRAIN_IDLE_MS = 1_000
 
 /** Starts serving; resolves once the proxy listens. */
 export async function startWorker(config: Config): Promise<void> {
@@ -173,8 +169,6 @@ export async function startWorker(config: Config): Promise<void> {
   }
   setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
 
-  let draining = false
-
   // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
   const pipeline = new Pipeline(
     [
@@ -189,28 +183,6 @@ export async function startWorker(config: Config): Promise<void> {
       bug: (msg, x) => log.error(msg, { path: x.path }),
     },
   )
-
-  /** Every request Node parsed, in order per connection (pipelined ones too). */
-  function handle(req: IncomingMessage, res: ServerResponse): void {
-    if (!connections.accept(req.socket, req, res)) return droppedAfterClose(req)
-    inFlight++
-    if (draining) {
-      sockets.set(req.socket, Date.now())
-      res.shouldKeepAlive = false
-    }
-    pipeline.run(new Exchange(req, res, trusted))
-    // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
-    if (!res.shouldKeepAlive) connections.closeAfter(req.socket)
-  }
-
-  /** A request pipelined after an answer that closes the connection: never processed, never answered, logged. */
-  function droppedAfterClose(req: IncomingMessage): void {
-    metrics.refused.labels('after_close').inc()
-    accessLog?.write({
-      time: Date.now(), ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0,
-      durationMs: 0, upstreamMs: null, reason: 'after_close',
-    })
-  }
 
   /** Every request, once it is answered (the pipeline calls it once): metrics, statistics, the access log. */
   function record(x: Exchange, result: ForwardResult): void {
@@ -242,76 +214,25 @@ export async function startWorker(config: Config): Promise<void> {
     })
   }
 
-  const server: Server = createServer(
+  const server = new ProxyServer(
+    config,
     {
-      keepAliveTimeout: 5_000,
-      maxHeaderSize: config.maxHeaderSize,
-      headersTimeout: config.clientHeadersTimeout,
-      requestTimeout: config.clientRequestTimeout,
-      connectionsCheckingInterval: 1_000, // how often the two timeouts above are checked (Node's default is 30 s)
-      requireHostHeader: false, // checked in serve(), so the refusal is logged and closes the connection in order
+      serve(req, res) {
+        inFlight++
+        pipeline.run(new Exchange(req, res, trusted))
+      },
+      refused(r) {
+        metrics.refused.labels(r.reason).inc()
+        accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+      },
+      inFlight: () => inFlight,
+      drained: exit,
     },
-    handle,
+    log,
   )
-  /** Open client sockets and when each last started a request (for closing idle ones on drain). */
-  const sockets = new Map<Socket, number>()
-  server.on('connection', (socket: Socket) => {
-    // A flood of connections: past the cap a worker closes new ones at once. (net.Server's maxConnections is not
-    // enforced for connections the cluster primary hands over.)
-    if (sockets.size >= config.maxConnections) {
-      socket.destroy()
-      return
-    }
-    sockets.set(socket, Date.now())
-    socket.once('close', () => sockets.delete(socket))
-  })
-  const connections = new Connections()
-  // Bytes the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx after the answers
-  // to the requests pipelined before them, then close; logged and counted like any refused request.
-  server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
-    if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
-      socket.destroy() // the client went away: nothing to answer, nothing was requested
-      return
-    }
-    // Bytes after a request that asked to close: nothing is answered (the connection closes after that request's
-    // answer), as for a request pipelined after any closing answer.
-    const afterClose = err.code === 'HPE_CLOSED_CONNECTION'
-    const refusal = afterClose ? null : clientErrorResponse(err.code)
-    if (refusal === null) connections.closeAfter(socket)
-    else connections.refuse(socket, refusal.text)
-    const reason = afterClose ? 'after_close' : (err.code ?? 'parse_error')
-    metrics.refused.labels(reason).inc()
-    accessLog?.write({
-      time: Date.now(), ip: normalizeIp(socket.remoteAddress ?? ''), method: '-', path: '-', status: refusal?.status ?? 0,
-      bytes: refusal?.text.length ?? 0, durationMs: 0, upstreamMs: null, reason,
-    })
-    log.debug('client error', { code: err.code })
-  })
-  // CONNECT (a tunnel to somewhere else) is not something this proxy does.
-  server.on('connect', (_req: IncomingMessage, socket: Socket) => {
-    const body = errorBody(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))
-    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
-  })
 
-  /**
-   * While draining: a socket whose client keeps using it gets `Connection: close` on its next response and is
-   * closed after it. One left idle for DRAIN_IDLE_MS is closed here: closing a socket the instant it goes idle would
-   * race with a client sending its next request on it. Once nothing is in flight and no socket is left, exit.
-   */
-  function drainStep(): void {
-    const now = Date.now()
-    for (const [s, lastRequest] of sockets) {
-      // node sets _httpMessage while a response is in progress on the socket.
-      const busy = (s as Socket & { _httpMessage?: unknown })._httpMessage != null
-      if (!busy && now - lastRequest >= DRAIN_IDLE_MS) s.destroy()
-    }
-    if (inFlight === 0 && sockets.size === 0) exit()
-  }
-
-  let exiting = false
+  /** After the drain: the last access-log lines, leases and statistics go out, then the process exits. */
   function exit(): void {
-    if (exiting) return
-    exiting = true
     accessLog?.flush()
     log.info('drained, exiting')
     limiter.releaseAll() // tokens in hand go back before the connection closes
@@ -322,31 +243,10 @@ export async function startWorker(config: Config): Promise<void> {
     void Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))]).finally(() => process.exit(0))
   }
 
-  /**
-   * Drain: stop accepting, let in-flight requests finish (their responses say Connection: close), then exit 0.
-   * net.Server's close is used instead of http.Server's: the latter also drops idle keep-alive sockets at once,
-   * which races with a client that is just sending its next request on one; here they get a short grace.
-   */
-  function drain(reason: string): void {
-    if (draining) return
-    draining = true
-    log.info('draining', { reason, inFlight, timeoutMs: config.drainTimeout })
-    NetServer.prototype.close.call(server)
-    // Every open socket gets DRAIN_IDLE_MS from now: one in use will carry a Connection: close response by then.
-    const now = Date.now()
-    for (const s of sockets.keys()) sockets.set(s, now)
-    setInterval(drainStep, 50)
-    setTimeout(() => {
-      log.warn('drain timeout: closing remaining connections', { inFlight })
-      server.closeAllConnections()
-      exit()
-    }, config.drainTimeout).unref()
-  }
-
   const fromPrimary: Handlers<ToWorker> = {
     'lease-grant': (msg) => primaryPool.deliver(msg),
     'cache-purge': (msg) => cache?.dropLocal(msg.purge),
-    drain: () => drain('primary asked'),
+    drain: () => server.drain('primary asked'),
     'limits-reset': (msg) => limiter.forget(msg.rule, msg.bucket),
     'set-rules': (msg) => {
       limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
@@ -354,15 +254,9 @@ export async function startWorker(config: Config): Promise<void> {
     },
   }
   process.on('message', (msg: unknown) => dispatch(fromPrimary, msg))
-  process.on('SIGTERM', () => drain('SIGTERM'))
-  process.on('SIGINT', () => drain('SIGINT'))
+  process.on('SIGTERM', () => server.drain('SIGTERM'))
+  process.on('SIGINT', () => server.drain('SIGINT'))
 
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject)
-    server.listen(config.port, config.host, () => {
-      server.off('error', reject)
-      resolve()
-    })
-  })
+  await server.listen()
   log.debug('listening', { port: config.port, host: config.host })
 }

@@ -241,11 +241,17 @@ export class HttpCache {
       const e = found.entry
       const age = ageMs(e, x.time)
       if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
-      if (!noCache && age < e.freshnessMs + e.swrMs) {
-        this.#serve(x, e, 'STALE', 'stale', found.tier)
-        return this.#refreshInBackground(x, key, e)
+      // A stale L1 copy: another worker or instance may have refreshed it in L2 already (one revalidation for the
+      // fleet, not one per worker).
+      if (found.tier === 'l1' && this.#tiers.l2Ready) {
+        void this.#tiers.lookupL2(key, x.headers).then((inL2) => {
+          if (x.res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+          const fresher = inL2 !== null && inL2.entry.responseTime > e.responseTime ? inL2 : found
+          this.#decideStale(x, key, fresher, noCache)
+        })
+        return
       }
-      return this.#fetch(x, key, e, null)
+      return this.#decideStale(x, key, found, noCache)
     }
     if (x.method === 'HEAD') return this.#fetch(x, key, null, null)
     const waiting = this.#inflight.get(key)
@@ -268,6 +274,18 @@ export class HttpCache {
         this.#metrics.collapsed.inc()
         this.#serve(x, peer, 'HIT', 'hit', 'l2')
       })
+  }
+
+  /** A stored entry that is not fresh (or a client asked to revalidate): serve stale and refresh, or fetch. */
+  #decideStale(x: Exchange, key: string, found: Found, noCache: boolean): void {
+    const e = found.entry
+    const age = ageMs(e, x.time)
+    if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
+    if (!noCache && age < e.freshnessMs + e.swrMs) {
+      this.#serve(x, e, 'STALE', 'stale', found.tier)
+      return this.#refreshInBackground(x, key, e)
+    }
+    this.#fetch(x, key, e, null)
   }
 
   #afterWait(x: Exchange, key: string, entry: CacheEntry | null): void {

@@ -4,20 +4,13 @@ import { LRUCache } from 'lru-cache'
 import { compilePathGlob } from '../limiter/glob.js'
 import { decodeEntry, encodeEntry, entrySize, keepMs, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics } from './metrics.js'
+import { ENTRY_PREFIX, LEASE_PREFIX } from '../redis/keys.js'
 
 /**
  * The two tiers. L1: lru-cache in this worker, bounded in bytes and by each entry's usefulness (fresh + stale
  * windows). L2: Redis, shared by every worker and instance: one hash per URL, one field per Vary variant, holding
  * the binary-encoded entry. Lookup goes L1, then L2 (an L2 hit is promoted to L1). L2 errors are misses.
  */
-
-/** Redis key prefix of stored responses. */
-export const ENTRY_PREFIX = 'mp:c:'
-/** Redis key prefix of the short leases that collapse misses across workers and instances. */
-export const LEASE_PREFIX = 'mp:lease:'
-
-/** The Redis pub/sub channel that carries cache purges to every instance. */
-export const PURGE_CHANNEL = 'mp:cache:purge'
 
 /** A key matcher for a path glob, matched against a key's path (without the origin and the query). */
 export function pathGlobMatcher(origin: string, glob: string): ((key: string) => boolean) | string {

@@ -1,4 +1,5 @@
 import type { Redis } from 'ioredis'
+import { BUCKET_PREFIX } from '../redis/keys.js'
 import type { LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
 
 /**
@@ -14,8 +15,7 @@ import type { LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
  * would still use up budget, and it cannot grant a block of tokens sized by what is left.
  */
 
-/** Key prefix of every limiter bucket (a hash with fields w = window start, c = tokens granted). */
-export const BUCKET_PREFIX = 'mp:rl:'
+
 
 /*
  * KEYS[1]: the bucket. ARGV: limit, window ms, want, holders.
@@ -44,6 +44,22 @@ local remaining = left - grant
 if remaining < 0 then remaining = 0 end
 return {grant, remaining, start + win - now, start}
 `
+
+/**
+ * Deletes a rule's buckets (or one, when `bucket` is given) from Redis, one key per command (Cluster-ready);
+ * returns how many were deleted.
+ */
+export async function resetBuckets(redis: Redis, rule: string, bucket: string | undefined): Promise<number> {
+  if (bucket !== undefined) return redis.del(BUCKET_PREFIX + bucket)
+  let cleared = await redis.del(BUCKET_PREFIX + rule)
+  let cursor = '0'
+  do {
+    const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
+    cursor = next
+    for (const k of keys) cleared += await redis.del(k)
+  } while (cursor !== '0')
+  return cleared
+}
 
 /* KEYS[1]: the bucket. ARGV: window start, tokens. Gives tokens back if the window is still the bucket's. */
 const RELEASE_SCRIPT = `

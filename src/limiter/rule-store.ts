@@ -2,6 +2,7 @@ import type { Redis } from 'ioredis'
 import { ConfigError } from '../errors.js'
 import type { Cidr } from '../net/ip.js'
 import { parseIpList, parseRules, type RuleSpec } from './rules.js'
+import { RULES_CHANNEL, RULES_CURRENT_KEY as CURRENT_KEY, RULES_HISTORY_KEY as HISTORY_KEY, RULES_VERSION_KEY as VERSION_KEY } from '../redis/keys.js'
 
 /**
  * The versioned rule set behind the admin API: `PUT /api/limits` stores a new version, `GET /api/limits/history` lists
@@ -36,12 +37,6 @@ export interface CompiledVersion {
 }
 
 const DOC_KEYS = new Set(['limits', 'allow', 'deny'])
-export const RULES_CHANNEL = 'mp:limits:changed'
-/** Pub/sub channel: a rule's counters (or one bucket's) were reset; JSON {rule, bucket}. Workers drop their leases. */
-export const LIMITS_RESET_CHANNEL = 'mp:limits:reset'
-const VERSION_KEY = 'mp:limits:version'
-const CURRENT_KEY = 'mp:limits:current'
-const HISTORY_KEY = 'mp:limits:history'
 const HISTORY_KEEP = 100
 
 /** Validates a rule set exactly as the config file's `limits`, `allow` and `deny` are; throws ConfigError. */

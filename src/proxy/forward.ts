@@ -281,7 +281,19 @@ class ProxyHandler implements Dispatcher.DispatchHandler {
     headers: IncomingHttpHeaders,
     statusMessage?: string,
   ): void {
-    if (statusCode < 200) return // 1xx interim responses are the upstream connection's business
+    if (statusCode < 200) {
+      // Interim responses are never stored. 103 Early Hints go on to the client ahead of its answer (its Link fields);
+      // 100 and 102 concern the upstream connection only (Node answers a client's Expect itself).
+      const res = this.#res
+      if (statusCode === 103 && headers.link !== undefined && res !== null && !res.headersSent && !res.destroyed) {
+        try {
+          res.writeEarlyHints({ link: headers.link })
+        } catch {
+          // a Link value Node refuses to send: the hints are only hints
+        }
+      }
+      return
+    }
     this.#record(FAILING_STATUS.has(statusCode) ? 'route' : 'ok')
     this.#result.status = statusCode
     const res = this.#res

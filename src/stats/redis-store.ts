@@ -1,6 +1,7 @@
 import type { Redis } from 'ioredis'
 import type { StatsBatch } from './batch.js'
 import { RESOLUTION_MS, TOP_KEEP, type Bucket, type Resolution, type Retention, type StatsStore } from './store.js'
+import { STATS_PREFIX } from '../redis/keys.js'
 
 /**
  * Statistics in Redis, shared by every instance. Per bucket (`mp:st:<m|h>:<start ms>:`): a hash of counts by
@@ -9,7 +10,7 @@ import { RESOLUTION_MS, TOP_KEEP, type Bucket, type Resolution, type Retention, 
  * retention.
  */
 
-export const STATS_PREFIX = 'mp:st:'
+
 const RES_CODE: Record<Resolution, string> = { minute: 'm', hour: 'h' }
 const TOPS = ['ips', 'paths', 'pairs'] as const
 const TOP_SUFFIX: Record<(typeof TOPS)[number], string> = { ips: 'ip', paths: 'path', pairs: 'pair' }

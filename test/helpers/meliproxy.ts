@@ -167,7 +167,8 @@ export async function startMeliproxy(
     if (gone) return false
     try {
       const r = await admin(running, '/readyz')
-      return r.status === 200 && r.body?.workers?.listening === workers
+      // Redis is no reason for /readyz to fail; a test that configures it waits for the connection too.
+      return r.status === 200 && r.body?.workers?.listening === workers && r.body?.redis !== 'unreachable'
     } catch {
       return false
     }

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
+import { rawExchange } from '../helpers/raw.js'
 import { startMeliproxy, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -98,4 +99,47 @@ t.test('CDN-Cache-Control, and the operator\'s own targeted field, win over Cach
   t.equal(await twice('/cdn/no-store'), 'MISS', 'CDN-Cache-Control: no-store beats Cache-Control: max-age=600')
   t.equal(await twice('/cdn/longer'), 'HIT', 'CDN-Cache-Control: max-age beats Cache-Control: no-cache')
   t.equal(await twice('/cdn/ours'), 'MISS', 'the configured Meliproxy-Cache-Control beats CDN-Cache-Control')
+})
+
+t.test('after one worker revalidates a stale response (304), the other serves the refreshed copy from L2: one conditional request in all', async (t) => {
+  let conditional = 0
+  upstream.route('/reval', (req, res) => {
+    if (req.headers['if-none-match'] === '"v1"') {
+      conditional++
+      res.writeHead(304, { etag: '"v1"', 'cache-control': 'max-age=2' })
+      return res.end()
+    }
+    res.writeHead(200, { etag: '"v1"', 'cache-control': 'max-age=2' })
+    res.end('reval')
+  })
+  // Distinct source addresses make distinct connections, which the kernel spreads over both workers.
+  const sources = Array.from({ length: 8 }, (_, i) => `127.0.0.${120 + i}`)
+  for (const from of sources) await send(`${proxy.url}/reval/1`, { from })
+  t.equal(upstream.hits('/reval/1'), 1, 'stored once for both workers')
+  await new Promise((r) => setTimeout(r, 2_100)) // stale everywhere
+  const seen: (string | string[] | undefined)[] = []
+  for (const from of sources) seen.push((await send(`${proxy.url}/reval/1`, { from })).headers['x-cache'])
+  t.equal(conditional, 1, `one revalidation for both workers (answers: ${seen.join(', ')})`)
+  t.same(new Set(seen), new Set(['HIT']), 'every request answered from the cache')
+  await new Promise((r) => setTimeout(r, 200)) // the access log is written in batches
+  const workers = proxy.stdout
+    .filter((l) => l.includes('"path":"/reval/1"'))
+    .slice(-sources.length)
+    .map((l) => JSON.parse(l).worker as number)
+  t.equal(new Set(workers).size, 2, 'both workers answered after the response went stale')
+})
+
+t.test('an upstream 103 Early Hints reaches the client before its answer, and is never stored', async (t) => {
+  upstream.route('/hints', (_req, res) => {
+    res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style' })
+    setTimeout(() => {
+      res.writeHead(200, { 'cache-control': 'max-age=600' })
+      res.end('with hints')
+    }, 50)
+  })
+  const first = await rawExchange(proxy.port, 'GET /hints/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  t.match(first, /^HTTP\/1\.1 103 Early Hints\r\n[\s\S]*link: <\/style\.css>; rel=preload; as=style\r\n[\s\S]*HTTP\/1\.1 200 OK/i, '103 first, then 200')
+  const hit = await rawExchange(proxy.port, 'GET /hints/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+  t.match(hit, /^HTTP\/1\.1 200 OK/, 'the stored answer is the final one')
+  t.match(hit, /x-cache: HIT/i)
 })

@@ -1,0 +1,185 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
+import { Server as NetServer, type Socket } from 'node:net'
+import type { Config } from '../config.js'
+import { ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
+import type { Logger } from '../log.js'
+import { normalizeIp } from '../net/ip.js'
+import { Connections } from './connections.js'
+import { clientErrorResponse } from './guard.js'
+
+/**
+ * The proxy's HTTP/1.1 server in a worker: Node's server with our limits (header size and timeouts, a per-worker
+ * connection cap), pipelining order and closing (src/proxy/connections.ts), refusals of the parser and of CONNECT,
+ * and the drain. What to do with a request is the caller's (`serve`: the pipeline).
+ */
+
+/** While draining, a keep-alive socket idle this long is closed (see #drainStep). */
+const DRAIN_IDLE_MS = 1_000
+
+/** A refusal made before any pipeline stage saw a request, for the access log and metrics. */
+export interface EarlyRefusal {
+  readonly ip: string
+  readonly method: string
+  readonly path: string
+  readonly status: number
+  readonly bytes: number
+  readonly reason: string
+}
+
+/** What the server asks of the worker. */
+export interface ProxyServerHooks {
+  /** Serves a request accepted on its connection. */
+  serve(req: IncomingMessage, res: ServerResponse): void
+  /** A request or bytes refused before the pipeline: logged and counted by the worker. */
+  refused(r: EarlyRefusal): void
+  /** Requests being answered now. */
+  inFlight(): number
+  /** The drain is over (nothing in flight, no socket left, or the drain timeout passed). */
+  drained(): void
+}
+
+export class ProxyServer {
+  readonly #config: Config
+  readonly #hooks: ProxyServerHooks
+  readonly #log: Logger
+  readonly #server: Server
+  readonly #connections = new Connections()
+  /** Open client sockets and when each last started a request (for closing idle ones on drain). */
+  readonly #sockets = new Map<Socket, number>()
+  #draining = false
+  #drained = false
+
+  constructor(config: Config, hooks: ProxyServerHooks, log: Logger) {
+    this.#config = config
+    this.#hooks = hooks
+    this.#log = log
+    this.#server = createServer(
+      {
+        keepAliveTimeout: 5_000,
+        maxHeaderSize: config.maxHeaderSize,
+        headersTimeout: config.clientHeadersTimeout,
+        requestTimeout: config.clientRequestTimeout,
+        connectionsCheckingInterval: 1_000, // how often the two timeouts above are checked (Node's default is 30 s)
+        requireHostHeader: false, // the guard stage checks Host, so the refusal is logged and closes in order
+      },
+      this.#request,
+    )
+    this.#server.on('connection', this.#connection)
+    this.#server.on('clientError', this.#clientError)
+    this.#server.on('connect', this.#connect)
+  }
+
+  /** Listens on the configured address (the cluster shares the socket between workers). */
+  listen(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.#server.once('error', reject)
+      this.#server.listen(this.#config.port, this.#config.host, () => {
+        this.#server.off('error', reject)
+        resolve()
+      })
+    })
+  }
+
+  /** Every request Node parsed, in order per connection (pipelined ones too). */
+  readonly #request = (req: IncomingMessage, res: ServerResponse): void => {
+    if (!this.#connections.accept(req.socket, req, res)) {
+      // Pipelined after an answer that closes the connection: never processed, never answered, logged.
+      return this.#hooks.refused({
+        ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: 'after_close',
+      })
+    }
+    if (this.#draining) {
+      this.#sockets.set(req.socket, Date.now())
+      res.shouldKeepAlive = false
+    }
+    this.#hooks.serve(req, res)
+    // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
+    if (!res.shouldKeepAlive) this.#connections.closeAfter(req.socket)
+  }
+
+  readonly #connection = (socket: Socket): void => {
+    // A flood of connections: past the cap a worker closes new ones at once. (net.Server's maxConnections is not
+    // enforced for connections the cluster primary hands over.)
+    if (this.#sockets.size >= this.#config.maxConnections) {
+      socket.destroy()
+      return
+    }
+    this.#sockets.set(socket, Date.now())
+    socket.once('close', () => this.#sockets.delete(socket))
+  }
+
+  /**
+   * Bytes the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx after the answers
+   * to the requests pipelined before them, then close; logged and counted like any refused request.
+   */
+  readonly #clientError = (err: NodeJS.ErrnoException, socket: Socket): void => {
+    if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
+      socket.destroy() // the client went away: nothing to answer, nothing was requested
+      return
+    }
+    // Bytes after a request that asked to close: nothing is answered (the connection closes after that request's
+    // answer), as for a request pipelined after any closing answer.
+    const afterClose = err.code === 'HPE_CLOSED_CONNECTION'
+    const refusal = afterClose ? null : clientErrorResponse(err.code)
+    if (refusal === null) this.#connections.closeAfter(socket)
+    else this.#connections.refuse(socket, refusal.text)
+    this.#hooks.refused({
+      ip: normalizeIp(socket.remoteAddress ?? ''), method: '-', path: '-', status: refusal?.status ?? 0,
+      bytes: refusal?.text.length ?? 0, reason: afterClose ? 'after_close' : (err.code ?? 'parse_error'),
+    })
+    this.#log.debug('client error', { code: err.code })
+  }
+
+  /** CONNECT (a tunnel to somewhere else) is not something this proxy does. */
+  readonly #connect = (_req: IncomingMessage, socket: Socket): void => {
+    const body = errorBody(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))
+    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
+  }
+
+  /** True once a drain began. */
+  get draining(): boolean {
+    return this.#draining
+  }
+
+  /**
+   * Drain: stop accepting, let in-flight requests finish (their responses say Connection: close), then `drained`.
+   * net.Server's close is used instead of http.Server's: the latter also drops idle keep-alive sockets at once,
+   * which races with a client that is just sending its next request on one; here they get a short grace.
+   */
+  drain(reason: string): void {
+    if (this.#draining) return
+    this.#draining = true
+    this.#log.info('draining', { reason, inFlight: this.#hooks.inFlight(), timeoutMs: this.#config.drainTimeout })
+    NetServer.prototype.close.call(this.#server)
+    // Every open socket gets DRAIN_IDLE_MS from now: one in use will carry a Connection: close response by then.
+    const now = Date.now()
+    for (const s of this.#sockets.keys()) this.#sockets.set(s, now)
+    setInterval(this.#drainStep, 50)
+    setTimeout(() => {
+      this.#log.warn('drain timeout: closing remaining connections', { inFlight: this.#hooks.inFlight() })
+      this.#server.closeAllConnections()
+      this.#done()
+    }, this.#config.drainTimeout).unref()
+  }
+
+  /**
+   * While draining: a socket whose client keeps using it gets `Connection: close` on its next response and is
+   * closed after it. One left idle for DRAIN_IDLE_MS is closed here: closing a socket the instant it goes idle would
+   * race with a client sending its next request on it. Once nothing is in flight and no socket is left, done.
+   */
+  readonly #drainStep = (): void => {
+    const now = Date.now()
+    for (const [s, lastRequest] of this.#sockets) {
+      // node sets _httpMessage while a response is in progress on the socket.
+      const busy = (s as Socket & { _httpMessage?: unknown })._httpMessage != null
+      if (!busy && now - lastRequest >= DRAIN_IDLE_MS) s.destroy()
+    }
+    if (this.#hooks.inFlight() === 0 && this.#sockets.size === 0) this.#done()
+  }
+
+  #done(): void {
+    if (this.#drained) return
+    this.#drained = true
+    this.#hooks.drained()
+  }
+}

@@ -1,0 +1,26 @@
+/**
+ * Every Redis key prefix and pub/sub channel meliproxy uses, in one list. Each is owned by one module (named here),
+ * which alone builds and reads its keys.
+ */
+
+/** Limiter buckets (src/limiter/redis-pool.ts): hash `w` window start, `c` tokens granted; expire 1 s after the window. */
+export const BUCKET_PREFIX = 'mp:rl:'
+
+/** Rule sets (src/limiter/rule-store.ts): version counter, current version, history list; no expiry. */
+export const RULES_VERSION_KEY = 'mp:limits:version'
+export const RULES_CURRENT_KEY = 'mp:limits:current'
+export const RULES_HISTORY_KEY = 'mp:limits:history'
+/** Channel: a new rule set was stored (src/limiter/rule-store.ts); every primary re-reads it. */
+export const RULES_CHANNEL = 'mp:limits:changed'
+/** Channel: a rule's counters (or one bucket's) were reset; JSON {rule, bucket}; workers drop their leases. */
+export const LIMITS_RESET_CHANNEL = 'mp:limits:reset'
+
+/** Stored responses (src/cache/tiers.ts): hash per URL, a field per variant; expire with the entry, at most --cache-l2-ttl-cap. */
+export const ENTRY_PREFIX = 'mp:c:'
+/** Miss leases (src/cache/tiers.ts): SET NX PX, 3 s. */
+export const LEASE_PREFIX = 'mp:lease:'
+/** Channel: cache purges, JSON {keys} or {glob}; every worker drops them from L1. */
+export const PURGE_CHANNEL = 'mp:cache:purge'
+
+/** Statistics (src/stats/redis-store.ts): minute buckets (--stats-retention) and hourly rollups (--stats-rollup-retention). */
+export const STATS_PREFIX = 'mp:st:'
