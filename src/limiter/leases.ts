@@ -227,7 +227,12 @@ export class LeaseTable {
         else l.tokens = 0
         continue
       }
-      if (l.tokens === 0) continue
+      if (l.tokens === 0) {
+        // Nothing in hand: forget a bucket unused for a while (a per-client rule with a long window would otherwise
+        // keep one entry per client until the window ends).
+        if (now - l.lastUsed >= FORGET_MS && l.exhaustedUntil <= now) this.#leases.delete(key)
+        continue
+      }
       if (now - l.lastUsed >= IDLE_RETURN_MS) {
         this.#release(key, l, l.tokens)
       } else if (now - l.periodStart >= MAX_HOLD_MS) {

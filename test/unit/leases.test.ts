@@ -242,3 +242,15 @@ t.test('simulation, 100 instances x 8 workers: no window ever admits more than t
     )
   }
 })
+
+t.test('buckets nobody uses are forgotten, so per-client rules with long windows do not grow without bound', async (t) => {
+  let now = 1_000_000
+  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, events().sink, () => now)
+  for (let i = 0; i < 50; i++) await table.take([item(`client-${i}`, 600, 3_600_000)])
+  t.equal(table.size, 50)
+  for (let ms = 0; ms <= 6_000; ms += SWEEP_MS) {
+    now += SWEEP_MS
+    table.sweep()
+  }
+  t.equal(table.size, 0, 'idle leases gave their tokens back and were forgotten')
+})
