@@ -31,7 +31,7 @@ import {
   type LimitsResetMessage,
   type SetRulesMessage,
 } from './messages.js'
-import type { BreakerState } from './proxy/breaker.js'
+import { BreakerBoard } from './proxy/breaker-board.js'
 import { closeRedis, createRedis } from './redis/client.js'
 
 /**
@@ -85,8 +85,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let stopping = false
   let reloading = false
   let restartCount = 0
-  /** Each worker's circuit breakers as it last reported them (absent: closed): the upstream's, and open routes. */
-  const breakers = new Map<number, { upstream: BreakerState; routes: Map<string, BreakerState> }>()
+  /** Each worker's circuit breakers as it last reported them. */
+  const breakers = new BreakerBoard()
   const startedAt = Date.now()
 
   const registry = new Registry()
@@ -152,13 +152,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     'lease-release'(msg) {
       counter.release(msg.key, msg.windowStart, msg.tokens)
     },
-    breaker(msg, worker) {
-      let b = breakers.get(worker.id)
-      if (b === undefined) breakers.set(worker.id, (b = { upstream: 'closed', routes: new Map() }))
-      if (msg.route === null) b.upstream = msg.state
-      else if (msg.state === 'closed') b.routes.delete(msg.route)
-      else b.routes.set(msg.route, msg.state)
-    },
+    breaker: (msg, worker) => breakers.report(worker.id, msg),
     stats(msg) {
       collector?.add(msg.batches)
     },
@@ -235,7 +229,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   cluster.on('exit', (worker, code, signal) => {
     const state = workers.get(worker.id)
     workers.delete(worker.id)
-    breakers.delete(worker.id)
+    breakers.forget(worker.id)
     if (!state || state.retiring || stopping) {
       if (stopping && workers.size === 0) finishShutdown()
       return
@@ -379,22 +373,11 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       reasons,
       workers: { listening, desired: config.workers },
       redis: redisState,
-      upstreamBreaker: worstBreaker(),
-      openRoutes: openRoutes(),
+      upstreamBreaker: breakers.worstUpstream(),
+      openRoutes: breakers.openRoutes(),
     }
   }
 
-  function worstBreaker(): BreakerState {
-    const states = [...breakers.values()].map((b) => b.upstream)
-    return states.includes('open') ? 'open' : states.includes('half-open') ? 'half-open' : 'closed'
-  }
-
-  /** Routes whose breaker is open or half-open in some worker, sorted. */
-  function openRoutes(): string[] {
-    const all = new Set<string>()
-    for (const b of breakers.values()) for (const r of b.routes.keys()) all.add(r)
-    return [...all].sort()
-  }
 
   async function metrics(): Promise<{ contentType: string; body: string }> {
     const [cluster, own] = await Promise.all([aggregator.clusterMetrics(), registry.metrics()])
@@ -506,14 +489,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
         stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
         cache: { enabled: config.cache },
-        upstreamBreaker: {
-          state: worstBreaker(),
-          workers: Object.fromEntries([...breakers].map(([id, b]) => [id, b.upstream])),
-        },
-        routeBreakers: {
-          open: openRoutes(),
-          workers: Object.fromEntries([...breakers].map(([id, b]) => [id, Object.fromEntries(b.routes)])),
-        },
+        upstreamBreaker: { state: breakers.worstUpstream(), workers: breakers.perWorker().upstream },
+        routeBreakers: { open: breakers.openRoutes(), workers: breakers.perWorker().routes },
       }
     },
     get adminToken() {
