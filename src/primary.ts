@@ -6,21 +6,12 @@ import { AdminError, createAdminServer, type AdminSources, type Readiness } from
 import { createLogger, type Logger } from './log.js'
 import { leaseFigures } from './limiter/metrics.js'
 import { MemoryPool } from './limiter/pool.js'
-import { FALLBACK_PREFIX } from './limiter/limiter.js'
-import { resetBuckets } from './limiter/redis-pool.js'
-import {
-  compileVersion,
-  configVersion,
-  MemoryRuleStore,
-  RedisRuleStore,
-  type CompiledVersion,
-  type RuleStore,
-} from './limiter/rule-store.js'
+import { RulesController, withRules } from './limiter/rules-controller.js'
 import { StatsCollector } from './stats/collector.js'
 import { RedisStatsStore } from './stats/redis-store.js'
 import { MemoryStatsStore } from './stats/store.js'
 import { dropSharedMatching, pathGlobMatcher } from './cache/tiers.js'
-import { LIMITS_RESET_CHANNEL, PURGE_CHANNEL, RULES_CHANNEL } from './redis/keys.js'
+import { PURGE_CHANNEL } from './redis/keys.js'
 import {
   dispatch,
   type Handlers,
@@ -56,11 +47,6 @@ interface WorkerState {
   retiring: boolean
   /** The rule-set version it enforces. */
   rulesVersion: number
-}
-
-/** The config with another rule set in force. */
-function withRules(config: Config, rules: CompiledVersion): Config {
-  return { ...config, limits: rules.limits, allow: rules.allow, deny: rules.deny }
 }
 
 /** The longest rule window: buckets older than that are dropped from the primary's counter. */
@@ -116,34 +102,27 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   const statsTimer = setInterval(() => void collector?.flush(), STATS_FLUSH_MS)
   statsTimer.unref()
 
-  // Rule sets: version 0 is the config file's; the admin API stores newer ones (in Redis, shared by every instance).
-  const ruleStore: RuleStore = redis !== null ? new RedisRuleStore(redis) : new MemoryRuleStore()
-  let fileRules = configVersion(config.limits, config.allow, config.deny)
-  let rules: CompiledVersion = { version: fileRules, limits: config.limits, allow: config.allow, deny: config.deny }
-  const rulesSubscriber = redis === null ? null : createRedis(config, 'primary-sub', log, { enableOfflineQueue: true })
-  rulesSubscriber?.subscribe(RULES_CHANNEL, LIMITS_RESET_CHANNEL).catch(() => {})
-  rulesSubscriber?.on('message', (channel: string, text: string) => {
-    if (channel === RULES_CHANNEL) return void syncRules()
-    try {
-      const { rule, bucket } = JSON.parse(text) as { rule: string; bucket: string | null }
-      tellWorkersReset(rule, bucket)
-    } catch {
-      log.warn('ignored a malformed limits-reset message')
-    }
-  })
-
-  /** Every worker of this instance drops its leases of a reset rule or bucket. */
-  function tellWorkersReset(rule: string, bucket: string | null): void {
-    const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
-    for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
-  }
-  // On every (re)connect: a change made while this instance could not hear it is picked up.
-  redis?.on('ready', () => void syncRules())
-
   // The instance's own limiter pool: the only one without Redis, the fallback with it (see src/limiter).
   const counter = new MemoryPool()
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
   sweep.unref()
+
+  // Rule sets: the config file's, or one stored through the admin API (src/limiter/rules-controller.ts).
+  const rulesSubscriber = redis === null ? null : createRedis(config, 'primary-sub', log, { enableOfflineQueue: true })
+  const rulesCtl = new RulesController(config, {
+    redis,
+    subscriber: rulesSubscriber,
+    pool: counter,
+    log,
+    apply(next) {
+      config = withRules(config, next)
+      for (const w of workers.values()) sendRules(w)
+    },
+    dropLeases(rule, bucket) {
+      const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
+      for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+    },
+  })
   const fromWorkers: Handlers<ToPrimary, [Worker]> = {
     'lease-acquire'(msg, worker) {
       const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: counter.acquire(msg.req) }
@@ -171,13 +150,13 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
 
   function fork(cfg: Config): WorkerState {
     const worker = cluster.fork({ [WORKER_CONFIG_ENV]: encodeConfig(cfg) })
-    const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false, rulesVersion: rules.version.version }
+    const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false, rulesVersion: rulesCtl.current.version.version }
     workers.set(worker.id, state)
     worker.on('listening', () => {
       state.listening = true
       log.debug('worker listening', { worker: worker.id, pid: worker.process.pid })
       // Rules that changed while it started (its config was taken at fork time).
-      if (state.rulesVersion !== rules.version.version) sendRules(state)
+      if (state.rulesVersion !== rulesCtl.current.version.version) sendRules(state)
     })
     return state
   }
@@ -185,6 +164,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   /** Tells a listening worker to enforce the current rule set (one still starting hears it once it listens). */
   function sendRules(state: WorkerState): void {
     if (!state.listening || !state.worker.isConnected()) return
+    const rules = rulesCtl.current
     const msg: SetRulesMessage = {
       meliproxy: 'set-rules',
       version: rules.version.version,
@@ -194,23 +174,6 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     }
     state.worker.send(msg)
     state.rulesVersion = rules.version.version
-  }
-
-  function applyRules(next: CompiledVersion): void {
-    rules = next
-    config = withRules(config, next)
-    for (const w of workers.values()) sendRules(w)
-    log.info('rules applied', { version: next.version.version, source: next.version.source, rules: next.limits.length })
-  }
-
-  /** Applies the stored rule set when it differs from the one in force. */
-  async function syncRules(): Promise<void> {
-    try {
-      const stored = await ruleStore.current()
-      if (stored !== null && stored.version !== rules.version.version) applyRules(compileVersion(stored))
-    } catch (err) {
-      log.warn('could not read the stored rule set; the current one stays', { error: (err as Error).message })
-    }
   }
 
   function scheduleRespawn(): void {
@@ -282,13 +245,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         })
         return
       }
-      fileRules = configVersion(next.limits, next.allow, next.deny)
-      if (rules.version.version > 0) {
-        log.info('reload keeps the rule set stored through the admin API', { version: rules.version.version })
-        next = withRules(next, rules)
-      } else {
-        rules = { version: fileRules, limits: next.limits, allow: next.allow, deny: next.deny }
-      }
+      next = rulesCtl.reload(next)
       log.info('reloading: replacing workers one at a time', { workers: next.workers })
       const old = [...workers.values()].filter((w) => !w.retiring)
       config = next
@@ -397,24 +354,6 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     return { removed }
   }
 
-  /**
-   * Clears a rule's counters (or one bucket's) here and in Redis; every worker of every instance then drops its
-   * leases of them (through pub/sub with Redis, which reaches this instance too; by IPC without).
-   */
-  async function resetLimit(rule: string, key: string | null): Promise<number> {
-    const bucket = key === null ? undefined : `${rule}|${key}`
-    let cleared = counter.reset(rule, bucket) + counter.reset(FALLBACK_PREFIX + rule, bucket && FALLBACK_PREFIX + bucket)
-    if (redis === null) {
-      tellWorkersReset(rule, bucket ?? null)
-      return cleared
-    }
-    if (redis.status !== 'ready') throw new AdminError('redis_unavailable', 'Redis is not reachable: counters there were not reset')
-    cleared += await resetBuckets(redis, rule, bucket)
-    await redis.publish(LIMITS_RESET_CHANNEL, JSON.stringify({ rule, bucket: bucket ?? null }))
-    log.info('limit counters reset', { rule, key, cleared })
-    return cleared
-  }
-
   /** The workers' lease figures; null when they do not all answer within 500 ms (e.g. while workers crash-loop). */
   async function limiterFigures(): Promise<ReturnType<typeof leaseFigures> | null> {
     const text = await Promise.race([
@@ -446,25 +385,10 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         throw new AdminError('redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
       }
     },
-    limits: () => rules.version,
-    async putLimits(doc, source) {
-      let stored
-      try {
-        stored = await ruleStore.put(doc, source)
-      } catch (err) {
-        throw new AdminError('redis_unavailable', `the rule set could not be stored: ${(err as Error).message}`)
-      }
-      applyRules(compileVersion(stored))
-      return stored
-    },
-    async limitsHistory() {
-      try {
-        return [...(await ruleStore.history()), fileRules]
-      } catch (err) {
-        throw new AdminError('redis_unavailable', `the history could not be read: ${(err as Error).message}`)
-      }
-    },
-    resetLimit,
+    limits: () => rulesCtl.current.version,
+    putLimits: (doc, source) => rulesCtl.put(doc, source),
+    limitsHistory: () => rulesCtl.history(),
+    resetLimit: (rule, key) => rulesCtl.reset(rule, key),
     async status() {
       const sentinel = config.redisSentinels.length > 0
       return {
@@ -486,7 +410,12 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
           role: await redisRole(),
         },
         limiter: await limiterFigures(),
-        rules: { version: rules.version.version, source: rules.version.source, updatedAt: rules.version.updatedAt, count: rules.limits.length },
+        rules: {
+          version: rulesCtl.current.version.version,
+          source: rulesCtl.current.version.source,
+          updatedAt: rulesCtl.current.version.updatedAt,
+          count: rulesCtl.current.limits.length,
+        },
         stats: { enabled: collector !== null, store: collector?.storeKind ?? null, dropped: collector?.dropped ?? 0 },
         cache: { enabled: config.cache },
         upstreamBreaker: { state: breakers.worstUpstream(), workers: breakers.perWorker().upstream },
