@@ -1,7 +1,8 @@
 import cluster, { type Worker } from 'node:cluster'
+import { Supervisor, type WorkerState } from './cluster/supervisor.js'
 import type { Server } from 'node:http'
 import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
-import { encodeConfig, isLoopback, WORKER_CONFIG_ENV, type Config } from './config.js'
+import { isLoopback, type Config } from './config.js'
 import { AdminError, createAdminServer, type AdminSources, type Readiness } from './admin/server.js'
 import { createLogger, type Logger } from './log.js'
 import { leaseFigures } from './limiter/metrics.js'
@@ -17,7 +18,6 @@ import {
   type Handlers,
   type ToPrimary,
   type CachePurgeMessage,
-  type DrainMessage,
   type LeaseGrantMessage,
   type LimitsResetMessage,
   type SetRulesMessage,
@@ -31,23 +31,8 @@ import { closeRedis, createRedis } from './redis/client.js'
  * admin listener with metrics aggregated from every worker.
  */
 
-/** A worker that lived less than this counts as a crash at start. */
-const SHORT_LIFE_MS = 5_000
-const MAX_BACKOFF_MS = 30_000
-/** How long a new worker may take to listen during a reload before the reload is abandoned. */
-const LISTEN_TIMEOUT_MS = 10_000
 /** How often the statistics the workers sent are written to the store. */
 const STATS_FLUSH_MS = 1_000
-
-interface WorkerState {
-  readonly worker: Worker
-  readonly startedAt: number
-  listening: boolean
-  /** Set when we asked it to drain: its exit is expected and not replaced. */
-  retiring: boolean
-  /** The rule-set version it enforces. */
-  rulesVersion: number
-}
 
 /** The longest rule window: buckets older than that are dropped from the primary's counter. */
 function maxWindowMs(config: Config): number {
@@ -65,12 +50,7 @@ export interface PrimaryOptions {
 export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let config = options.config
   const log: Logger = createLogger(config.logLevel, process.stderr, { role: 'primary', pid: process.pid })
-  const workers = new Map<number, WorkerState>()
-  let crashes = 0
-  let respawnTimer: NodeJS.Timeout | null = null
-  let stopping = false
   let reloading = false
-  let restartCount = 0
   /** Each worker's circuit breakers as it last reported them. */
   const breakers = new BreakerBoard()
   const startedAt = Date.now()
@@ -87,7 +67,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     help: 'Workers currently serving the proxy port',
     registers: [registry],
     collect() {
-      this.set(countListening())
+      this.set(supervisor.listening)
     },
   })
   void listeningGauge
@@ -116,13 +96,29 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     log,
     apply(next) {
       config = withRules(config, next)
-      for (const w of workers.values()) sendRules(w)
+      for (const w of supervisor.all()) sendRules(w)
     },
     dropLeases(rule, bucket) {
       const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
-      for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+      for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
     },
   })
+
+  // The workers (src/cluster/supervisor.ts): forked, replaced when they die, replaced one by one on reload.
+  const supervisor: Supervisor = new Supervisor(
+    {
+      config: () => config,
+      rulesVersion: () => rulesCtl.current.version.version,
+      // Rules that changed while it started (its config was taken at fork time).
+      listening: (state) => {
+        if (state.rulesVersion !== rulesCtl.current.version.version) sendRules(state)
+      },
+      exited: (id) => breakers.forget(id),
+      restarted: () => restarts.inc(),
+      stopped: () => finishShutdown(),
+    },
+    log,
+  )
   const fromWorkers: Handlers<ToPrimary, [Worker]> = {
     'lease-acquire'(msg, worker) {
       const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: counter.acquire(msg.req) }
@@ -137,29 +133,10 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     },
     'cache-purge'(msg) {
       // One worker's invalidation reaches every worker of this instance (Redis pub/sub reaches other instances).
-      for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+      for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
     },
   }
   cluster.on('message', (worker, msg: unknown) => dispatch(fromWorkers, msg, worker))
-
-  function countListening(): number {
-    let n = 0
-    for (const w of workers.values()) if (w.listening && !w.retiring) n++
-    return n
-  }
-
-  function fork(cfg: Config): WorkerState {
-    const worker = cluster.fork({ [WORKER_CONFIG_ENV]: encodeConfig(cfg) })
-    const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false, rulesVersion: rulesCtl.current.version.version }
-    workers.set(worker.id, state)
-    worker.on('listening', () => {
-      state.listening = true
-      log.debug('worker listening', { worker: worker.id, pid: worker.process.pid })
-      // Rules that changed while it started (its config was taken at fork time).
-      if (state.rulesVersion !== rulesCtl.current.version.version) sendRules(state)
-    })
-    return state
-  }
 
   /** Tells a listening worker to enforce the current rule set (one still starting hears it once it listens). */
   function sendRules(state: WorkerState): void {
@@ -176,64 +153,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     state.rulesVersion = rules.version.version
   }
 
-  function scheduleRespawn(): void {
-    if (stopping || respawnTimer !== null) return
-    const missing = config.workers - [...workers.values()].filter((w) => !w.retiring).length
-    if (missing <= 0) return
-    const delay = crashes === 0 ? 0 : Math.min(100 * 2 ** (crashes - 1), MAX_BACKOFF_MS)
-    if (crashes > 0) log.warn('worker crash loop: backing off before respawn', { crashes, delayMs: delay })
-    respawnTimer = setTimeout(() => {
-      respawnTimer = null
-      if (stopping) return
-      for (let i = 0; i < missing; i++) fork(config)
-    }, delay)
-  }
-
-  cluster.on('exit', (worker, code, signal) => {
-    const state = workers.get(worker.id)
-    workers.delete(worker.id)
-    breakers.forget(worker.id)
-    if (!state || state.retiring || stopping) {
-      if (stopping && workers.size === 0) finishShutdown()
-      return
-    }
-    const lived = Date.now() - state.startedAt
-    crashes = lived < SHORT_LIFE_MS ? crashes + 1 : 0
-    restarts.inc()
-    restartCount++
-    log.error('worker died, replacing it', { worker: worker.id, pid: worker.process.pid, code, signal, livedMs: lived })
-    scheduleRespawn()
-  })
-
-  /** Forks a replacement with `cfg`, waits until it listens, then drains `old`. Rejects if it never listens. */
-  function replace(old: WorkerState, cfg: Config): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const fresh = fork(cfg)
-      const timer = setTimeout(() => {
-        fresh.retiring = true
-        fresh.worker.process.kill('SIGKILL')
-        reject(new Error(`new worker did not listen within ${LISTEN_TIMEOUT_MS} ms`))
-      }, LISTEN_TIMEOUT_MS)
-      fresh.worker.once('listening', () => {
-        clearTimeout(timer)
-        drainWorker(old)
-        resolve()
-      })
-      fresh.worker.once('exit', () => {
-        clearTimeout(timer)
-        reject(new Error('new worker exited before listening'))
-      })
-    })
-  }
-
-  function drainWorker(state: WorkerState): void {
-    state.retiring = true
-    const msg: DrainMessage = { meliproxy: 'drain' }
-    if (state.worker.isConnected()) state.worker.send(msg)
-  }
-
   async function reload(): Promise<void> {
-    if (reloading || stopping) return
+    if (reloading || supervisor.stopping) return
     reloading = true
     try {
       let next: Config
@@ -247,13 +168,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       }
       next = rulesCtl.reload(next)
       log.info('reloading: replacing workers one at a time', { workers: next.workers })
-      const old = [...workers.values()].filter((w) => !w.retiring)
       config = next
-      for (let i = 0; i < old.length; i++) {
-        if (i < next.workers) await replace(old[i]!, next)
-        else drainWorker(old[i]!)
-      }
-      for (let i = old.length; i < next.workers; i++) fork(next)
+      await supervisor.replaceAll(next)
       log.info('reload complete', { workers: next.workers })
     } catch (err) {
       log.error('reload failed part-way; remaining old workers keep serving', { error: (err as Error).message })
@@ -266,31 +182,20 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   let shutdownResolve: (() => void) | null = null
 
   function shutdown(signal: string): void {
-    if (stopping) {
+    if (supervisor.stopping) {
       log.warn('second signal: exiting now', { signal })
-      for (const w of workers.values()) w.worker.process.kill('SIGKILL')
+      supervisor.kill()
       process.exit(1)
     }
-    stopping = true // from now on /readyz answers 503, so a load balancer stops sending here
-    if (respawnTimer !== null) clearTimeout(respawnTimer)
     log.info('shutting down', {
       signal,
-      workers: workers.size,
+      workers: supervisor.active().length,
       shutdownDelayMs: config.shutdownDelay,
       drainTimeoutMs: config.drainTimeout,
     })
-    const drainAll = (): void => {
-      for (const w of workers.values()) drainWorker(w)
-      // A worker that ignores the drain is killed after the drain timeout plus a margin.
-      setTimeout(() => {
-        for (const w of workers.values()) w.worker.process.kill('SIGKILL')
-      }, config.drainTimeout + 2_000).unref()
-      if (workers.size === 0) finishShutdown()
-    }
-    // The workers keep serving for --shutdown-delay while the load balancer notices the failing /readyz; closing
-    // sooner races with requests it is still sending on its pooled connections.
-    if (config.shutdownDelay > 0) setTimeout(drainAll, config.shutdownDelay)
-    else drainAll()
+    // From now on /readyz answers 503, so a load balancer stops sending here. The workers keep serving for
+    // --shutdown-delay while it notices; closing sooner races with requests it is still sending on pooled connections.
+    supervisor.stop(config.shutdownDelay, config.drainTimeout)
   }
 
   function finishShutdown(): void {
@@ -308,9 +213,9 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   }
 
   async function readiness(): Promise<Readiness> {
-    const listening = countListening()
+    const listening = supervisor.listening
     const reasons: string[] = []
-    if (stopping) reasons.push('shutting down')
+    if (supervisor.stopping) reasons.push('shutting down')
     if (listening === 0) reasons.push('no worker is listening')
     let redisState: Readiness['redis'] = 'not configured'
     if (redis !== null) {
@@ -346,7 +251,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     const match = pathGlobMatcher(config.upstream, glob)
     if (typeof match === 'string') return { invalid: match }
     const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge: { glob } }
-    for (const w of workers.values()) if (w.worker.isConnected()) w.worker.send(msg)
+    for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
     if (redis === null || redis.status !== 'ready') return { removed: 0 }
     await redis.publish(PURGE_CHANNEL, JSON.stringify({ glob }))
     const removed = await dropSharedMatching(redis, match)
@@ -399,9 +304,9 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
         upstream: config.upstream,
         workers: {
           desired: config.workers,
-          listening: countListening(),
-          restarts: restartCount,
-          pids: [...workers.values()].filter((w) => !w.retiring).map((w) => w.worker.process.pid),
+          listening: supervisor.listening,
+          restarts: supervisor.restarts,
+          pids: supervisor.active().map((w) => w.worker.process.pid),
         },
         redis: {
           configured: redis !== null,
@@ -450,7 +355,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   process.on('SIGINT', () => shutdown('SIGINT'))
   process.on('SIGHUP', () => void reload())
 
-  for (let i = 0; i < config.workers; i++) fork(config)
+  supervisor.start(config.workers)
   await new Promise<void>((resolve) => {
     shutdownResolve = resolve
   })
