@@ -1,4 +1,5 @@
 import cluster, { type Worker } from 'node:cluster'
+import { randomUUID } from 'node:crypto'
 import { Supervisor, type WorkerState } from './cluster/supervisor.js'
 import type { Server } from 'node:http'
 import { AggregatorRegistry, Counter, Gauge, Registry } from 'prom-client'
@@ -11,6 +12,7 @@ import { RulesController, withRules } from './limiter/rules-controller.js'
 import { StatsCollector } from './stats/collector.js'
 import { RedisStatsStore } from './stats/redis-store.js'
 import { MemoryStatsStore } from './stats/store.js'
+import type { Purge } from './cache/http-cache.js'
 import { dropSharedMatching, pathGlobMatcher } from './cache/tiers.js'
 import { PURGE_CHANNEL } from './redis/keys.js'
 import {
@@ -87,8 +89,9 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   const sweep = setInterval(() => counter.sweep(maxWindowMs(config)), 10_000)
   sweep.unref()
 
-  // Rule sets: the config file's, or one stored through the admin API (src/limiter/rules-controller.ts).
+  // One connection for the channels (a subscribed client can do nothing else): rules, resets, cache purges.
   const rulesSubscriber = redis === null ? null : createRedis(config, 'primary-sub', log, { enableOfflineQueue: true })
+  // Rule sets: the config file's, or one stored through the admin API (src/limiter/rules-controller.ts).
   const rulesCtl = new RulesController(config, {
     redis,
     subscriber: rulesSubscriber,
@@ -102,6 +105,31 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
       const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
       for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
     },
+  })
+
+  /**
+   * Cache purges have one owner, this primary: each worker of this instance drops the keys once (not the worker that
+   * sent them, which already did), and other instances hear of it on the channel, tagged with this instance's id so
+   * that this instance ignores its own message. (An older instance reads the same message: keys or glob, and `from`.)
+   */
+  const instanceId = randomUUID()
+  function fanOutPurge(purge: Purge, sender: number | null): void {
+    deliverPurge(purge, sender)
+    redis?.publish(PURGE_CHANNEL, JSON.stringify({ ...purge, from: instanceId })).catch(() => {})
+  }
+  function deliverPurge(purge: Purge, except: number | null): void {
+    const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
+    for (const w of supervisor.all()) if (w.worker.id !== except && w.worker.isConnected()) w.worker.send(msg)
+  }
+  rulesSubscriber?.subscribe(PURGE_CHANNEL).catch(() => {})
+  rulesSubscriber?.on('message', (channel: string, text: string) => {
+    if (channel !== PURGE_CHANNEL) return
+    try {
+      const m = JSON.parse(text) as Purge & { from?: string }
+      if (m.from !== instanceId) deliverPurge({ keys: m.keys, glob: m.glob }, null)
+    } catch {
+      log.warn('ignored a malformed cache purge message')
+    }
   })
 
   // The workers (src/cluster/supervisor.ts): forked, replaced when they die, replaced one by one on reload.
@@ -131,10 +159,7 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
     stats(msg) {
       collector?.add(msg.batches)
     },
-    'cache-purge'(msg) {
-      // One worker's invalidation reaches every worker of this instance (Redis pub/sub reaches other instances).
-      for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
-    },
+    'cache-purge': (msg, worker) => fanOutPurge(msg.purge, worker.id),
   }
   cluster.on('message', (worker, msg: unknown) => dispatch(fromWorkers, msg, worker))
 
@@ -250,10 +275,8 @@ export async function startPrimary(options: PrimaryOptions): Promise<void> {
   async function purgeCache(glob: string): Promise<{ removed: number } | { invalid: string }> {
     const match = pathGlobMatcher(config.upstream, glob)
     if (typeof match === 'string') return { invalid: match }
-    const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge: { glob } }
-    for (const w of supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
+    fanOutPurge({ glob }, null)
     if (redis === null || redis.status !== 'ready') return { removed: 0 }
-    await redis.publish(PURGE_CHANNEL, JSON.stringify({ glob }))
     const removed = await dropSharedMatching(redis, match)
     log.info('cache purged', { glob, removedFromL2: removed })
     return { removed }

@@ -31,7 +31,6 @@ import { Pipeline } from './pipeline/pipeline.js'
 import { Upstream } from './pipeline/upstream.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { Tiers } from './cache/tiers.js'
-import { PURGE_CHANNEL } from './redis/keys.js'
 import { RetryBudget } from './proxy/breaker.js'
 import { Breakers } from './proxy/breakers.js'
 import { Forwarder, type ForwardResult } from './proxy/forward.js'
@@ -126,10 +125,10 @@ export async function startWorker(config: Config): Promise<void> {
   const cacheIO: CacheIO = {
     fetch: (x, opts, done) => upstream.fetch(x, opts, done),
     finish: (x, result) => pipeline.finish(x, result),
+    // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
     publishPurge: (purge: Purge) => {
       const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
-      process.send!(msg)
-      redis?.publish(PURGE_CHANNEL, JSON.stringify(purge)).catch(() => cacheMetrics.l2Errors.inc())
+      if (process.connected) process.send!(msg)
     },
   }
   const cache = config.cache
@@ -146,18 +145,6 @@ export async function startWorker(config: Config): Promise<void> {
         cacheMetrics,
       )
     : null
-  // Purges from other instances arrive on a subscriber connection of their own (a subscribed client can do nothing else).
-  const subscriber = cache === null ? null : createRedis(config, `worker-${workerId}-sub`, log, { enableOfflineQueue: true })
-  if (subscriber !== null && cache !== null) {
-    subscriber.subscribe(PURGE_CHANNEL).catch(() => {})
-    subscriber.on('message', (_channel: string, text: string) => {
-      try {
-        cache.dropLocal(JSON.parse(text) as Purge)
-      } catch {
-        log.warn('ignored a malformed cache purge message')
-      }
-    })
-  }
 
   const stats = config.stats ? new StatsRecorder(routes) : null
   /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
@@ -237,7 +224,6 @@ export async function startWorker(config: Config): Promise<void> {
     log.info('drained, exiting')
     limiter.releaseAll() // tokens in hand go back before the connection closes
     closeRedis(redis)
-    closeRedis(subscriber)
     setTimeout(() => process.exit(0), 1_000).unref()
     // The last statistics reach the primary before the worker goes.
     void Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))]).finally(() => process.exit(0))

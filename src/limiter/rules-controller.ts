@@ -53,6 +53,7 @@ export class RulesController {
     deps.subscriber?.subscribe(RULES_CHANNEL, LIMITS_RESET_CHANNEL).catch(() => {})
     deps.subscriber?.on('message', (channel: string, text: string) => {
       if (channel === RULES_CHANNEL) return void this.sync()
+      if (channel !== LIMITS_RESET_CHANNEL) return // the connection carries other owners' channels too
       try {
         const { rule, bucket } = JSON.parse(text) as { rule: string; bucket: string | null }
         deps.dropLeases(rule, bucket)
