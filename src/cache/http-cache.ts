@@ -1,7 +1,7 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Exchange } from '../exchange.js'
 import { compilePathGlob } from '../limiter/glob.js'
-import type { ForwardDone, ForwardResult, ResponseTap } from '../proxy/forward.js'
+import { answered, type ForwardDone, type ForwardResult, type ResponseTap } from '../proxy/forward.js'
 import { ageMs, ownBytes, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
 import { initialAgeMs, requestDirectives, responsePolicy, type StoreRules } from './policy.js'
@@ -236,7 +236,7 @@ export class HttpCache {
   }
 
   #decide(x: Exchange, key: string, found: Found | null, noCache: boolean): void {
-    if (x.res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+    if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
     if (found !== null) {
       const e = found.entry
       const age = ageMs(e, x.time)
@@ -245,7 +245,7 @@ export class HttpCache {
       // fleet, not one per worker).
       if (found.tier === 'l1' && this.#tiers.l2Ready) {
         void this.#tiers.lookupL2(key, x.headers).then((inL2) => {
-          if (x.res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+          if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
           const fresher = inL2 !== null && inL2.entry.responseTime > e.responseTime ? inL2 : found
           this.#decideStale(x, key, fresher, noCache)
         })
@@ -358,7 +358,7 @@ export class HttpCache {
     const res = x.res
     x.cache = label
     this.#metrics.request(result, tier)
-    if (res.destroyed) return this.#io.finish(x, { status: 0, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+    if (res.destroyed) return this.#io.finish(x, answered(0, 0))
     const age = String(Math.floor(ageMs(e, x.time) / 1000))
     if (this.#notModified(x.headers, e)) {
       const headers: string[] = []
@@ -369,7 +369,7 @@ export class HttpCache {
       if (x.rateHeaders !== null) headers.push(...x.rateHeaders)
       res.writeHead(304, headers)
       res.end()
-      return this.#io.finish(x, { status: 304, bytes: 0, upstreamMs: null, error: null, forwarded: false })
+      return this.#io.finish(x, answered(304, 0))
     }
     let headers: string[]
     if (x.rateHeaders === null) {
@@ -383,7 +383,7 @@ export class HttpCache {
     res.writeHead(e.status, e.statusMessage, headers)
     const head = x.method === 'HEAD'
     res.end(head ? undefined : e.body)
-    this.#io.finish(x, { status: e.status, bytes: head ? 0 : e.body.length, upstreamMs: null, error: null, forwarded: false })
+    this.#io.finish(x, answered(e.status, head ? 0 : e.body.length))
   }
 
   #notModified(h: IncomingHttpHeaders, e: CacheEntry): boolean {

@@ -2,7 +2,8 @@ import type { Exchange } from '../exchange.js'
 import type { Limiter, Verdict } from '../limiter/limiter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from '../limiter/response.js'
 import type { Logger } from '../log.js'
-import { answered, type Pipeline, type Stage } from './pipeline.js'
+import { answered } from '../proxy/forward.js'
+import type { Pipeline, Stage } from './pipeline.js'
 
 /**
  * The rate limits: a request no rule governs goes on at once; one whose tokens are in hand is decided

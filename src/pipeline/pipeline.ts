@@ -1,6 +1,6 @@
 import type { MeliproxyError } from '../errors.js'
 import type { Exchange } from '../exchange.js'
-import { sendError, type ForwardResult } from '../proxy/forward.js'
+import { answered, sendError, type ForwardResult } from '../proxy/forward.js'
 
 /**
  * The request path as an ordered list of named stages (src/worker.ts lists them). A stage looks at the exchange and
@@ -17,11 +17,6 @@ export type Stage = (x: Exchange, p: Pipeline) => void
 
 /** Records a finished exchange (metrics, statistics, access log). */
 export type Recorder = (x: Exchange, result: ForwardResult) => void
-
-/** The result of an exchange the proxy answered itself, without the upstream. */
-export function answered(status: number, bytes: number): ForwardResult {
-  return { status, bytes, upstreamMs: null, error: null, forwarded: false }
-}
 
 export class Pipeline {
   /** The stage names, in order (for logs, tests and readers). */
@@ -59,10 +54,10 @@ export class Pipeline {
   }
 
   /** Answers with an error the proxy decided on (no upstream call), and finishes. */
-  reject(x: Exchange, err: MeliproxyError, extraHeaders?: readonly string[]): void {
+  reject(x: Exchange, err: MeliproxyError): void {
     x.reason = err.code
     this.#onRefused(x, err)
-    const bytes = sendError(x.res, err, extraHeaders)
+    const bytes = sendError(x.res, err)
     this.finish(x, answered(err.status, bytes))
   }
 

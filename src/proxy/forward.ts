@@ -51,6 +51,11 @@ export interface ForwardResult {
   forwarded: boolean
 }
 
+/** The result of an exchange answered without the upstream (from the cache, or refused): `status` and `bytes` sent. */
+export function answered(status: number, bytes: number): ForwardResult {
+  return { status, bytes, upstreamMs: null, error: null, forwarded: false }
+}
+
 /** Called once per forward. */
 export type ForwardDone = (result: ForwardResult) => void
 
