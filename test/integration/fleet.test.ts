@@ -43,6 +43,10 @@ else {
     fleet.stdout!.on('data', (c: Buffer) => (out += c))
     fleet.stderr!.on('data', (c: Buffer) => (out += c))
     const exited = new Promise<number | null>((r) => fleet.once('exit', (code) => r(code)))
+    // Should an assertion below throw, the fleet still stops everything it started.
+    t.teardown(() => {
+      if (fleet.exitCode === null && fleet.signalCode === null) fleet.kill('SIGINT')
+    })
     t.ok(await waitFor(() => out.includes('meliproxy fleet ready'), 40_000), `the fleet says it is ready:\n${out}`)
     t.match(out, /instance 2: proxy http:\/\/127\.0\.0\.1:\d+, admin and dashboard/, 'it prints where each instance listens')
     t.match(out, /dashboard: http:\/\/127\.0\.0\.1:\d+\//, 'and the dashboard')

@@ -106,6 +106,7 @@ t.test('--headers-with-underscores: allow forwards, drop leaves out, reject answ
   t.ok(names(allowed.body).includes('transfer_encoding'), 'allow (the default): forwarded as it is')
   for (const action of ['drop', 'reject'] as const) {
     const p = await startMeliproxy(['--upstream', upstream.url, '--headers-with-underscores', action], { workers: 1 })
+    t.teardown(() => p.stop()) // also when an assertion below throws
     const got = responses(await rawExchange(p.port, req))[0]!
     if (action === 'drop') {
       t.equal(got.status, 200)
@@ -115,7 +116,6 @@ t.test('--headers-with-underscores: allow forwards, drop leaves out, reject answ
       t.equal(got.status, 400, 'reject: 400')
       t.match(JSON.parse(got.body).message, 'Transfer_Encoding')
     }
-    await p.stop()
   }
 })
 
