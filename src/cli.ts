@@ -3,8 +3,8 @@ import { readFileSync } from 'node:fs'
 import { Command, CommanderError, Option } from 'commander'
 import { loadConfig, OPTIONS, workerConfigFromEnv, type Config } from './config.js'
 import { ConfigError } from './errors.js'
-import { startPrimary } from './primary.js'
-import { startWorker } from './worker.js'
+import { Primary } from './primary.js'
+import { Worker } from './worker.js'
 
 /**
  * The edge: the `meliproxy` command. In the primary it parses flags and the environment into a Config and starts
@@ -58,8 +58,12 @@ function fail(message: string): never {
 /** Runs the command line. */
 export async function main(argv: string[], env: NodeJS.ProcessEnv): Promise<void> {
   if (cluster.isWorker) {
-    await startWorker(workerConfigFromEnv(env))
-    return
+    const worker = new Worker(workerConfigFromEnv(env))
+    process.on('SIGTERM', () => worker.close('SIGTERM'))
+    process.on('SIGINT', () => worker.close('SIGINT'))
+    await worker.start()
+    await worker.closed
+    process.exit(0)
   }
   const ver = version()
   const program = buildProgram(ver)
@@ -75,6 +79,10 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv): Promise<void
     if (err instanceof ConfigError) fail(err.message)
     throw err
   }
-  await startPrimary({ config, reloadConfig: () => configFrom(program, env), version: ver })
-  process.exit(0)
+  const primary = new Primary({ config, reloadConfig: () => configFrom(program, env), version: ver })
+  process.on('SIGTERM', () => primary.close('SIGTERM'))
+  process.on('SIGINT', () => primary.close('SIGINT'))
+  process.on('SIGHUP', () => void primary.reload())
+  await primary.start()
+  process.exit(await primary.stopped)
 }

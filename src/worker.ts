@@ -51,198 +51,216 @@ const LEASE_MS = 3_000
 /** How often the statistics counted here go to the primary. */
 const STATS_FLUSH_MS = 1_000
 
-/** Starts serving; resolves once the proxy listens. */
-export async function startWorker(config: Config): Promise<void> {
-  const workerId = cluster.worker?.id ?? 0
-  const log = createLogger(config.logLevel, process.stderr, { worker: workerId })
-  const accessLog = config.accessLog ? new AccessLog(process.stdout, workerId) : null
+/** A worker: built from its Config; `start` listens, `close` drains, `closed` resolves once it is done. */
+export class Worker {
+  readonly #server: ProxyServer
+  #resolveClosed!: () => void
+  /** Resolves once the worker drained and handed over its last statistics, leases and log lines. */
+  readonly closed = new Promise<void>((r) => (this.#resolveClosed = r))
 
-  const registry = new Registry()
-  AggregatorRegistry.setRegistries([registry])
-  new AggregatorRegistry() // answers the primary's metric requests over IPC (prom-client's cluster protocol)
-  let inFlight = 0
-  const metrics = new WorkerMetrics(registry, () => inFlight)
+  constructor(config: Config) {
+    const workerId = cluster.worker?.id ?? 0
+    const log = createLogger(config.logLevel, process.stderr, { worker: workerId })
+    const accessLog = config.accessLog ? new AccessLog(process.stdout, workerId) : null
 
-  const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout })
-  const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => {
-    if (process.connected) process.send!(msg)
-  })
-  const limiterMetrics = new LimiterMetrics(registry)
-  const limiter = new Limiter(
-    new RuleSet(config.limits, config.allow, config.deny),
-    {
-      redis: redis === null ? null : new RedisPool(redis, limiterMetrics),
-      primary: primaryPool,
-      instances: config.instances,
-      workers: config.workers,
-    },
-    limiterMetrics,
-    log,
-  )
-  setInterval(() => limiter.sweep(), SWEEP_MS).unref()
+    const registry = new Registry()
+    AggregatorRegistry.setRegistries([registry])
+    new AggregatorRegistry() // answers the primary's metric requests over IPC (prom-client's cluster protocol)
+    let inFlight = 0
+    const metrics = new WorkerMetrics(registry, () => inFlight)
 
-  /** Route names (`/items/:id`): the unit of statistics and of the per-route circuit breakers. */
-  const routes = new RouteNamer(config.statsRoutes)
-  const trusted = new IpSet(config.trustProxy)
-  const upstreamMetrics = new UpstreamMetrics(registry)
-  const breakers: Breakers = new Breakers(
-    {
-      failures: config.breakerFailures,
-      errorRatio: config.breakerErrorRatio,
-      windowMs: config.breakerWindow,
-      minRequests: config.breakerMinRequests,
-      openMs: config.breakerOpenTime,
-    },
-    (route, state) => {
-      if (route === null) {
-        upstreamMetrics.state(state)
-        if (state === 'open') log.warn('upstream circuit breaker open: refusing every upstream request', { openMs: config.breakerOpenTime })
-        else log.info('upstream circuit breaker ' + state)
-      } else {
-        upstreamMetrics.route(route, state, breakers.openRoutes().length)
-        if (state === 'open') log.warn('route circuit breaker open: refusing requests for this route', { route, openMs: config.breakerOpenTime })
-        else log.info('route circuit breaker ' + state, { route })
-      }
-      const msg: BreakerMessage = { meliproxy: 'breaker', route, state }
+    const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout })
+    const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => {
       if (process.connected) process.send!(msg)
-    },
-  )
-  const forwarder = new Forwarder(
-    config.upstream,
-    { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
-    {
-      breakers,
-      budget: new RetryBudget(config.retryBudget),
-      retries: config.retries,
-      onRetry: () => upstreamMetrics.retries.inc(),
-      onRefused: () => upstreamMetrics.refused.inc(),
-    },
-  )
-
-  const upstream = new Upstream(config, forwarder, trusted, routes)
-
-  const cacheMetrics = new CacheMetrics(registry)
-  const cacheIO: CacheIO = {
-    fetch: (x, opts, done) => upstream.fetch(x, opts, done),
-    finish: (x, result) => pipeline.finish(x, result),
-    // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
-    publishPurge: (purge: Purge) => {
-      const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
-      if (process.connected) process.send!(msg)
-    },
-  }
-  const cache = config.cache
-    ? new HttpCache(
-        new Tiers(redis, { l1Bytes: config.cacheL1Size, l2TtlCapMs: config.cacheL2TtlCap }, cacheMetrics),
-        cacheIO,
-        {
-          origin: config.upstream,
-          maxObjectBytes: config.cacheMaxObject,
-          rules: config.cacheRules,
-          targetedFields: config.cacheTargetedField === null ? ['cdn-cache-control'] : [config.cacheTargetedField, 'cdn-cache-control'],
-          leaseMs: LEASE_MS,
-        },
-        cacheMetrics,
-      )
-    : null
-
-  const stats = config.stats ? new StatsRecorder(routes) : null
-  /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
-  function sendStats(then?: () => void): void {
-    const batches = stats?.take() ?? []
-    if (batches.length === 0 || !process.connected) return then?.()
-    const msg: StatsMessage = { meliproxy: 'stats', batches }
-    process.send!(msg, undefined, {}, () => then?.())
-  }
-  setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
-
-  // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
-  const pipeline = new Pipeline(
-    [
-      ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
-      ['limit', limitStage(limiter, log)], // rate limits: 429, or RateLimit-* fields on the answer
-      ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; misses go upstream through `upstream`
-      ['forward', forwardStage(upstream)], // the upstream's answer, streamed
-    ],
-    {
-      record,
-      refused: (_x, err) => metrics.refused.labels(err.code).inc(),
-      bug: (msg, x) => log.error(msg, { path: x.path }),
-    },
-  )
-
-  /** Every request, once it is answered (the pipeline calls it once): metrics, statistics, the access log. */
-  function record(x: Exchange, result: ForwardResult): void {
-    inFlight--
-    const durationMs = performance.now() - x.started
-    metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
-    stats?.record(x, result.status, durationMs)
-    if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
-    // A 4xx error here is the client's (a body over the limit), not the upstream's.
-    if (result.error !== null && result.error.status >= 500) {
-      metrics.upstreamErrors.labels(result.error.code).inc()
-      // An open breaker is logged once when it opens, not per refused request.
-      if (!(result.error instanceof CircuitOpenError)) {
-        log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
-      }
-    }
-    accessLog?.write({
-      time: x.time,
-      ip: x.ip,
-      method: x.method,
-      path: x.url,
-      status: result.status,
-      bytes: result.bytes,
-      durationMs,
-      upstreamMs: result.upstreamMs,
-      limited: x.limitedBy,
-      cache: x.cache,
-      reason: x.reason,
     })
-  }
-
-  const server = new ProxyServer(
-    config,
-    {
-      serve(req, res) {
-        inFlight++
-        pipeline.run(new Exchange(req, res, trusted))
+    const limiterMetrics = new LimiterMetrics(registry)
+    const limiter = new Limiter(
+      new RuleSet(config.limits, config.allow, config.deny),
+      {
+        redis: redis === null ? null : new RedisPool(redis, limiterMetrics),
+        primary: primaryPool,
+        instances: config.instances,
+        workers: config.workers,
       },
-      refused(r) {
-        metrics.refused.labels(r.reason).inc()
-        accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+      limiterMetrics,
+      log,
+    )
+    setInterval(() => limiter.sweep(), SWEEP_MS).unref()
+
+    /** Route names (`/items/:id`): the unit of statistics and of the per-route circuit breakers. */
+    const routes = new RouteNamer(config.statsRoutes)
+    const trusted = new IpSet(config.trustProxy)
+    const upstreamMetrics = new UpstreamMetrics(registry)
+    const breakers: Breakers = new Breakers(
+      {
+        failures: config.breakerFailures,
+        errorRatio: config.breakerErrorRatio,
+        windowMs: config.breakerWindow,
+        minRequests: config.breakerMinRequests,
+        openMs: config.breakerOpenTime,
       },
-      inFlight: () => inFlight,
-      drained: exit,
-    },
-    log,
-  )
+      (route, state) => {
+        if (route === null) {
+          upstreamMetrics.state(state)
+          if (state === 'open') log.warn('upstream circuit breaker open: refusing every upstream request', { openMs: config.breakerOpenTime })
+          else log.info('upstream circuit breaker ' + state)
+        } else {
+          upstreamMetrics.route(route, state, breakers.openRoutes().length)
+          if (state === 'open') log.warn('route circuit breaker open: refusing requests for this route', { route, openMs: config.breakerOpenTime })
+          else log.info('route circuit breaker ' + state, { route })
+        }
+        const msg: BreakerMessage = { meliproxy: 'breaker', route, state }
+        if (process.connected) process.send!(msg)
+      },
+    )
+    const forwarder = new Forwarder(
+      config.upstream,
+      { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
+      {
+        breakers,
+        budget: new RetryBudget(config.retryBudget),
+        retries: config.retries,
+        onRetry: () => upstreamMetrics.retries.inc(),
+        onRefused: () => upstreamMetrics.refused.inc(),
+      },
+    )
 
-  /** After the drain: the last access-log lines, leases and statistics go out, then the process exits. */
-  function exit(): void {
-    accessLog?.flush()
-    log.info('drained, exiting')
-    limiter.releaseAll() // tokens in hand go back before the connection closes
-    closeRedis(redis)
-    setTimeout(() => process.exit(0), 1_000).unref()
-    // The last statistics reach the primary before the worker goes.
-    void Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))]).finally(() => process.exit(0))
+    const upstream = new Upstream(config, forwarder, trusted, routes)
+
+    const cacheMetrics = new CacheMetrics(registry)
+    const cacheIO: CacheIO = {
+      fetch: (x, opts, done) => upstream.fetch(x, opts, done),
+      finish: (x, result) => pipeline.finish(x, result),
+      // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
+      publishPurge: (purge: Purge) => {
+        const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
+        if (process.connected) process.send!(msg)
+      },
+    }
+    const cache = config.cache
+      ? new HttpCache(
+          new Tiers(redis, { l1Bytes: config.cacheL1Size, l2TtlCapMs: config.cacheL2TtlCap }, cacheMetrics),
+          cacheIO,
+          {
+            origin: config.upstream,
+            maxObjectBytes: config.cacheMaxObject,
+            rules: config.cacheRules,
+            targetedFields: config.cacheTargetedField === null ? ['cdn-cache-control'] : [config.cacheTargetedField, 'cdn-cache-control'],
+            leaseMs: LEASE_MS,
+          },
+          cacheMetrics,
+        )
+      : null
+
+    const stats = config.stats ? new StatsRecorder(routes) : null
+    /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
+    function sendStats(then?: () => void): void {
+      const batches = stats?.take() ?? []
+      if (batches.length === 0 || !process.connected) return then?.()
+      const msg: StatsMessage = { meliproxy: 'stats', batches }
+      process.send!(msg, undefined, {}, () => then?.())
+    }
+    setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
+
+    // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
+    const pipeline = new Pipeline(
+      [
+        ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
+        ['limit', limitStage(limiter, log)], // rate limits: 429, or RateLimit-* fields on the answer
+        ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; misses go upstream through `upstream`
+        ['forward', forwardStage(upstream)], // the upstream's answer, streamed
+      ],
+      {
+        record,
+        refused: (_x, err) => metrics.refused.labels(err.code).inc(),
+        bug: (msg, x) => log.error(msg, { path: x.path }),
+      },
+    )
+
+    /** Every request, once it is answered (the pipeline calls it once): metrics, statistics, the access log. */
+    function record(x: Exchange, result: ForwardResult): void {
+      inFlight--
+      const durationMs = performance.now() - x.started
+      metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
+      stats?.record(x, result.status, durationMs)
+      if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
+      // A 4xx error here is the client's (a body over the limit), not the upstream's.
+      if (result.error !== null && result.error.status >= 500) {
+        metrics.upstreamErrors.labels(result.error.code).inc()
+        // An open breaker is logged once when it opens, not per refused request.
+        if (!(result.error instanceof CircuitOpenError)) {
+          log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
+        }
+      }
+      accessLog?.write({
+        time: x.time,
+        ip: x.ip,
+        method: x.method,
+        path: x.url,
+        status: result.status,
+        bytes: result.bytes,
+        durationMs,
+        upstreamMs: result.upstreamMs,
+        limited: x.limitedBy,
+        cache: x.cache,
+        reason: x.reason,
+      })
+    }
+
+    const server = new ProxyServer(
+      config,
+      {
+        serve(req, res) {
+          inFlight++
+          pipeline.run(new Exchange(req, res, trusted))
+        },
+        refused(r) {
+          metrics.refused.labels(r.reason).inc()
+          accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+        },
+        inFlight: () => inFlight,
+        drained: () => exit(),
+      },
+      log,
+    )
+
+    /** After the drain: the last access-log lines, leases and statistics go out (waiting at most 1 s), then `closed`. */
+    const exit = (): void => {
+      accessLog?.flush()
+      log.info('drained, exiting')
+      limiter.releaseAll() // tokens in hand go back before the connection closes
+      closeRedis(redis)
+      // The last statistics reach the primary before the worker goes.
+      const sent = Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))])
+      void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => this.#resolveClosed())
+    }
+
+    const fromPrimary: Handlers<ToWorker> = {
+      'lease-grant': (msg) => primaryPool.deliver(msg),
+      'cache-purge': (msg) => cache?.dropLocal(msg.purge),
+      drain: () => server.drain('primary asked'),
+      'limits-reset': (msg) => limiter.forget(msg.rule, msg.bucket),
+      'set-rules': (msg) => {
+        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
+        log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
+      },
+    }
+    process.on('message', (msg: unknown) => dispatch(fromPrimary, msg))
+    this.#server = server
   }
 
-  const fromPrimary: Handlers<ToWorker> = {
-    'lease-grant': (msg) => primaryPool.deliver(msg),
-    'cache-purge': (msg) => cache?.dropLocal(msg.purge),
-    drain: () => server.drain('primary asked'),
-    'limits-reset': (msg) => limiter.forget(msg.rule, msg.bucket),
-    'set-rules': (msg) => {
-      limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
-      log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
-    },
+  /** Listens on the proxy port (shared with the other workers); resolves once it does. */
+  start(): Promise<void> {
+    return this.#server.listen()
   }
-  process.on('message', (msg: unknown) => dispatch(fromPrimary, msg))
-  process.on('SIGTERM', () => server.drain('SIGTERM'))
-  process.on('SIGINT', () => server.drain('SIGINT'))
 
-  await server.listen()
-  log.debug('listening', { port: config.port, host: config.host })
+  /** The proxy port it listens on (with port 0 in a test: the one the system chose). */
+  port(): number | null {
+    return this.#server.port()
+  }
+
+  /** Stops taking connections and drains the open ones (SIGTERM, SIGINT, or the primary's drain message). */
+  close(reason: string): void {
+    this.#server.drain(reason)
+  }
 }

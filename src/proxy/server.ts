@@ -43,6 +43,8 @@ export class ProxyServer {
   readonly #hooks: ProxyServerHooks
   readonly #log: Logger
   readonly #server: Server
+  /** The drain's step and deadline, cleared once drained (the process may go on: a test, an in-process worker). */
+  readonly #drainTimers: NodeJS.Timeout[] = []
   readonly #connections = new Connections()
   /** Open client sockets and when each last started a request (for closing idle ones on drain). */
   readonly #sockets = new Map<Socket, number>()
@@ -70,6 +72,12 @@ export class ProxyServer {
   }
 
   /** Listens on the configured address (the cluster shares the socket between workers). */
+  /** The port it listens on (the real one when the config said 0), or null before it listens. */
+  port(): number | null {
+    const a = this.#server.address()
+    return a !== null && typeof a === 'object' ? a.port : null
+  }
+
   listen(): Promise<void> {
     return new Promise((resolve, reject) => {
       this.#server.once('error', reject)
@@ -154,12 +162,13 @@ export class ProxyServer {
     // Every open socket gets DRAIN_IDLE_MS from now: one in use will carry a Connection: close response by then.
     const now = Date.now()
     for (const s of this.#sockets.keys()) this.#sockets.set(s, now)
-    setInterval(this.#drainStep, 50)
-    setTimeout(() => {
+    this.#drainTimers.push(setInterval(this.#drainStep, 50))
+    const deadline = setTimeout(() => {
       this.#log.warn('drain timeout: closing remaining connections', { inFlight: this.#hooks.inFlight() })
       this.#server.closeAllConnections()
       this.#done()
-    }, this.#config.drainTimeout).unref()
+    }, this.#config.drainTimeout)
+    this.#drainTimers.push(deadline.unref())
   }
 
   /**
@@ -180,6 +189,7 @@ export class ProxyServer {
   #done(): void {
     if (this.#drained) return
     this.#drained = true
+    for (const timer of this.#drainTimers) clearTimeout(timer)
     this.#hooks.drained()
   }
 }
