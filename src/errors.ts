@@ -23,6 +23,8 @@ export const ERRORS = {
   uri_too_long: 414,
   rate_limited: 429,
   headers_too_large: 431,
+  not_cached: 504, // only-if-cached and nothing usable is stored (RFC 9111 5.2.1.7)
+  limiter_unavailable: 503, // a whenRedisDown: deny rule while Redis is unreachable
   // the admin API's
   invalid_json: 400,
   invalid_rules: 400,
@@ -53,6 +55,8 @@ export const ErrorCodes = {
   URI_TOO_LONG: 'uri_too_long',
   RATE_LIMITED: 'rate_limited',
   HEADERS_TOO_LARGE: 'headers_too_large',
+  NOT_CACHED: 'not_cached',
+  LIMITER_UNAVAILABLE: 'limiter_unavailable',
   INVALID_JSON: 'invalid_json',
   INVALID_RULES: 'invalid_rules',
   UNAUTHORIZED: 'unauthorized',

@@ -1,10 +1,11 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Exchange } from '../exchange.js'
 import { compilePathGlob } from '../limiter/glob.js'
-import { answered, type ForwardDone, type ForwardResult, type ResponseTap } from '../proxy/forward.js'
+import { MeliproxyError } from '../errors.js'
+import { answered, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from '../proxy/forward.js'
 import { ageMs, ownBytes, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
-import { initialAgeMs, requestDirectives, responsePolicy, type StoreRules } from './policy.js'
+import { allowsStale, initialAgeMs, requestDirectives, responsePolicy, usableFresh, type RequestDirectives, type StoreRules } from './policy.js'
 import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
 
 /**
@@ -153,8 +154,8 @@ export class HttpCache {
     if (rule?.bypass || directives.noStore || x.headers.range !== undefined) return this.#bypass(x)
     const key = this.key(x.url)
     const found = this.#tiers.lookup(key, x.headers)
-    if (found === null || !('then' in found)) return this.#decide(x, key, found, directives.noCache)
-    found.then((f) => this.#decide(x, key, f, directives.noCache))
+    if (found === null || !('then' in found)) return this.#decide(x, key, found, directives)
+    found.then((f) => this.#decide(x, key, f, directives))
   }
 
   /** Drops keys or a glob from this worker's L1 (a purge message from any worker or instance). */
@@ -235,24 +236,24 @@ export class HttpCache {
     this.#io.fetch(x, { conditional: null, toClient: true, extraHeaders: BYPASS_HEADERS, tap: null }, (r) => this.#io.finish(x, r))
   }
 
-  #decide(x: Exchange, key: string, found: Found | null, noCache: boolean): void {
+  #decide(x: Exchange, key: string, found: Found | null, d: RequestDirectives): void {
     if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
     if (found !== null) {
       const e = found.entry
-      const age = ageMs(e, x.time)
-      if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
+      if (usableFresh(d, ageMs(e, x.time), e.freshnessMs)) return this.#serve(x, e, 'HIT', 'hit', found.tier)
       // A stale L1 copy: another worker or instance may have refreshed it in L2 already (one revalidation for the
       // fleet, not one per worker).
       if (found.tier === 'l1' && this.#tiers.l2Ready) {
         void this.#tiers.lookupL2(key, x.headers).then((inL2) => {
           if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
           const fresher = inL2 !== null && inL2.entry.responseTime > e.responseTime ? inL2 : found
-          this.#decideStale(x, key, fresher, noCache)
+          this.#decideStale(x, key, fresher, d)
         })
         return
       }
-      return this.#decideStale(x, key, found, noCache)
+      return this.#decideStale(x, key, found, d)
     }
+    if (d.onlyIfCached) return this.#notCached(x)
     if (x.method === 'HEAD') return this.#fetch(x, key, null, null)
     const waiting = this.#inflight.get(key)
     if (waiting !== undefined) {
@@ -277,15 +278,24 @@ export class HttpCache {
   }
 
   /** A stored entry that is not fresh (or a client asked to revalidate): serve stale and refresh, or fetch. */
-  #decideStale(x: Exchange, key: string, found: Found, noCache: boolean): void {
+  #decideStale(x: Exchange, key: string, found: Found, d: RequestDirectives): void {
     const e = found.entry
     const age = ageMs(e, x.time)
-    if (!noCache && age < e.freshnessMs) return this.#serve(x, e, 'HIT', 'hit', found.tier)
-    if (!noCache && age < e.freshnessMs + e.swrMs) {
+    if (usableFresh(d, age, e.freshnessMs)) return this.#serve(x, e, 'HIT', 'hit', found.tier)
+    if (allowsStale(d) && age < e.freshnessMs + e.swrMs) {
       this.#serve(x, e, 'STALE', 'stale', found.tier)
       return this.#refreshInBackground(x, key, e)
     }
+    if (d.onlyIfCached) return this.#notCached(x)
     this.#fetch(x, key, e, null)
+  }
+
+  /** only-if-cached and nothing usable is stored: 504, the upstream is not asked (RFC 9111 5.2.1.7). */
+  #notCached(x: Exchange): void {
+    x.cache = 'MISS'
+    this.#metrics.request('miss', 'none')
+    const err = new MeliproxyError('not_cached', 'only-if-cached: no usable stored response')
+    this.#io.finish(x, answered(err.status, sendError(x.res, err, MISS_HEADERS)))
   }
 
   #afterWait(x: Exchange, key: string, entry: CacheEntry | null): void {

@@ -197,23 +197,46 @@ export function initialAgeMs(headers: IncomingHttpHeaders, requestTime: number, 
   return Math.max(apparent, age + (responseTime - requestTime))
 }
 
-/** What the client's own Cache-Control asks of the cache. */
+/** What the client's own Cache-Control asks of the cache (RFC 9111 5.2.1). */
 export interface RequestDirectives {
   /** Neither serve from nor store into the cache. */
   readonly noStore: boolean
-  /** Revalidate with the upstream before using a stored response. */
+  /** Revalidate with the upstream before using a stored response (no-cache, Pragma: no-cache, max-age=0). */
   readonly noCache: boolean
+  /** max-age=N: a stored response older than this is not used, ms (null: no bound). */
+  readonly maxAgeMs: number | null
+  /** min-fresh=N: a stored response must stay fresh at least this much longer, ms. */
+  readonly minFreshMs: number
+  /** only-if-cached: never go upstream; 504 when nothing usable is stored. */
+  readonly onlyIfCached: boolean
 }
 
-/** Reads the request's Cache-Control (and the legacy Pragma: no-cache). */
+/** Reads the request's Cache-Control (and the legacy Pragma: no-cache). max-stale is not honoured (a MAY). */
 export function requestDirectives(headers: IncomingHttpHeaders): RequestDirectives {
   const cc = headers['cache-control']
-  if (cc === undefined) return headers.pragma === 'no-cache' ? { noStore: false, noCache: true } : NO_DIRECTIVES
+  if (cc === undefined) return headers.pragma === 'no-cache' ? PRAGMA_NO_CACHE : NO_DIRECTIVES
   const d = parseCacheControl(cc)
+  const maxAge = d.has('max-age') ? deltaSeconds(d.get('max-age')) : null
   return {
     noStore: d.has('no-store'),
-    noCache: d.has('no-cache') || deltaSeconds(d.get('max-age')) === 0,
+    noCache: d.has('no-cache') || maxAge === 0,
+    maxAgeMs: maxAge === null ? null : maxAge * 1000,
+    minFreshMs: (deltaSeconds(d.get('min-fresh')) ?? 0) * 1000,
+    onlyIfCached: d.has('only-if-cached'),
   }
 }
 
-const NO_DIRECTIVES: RequestDirectives = { noStore: false, noCache: false }
+const NO_DIRECTIVES: RequestDirectives = { noStore: false, noCache: false, maxAgeMs: null, minFreshMs: 0, onlyIfCached: false }
+const PRAGMA_NO_CACHE: RequestDirectives = { ...NO_DIRECTIVES, noCache: true }
+
+/** Whether a stored response of this age and freshness may answer a request with these directives without asking. */
+export function usableFresh(d: RequestDirectives, ageMs: number, freshnessMs: number): boolean {
+  if (d.noCache || ageMs >= freshnessMs) return false
+  if (d.maxAgeMs !== null && ageMs > d.maxAgeMs) return false
+  return freshnessMs - ageMs >= d.minFreshMs
+}
+
+/** Whether the client allows a stale response to be served while it is refreshed (no bound on age or freshness). */
+export function allowsStale(d: RequestDirectives): boolean {
+  return !d.noCache && d.maxAgeMs === null && d.minFreshMs === 0
+}

@@ -82,8 +82,9 @@ t.test('initial age: the larger of apparent age and Age plus the request time', 
 })
 
 t.test("the client's directives", async (t) => {
-  t.same(requestDirectives({ 'cache-control': 'no-store' }), { noStore: true, noCache: false })
-  t.same(requestDirectives({ 'cache-control': 'max-age=0' }), { noStore: false, noCache: true })
-  t.same(requestDirectives({ pragma: 'no-cache' }), { noStore: false, noCache: true })
-  t.same(requestDirectives({}), { noStore: false, noCache: false })
+  t.match(requestDirectives({ 'cache-control': 'no-store' }), { noStore: true, noCache: false })
+  t.match(requestDirectives({ 'cache-control': 'max-age=0' }), { noStore: false, noCache: true, maxAgeMs: 0 })
+  t.match(requestDirectives({ pragma: 'no-cache' }), { noStore: false, noCache: true })
+  t.same(requestDirectives({}), { noStore: false, noCache: false, maxAgeMs: null, minFreshMs: 0, onlyIfCached: false })
+  t.match(requestDirectives({ 'cache-control': 'max-age=5, min-fresh=2, only-if-cached' }), { maxAgeMs: 5_000, minFreshMs: 2_000, onlyIfCached: true })
 })

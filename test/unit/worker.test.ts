@@ -53,8 +53,8 @@ t.teardown(async () => {
   await upstream.close()
 })
 
-async function get(path: string, method = 'GET'): Promise<{ status: number; headers: Record<string, unknown>; body: string }> {
-  const r = await request(base + path, { method })
+async function get(path: string, method = 'GET', headers: Record<string, string> = {}): Promise<{ status: number; headers: Record<string, unknown>; body: string }> {
+  const r = await request(base + path, { method, headers })
   return { status: r.statusCode, headers: r.headers, body: await r.body.text() }
 }
 
@@ -105,4 +105,23 @@ t.test('concurrent misses for one URL make one upstream request', async (t) => {
   const answers = await Promise.all(Array.from({ length: 10 }, () => get('/collapse/1')))
   t.same(new Set(answers.map((a) => a.body)), new Set(['once']))
   t.equal(upstream.hits('/collapse/1'), 1)
+})
+
+t.test("the client's max-age, min-fresh and only-if-cached (RFC 9111 5.2.1)", async (t) => {
+  upstream.route('/aged', (_req, res) => {
+    res.writeHead(200, { 'cache-control': 'max-age=600', age: '100' })
+    res.end('aged')
+  })
+  await get('/aged/1')
+  t.equal((await get('/aged/1')).headers['x-cache'], 'HIT')
+  t.equal((await get('/aged/1', 'GET', { 'cache-control': 'max-age=50' })).headers['x-cache'], 'MISS', 'older than max-age: asked again')
+  t.equal((await get('/aged/1', 'GET', { 'cache-control': 'min-fresh=550' })).headers['x-cache'], 'MISS', 'not fresh long enough')
+  t.equal((await get('/aged/1', 'GET', { 'cache-control': 'max-age=300, min-fresh=60' })).headers['x-cache'], 'HIT', 'within both')
+  const hits = upstream.hits('/aged/1')
+  t.equal((await get('/aged/1', 'GET', { 'cache-control': 'only-if-cached' })).headers['x-cache'], 'HIT')
+  const none = await get('/aged/never', 'GET', { 'cache-control': 'only-if-cached' })
+  t.equal(none.status, 504)
+  t.equal(JSON.parse(none.body).error, 'not_cached')
+  t.equal(upstream.hits('/aged/1'), hits, 'only-if-cached never went upstream')
+  t.equal(upstream.hits('/aged/never'), 0)
 })
