@@ -17,6 +17,8 @@ export class Exchange implements RequestFacts {
   rateHeaders: string[] | null = null
   /** The rule that rejected it, for the access log. */
   limitedBy: string | undefined = undefined
+  /** A shadow rule that would have rejected it (it did not), for statistics and the access log. */
+  shadowLimitedBy: string | undefined = undefined
   /** Index of the pipeline stage it goes to next (src/pipeline/pipeline.ts). */
   stage = 0
   /** Set once the pipeline recorded it. */

@@ -59,6 +59,8 @@ export interface AccessEntry {
   upstreamMs: number | null
   cache?: string
   limited?: string
+  /** A shadow rule that would have rejected the request. */
+  shadowLimited?: string
   /** Why the proxy refused the request itself (a parser or guard error code). */
   reason?: string
 }
@@ -90,6 +92,7 @@ export class AccessLog {
       `"upstreamMs":${e.upstreamMs === null ? 'null' : ms(e.upstreamMs)},` +
       (e.cache ? `"cache":"${e.cache}",` : '') +
       (e.limited ? `"limited":${JSON.stringify(e.limited)},` : '') +
+      (e.shadowLimited ? `"shadowLimited":${JSON.stringify(e.shadowLimited)},` : '') +
       (e.reason ? `"reason":${quote(e.reason)},` : '') +
       `"worker":${this.#worker}}\n`
     if (this.#buffer.length >= ACCESS_FLUSH_BYTES) this.flush()

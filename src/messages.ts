@@ -1,3 +1,4 @@
+import type { Algorithm } from './limiter/pool.js'
 import type { Purge } from './cache/http-cache.js'
 import type { LeaseGrant, LeaseRequest } from './limiter/pool.js'
 import type { RuleSpec } from './limiter/rules.js'
@@ -35,6 +36,8 @@ export interface LeaseReleaseMessage {
   readonly key: string
   readonly windowStart: number
   readonly tokens: number
+  /** Absent from an older worker: fixed. */
+  readonly algorithm?: Algorithm
 }
 
 /** Primary -> worker: a rule's counters (or one bucket's, when `bucket` is set) were reset: drop their leases. */

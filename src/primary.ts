@@ -111,7 +111,7 @@ export class Primary {
         const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: this.#pool.acquire(msg.req) }
         if (worker.isConnected()) worker.send(reply)
       },
-      'lease-release': (msg) => this.#pool.release(msg.key, msg.windowStart, msg.tokens),
+      'lease-release': (msg) => this.#pool.release(msg.key, msg.windowStart, msg.tokens, msg.algorithm ?? 'fixed'),
       breaker: (msg, worker) => this.#breakers.report(worker.id, msg),
       stats: (msg) => this.#stats.add(msg.batches),
       'cache-purge': (msg, worker) => this.#purges.publish(msg.purge, worker.id),

@@ -2,6 +2,7 @@ import cluster from 'node:cluster'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
 import { CircuitOpenError } from './errors.js'
+import { DelayQueues } from './limiter/delays.js'
 import { Limiter } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
 import { SWEEP_MS } from './limiter/leases.js'
@@ -166,7 +167,7 @@ export class Worker {
     const pipeline = new Pipeline(
       [
         ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
-        ['limit', limitStage(limiter, log)], // rate limits: 429, or RateLimit-* fields on the answer
+        ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), log)], // rate limits: 429, or RateLimit-* fields on the answer
         ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; misses go upstream through `upstream`
         ['forward', forwardStage(upstream)], // the upstream's answer, streamed
       ],
@@ -202,6 +203,7 @@ export class Worker {
         durationMs,
         upstreamMs: result.upstreamMs,
         limited: x.limitedBy,
+      shadowLimited: x.shadowLimitedBy,
         cache: x.cache,
         reason: x.reason,
       })

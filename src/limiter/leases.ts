@@ -1,4 +1,4 @@
-import type { LeaseGrant, LeasePool } from './pool.js'
+import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
 
 /**
  * A worker's tokens in hand, per bucket, taken from one pool (Redis, or the primary). A request whose buckets all
@@ -13,6 +13,9 @@ import type { LeaseGrant, LeasePool } from './pool.js'
  *   more than about a second while another worker is refused.
  * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS, halves when it lasted longer
  *   than MAX_HOLD_MS; the pool caps it by what is left and how many holders share it (see grantSize).
+ * - A request may use several units of a bucket (its rule's cost): it takes them all, or none.
+ * - Token-bucket buckets are not leased (src/limiter/pool.ts says why): a request with one takes its tokens from the
+ *   pool, all or none, after the leased buckets' tokens are taken from hand; when the pool refuses, those go back.
  */
 
 /** One bucket a request draws from. */
@@ -20,6 +23,10 @@ export interface TakeItem {
   readonly key: string
   readonly limit: number
   readonly windowMs: number
+  readonly algorithm: Algorithm
+  readonly burst: number
+  /** Units this request uses. */
+  readonly cost: number
 }
 
 /** The outcome of a take. */
@@ -39,6 +46,8 @@ export type TakeResult =
       readonly failed: number
       /** Milliseconds until that bucket's window ends. */
       readonly resetMs: number
+      /** Refused because the bucket cannot be counted (a whenRedisDown: deny rule while Redis is unusable). */
+      readonly unavailable?: true
     }
 
 export const SWEEP_MS = 100
@@ -69,6 +78,7 @@ interface Lease {
   exhaustedUntil: number
   refill: Promise<void> | null
   waiting: number
+  algorithm: Algorithm
 }
 
 /** What a lease table reports (the limiter's metrics). */
@@ -105,10 +115,12 @@ export class LeaseTable {
     const found = this.#scratch
     let missing = false
     for (let i = 0; i < items.length; i++) {
-      const l = this.#leases.get(items[i]!.key)
+      const it = items[i]!
+      if (it.algorithm === 'token-bucket') return null // never in hand
+      const l = this.#leases.get(it.key)
       if (l === undefined || l.expiresAt <= now) {
         missing = true
-      } else if (l.tokens === 0) {
+      } else if (l.tokens < it.cost) {
         if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: l.expiresAt - now }
         missing = true
       } else {
@@ -116,38 +128,90 @@ export class LeaseTable {
       }
     }
     if (missing) return null
+    return this.#takeFound(items, found, items.length, now)
+  }
+
+  /** Takes each item's cost from its lease in `found` (all checked to hold enough). */
+  #takeFound(items: readonly TakeItem[], found: readonly Lease[], n: number, now: number): TakeResult {
     let nearest = 0
     let least = Infinity
-    for (let i = 0; i < items.length; i++) {
+    let resetMs = 0
+    for (let i = 0; i < n; i++) {
       const l = found[i]!
-      l.tokens--
+      const cost = items[i]!.cost
+      l.tokens -= cost
       l.lastUsed = now
-      l.periodUsed++
+      l.periodUsed += cost
       const left = l.poolRemaining + l.tokens
       if (left < least) {
         least = left
         nearest = i
+        resetMs = l.expiresAt - now
       }
     }
-    return { allowed: true, nearest, remaining: least, resetMs: found[nearest]!.expiresAt - now }
+    return { allowed: true, nearest, remaining: least, resetMs }
   }
 
   /** Refills every bucket that needs it, then decides; rejects when the pool does (the caller falls back). */
   async #takeSlow(items: readonly TakeItem[]): Promise<TakeResult> {
+    // Leased buckets first (the token-bucket ones, if any, go last: see #takeDirect).
+    const leased = items.filter((it) => it.algorithm !== 'token-bucket')
+    const direct = leased.length === items.length ? null : items.filter((it) => it.algorithm === 'token-bucket')
     for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
       const now = this.#now()
       const refills: Promise<void>[] = []
-      for (const it of items) {
+      for (const it of leased) {
         const l = this.#lease(it.key, now)
-        if (l.tokens > 0 && l.expiresAt > now) continue
-        if (l.tokens === 0 && l.exhaustedUntil > now) continue
+        if (l.tokens >= it.cost && l.expiresAt > now) continue
+        if (l.exhaustedUntil > now) continue
         refills.push(this.#refill(l, it, now))
       }
       if (refills.length > 0) await Promise.all(refills)
-      const result = this.takeLocal(items)
-      if (result !== null) return result
+      const result = this.takeLocal(leased)
+      if (result === null) continue
+      if (direct === null || !result.allowed) return direct === null ? result : this.#indexed(result, leased, items)
+      return this.#takeDirect(leased, result, direct, items)
     }
     return { allowed: false, failed: 0, resetMs: EXHAUSTED_RECHECK_MS }
+  }
+
+  /**
+   * The token-bucket buckets of a request whose leased buckets were taken: each is asked of the pool for its whole
+   * cost, all or none. When one refuses, the others' tokens go back to the pool and the leased ones back in hand.
+   */
+  async #takeDirect(leased: readonly TakeItem[], taken: TakeResult & { allowed: true }, direct: readonly TakeItem[], items: readonly TakeItem[]): Promise<TakeResult> {
+    const grants = await Promise.all(
+      direct.map((it) =>
+        this.#pool.acquire({ key: it.key, limit: it.limit, windowMs: it.windowMs, want: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst }),
+      ),
+    )
+    const refused = grants.findIndex((g, i) => g.granted < direct[i]!.cost)
+    if (refused === -1) {
+      let result: TakeResult = this.#indexed(taken, leased, items)
+      for (let i = 0; i < direct.length; i++) {
+        if (result.allowed && grants[i]!.remaining < result.remaining) {
+          result = { allowed: true, nearest: items.indexOf(direct[i]!), remaining: grants[i]!.remaining, resetMs: grants[i]!.resetMs }
+        }
+      }
+      return result
+    }
+    for (let i = 0; i < direct.length; i++) {
+      if (grants[i]!.granted > 0) this.#pool.release(direct[i]!.key, grants[i]!.windowStart, grants[i]!.granted, 'token-bucket')
+    }
+    for (const it of leased) {
+      const l = this.#leases.get(it.key)
+      if (l !== undefined) {
+        l.tokens += it.cost
+        l.periodUsed -= it.cost
+      }
+    }
+    return { allowed: false, failed: items.indexOf(direct[refused]!), resetMs: grants[refused]!.resetMs }
+  }
+
+  /** A result about `sub` (a subset of `items`, in order) with its indexes into `items`. */
+  #indexed(r: TakeResult, sub: readonly TakeItem[], items: readonly TakeItem[]): TakeResult {
+    if (sub === items) return r
+    return r.allowed ? { ...r, nearest: items.indexOf(sub[r.nearest]!) } : { ...r, failed: items.indexOf(sub[r.failed]!) }
   }
 
   #lease(key: string, now: number): Lease {
@@ -166,6 +230,7 @@ export class LeaseTable {
         exhaustedUntil: 0,
         refill: null,
         waiting: 0,
+        algorithm: 'fixed',
       }
       this.#leases.set(key, l)
     } else if (l.expiresAt <= now) {
@@ -185,8 +250,10 @@ export class LeaseTable {
       else if (lasted > MAX_HOLD_MS) l.want = Math.max(1, l.want >> 1)
     }
     const sent = now
-    const want = Math.max(l.want, l.waiting)
-    l.refill = this.#pool.acquire({ key: it.key, limit: it.limit, windowMs: it.windowMs, want, holders: this.#holders }).then(
+    const want = Math.max(l.want, l.waiting, it.cost)
+    l.algorithm = it.algorithm
+    const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, holders: this.#holders, algorithm: it.algorithm, burst: it.burst }
+    l.refill = this.#pool.acquire(req).then(
       (g) => this.#granted(l, g, sent),
       (err: unknown) => {
         l.refill = null
@@ -249,7 +316,7 @@ export class LeaseTable {
   }
 
   #release(key: string, l: Lease, tokens: number): void {
-    this.#pool.release(key, l.windowStart, tokens)
+    this.#pool.release(key, l.windowStart, tokens, l.algorithm)
     this.#events.returned(tokens)
     l.poolRemaining += tokens
     l.tokens -= tokens
@@ -273,7 +340,7 @@ export class LeaseTable {
     const now = this.#now()
     for (const [key, l] of this.#leases) {
       if (l.tokens > 0 && l.expiresAt > now) {
-        this.#pool.release(key, l.windowStart, l.tokens)
+        this.#pool.release(key, l.windowStart, l.tokens, l.algorithm)
         this.#events.returned(l.tokens)
       }
     }

@@ -18,8 +18,12 @@ export interface Verdict {
   readonly allowed: boolean
   /** The rule that rejected the request, or the one nearest exhaustion. */
   readonly rule: CompiledRule
+  /** The bucket that rejected it (the delay queue's key), or the one nearest exhaustion. */
+  readonly bucket: string
   readonly remaining: number
   readonly resetMs: number
+  /** Rejected because a `whenRedisDown: deny` rule cannot be counted (503, not 429). */
+  readonly unavailable: boolean
 }
 
 /** After a Redis failure, how long requests skip Redis before one tries it again. */
@@ -75,8 +79,20 @@ export class Limiter {
     this.#primaryLeases.clearExhausted()
   }
 
-  /** Null when no rule governs the request; otherwise the verdict, synchronous when the tokens were in hand. */
-  check(facts: RequestFacts): Verdict | Promise<Verdict> | null {
+  /** The limiter's metrics (the delay queues count there too). */
+  get metrics(): LimiterMetrics {
+    return this.#metrics
+  }
+
+  /**
+   * Null when no enforced rule governs the request; otherwise the verdict, synchronous when the tokens were in hand.
+   * Shadow rules count the request too (once: not again when a delayed request is decided again, `again`).
+   */
+  check(facts: RequestFacts & { shadowLimitedBy?: string | undefined; finished?: boolean }, again = false): Verdict | Promise<Verdict> | null {
+    if (!again) {
+      const shadow = this.#rules.shadowBucketsFor(facts)
+      if (shadow.length > 0) this.#shadow(shadow, facts)
+    }
     const buckets = this.#rules.bucketsFor(facts)
     if (buckets.length === 0) return null
     const result = this.#take(buckets)
@@ -86,6 +102,23 @@ export class Limiter {
       this.#metrics.duration.observe((performance.now() - started) / 1000)
       return this.#verdict(buckets, r)
     })
+  }
+
+  /**
+   * Counts a request against the shadow rules, apart from the enforced ones (so a shadow rule never makes another
+   * reject): the outcome goes to the metrics (`shadow_allowed`, `shadow_limited`) and, while the request is not
+   * finished, to its `shadowLimitedBy` (statistics, access log); the request never waits for it.
+   */
+  #shadow(buckets: readonly Bucket[], x: { shadowLimitedBy?: string | undefined; finished?: boolean }): void {
+    for (const b of buckets) {
+      const r = this.#take([b])
+      const record = (t: TakeResult): void => {
+        this.#metrics.decision(b.rule, t.allowed)
+        if (!t.allowed && x.finished !== true) x.shadowLimitedBy ??= b.rule.name
+      }
+      if (r instanceof Promise) void r.then(record, () => {})
+      else record(r)
+    }
   }
 
   /** Drops the leases of a rule (or of one bucket) whose counters were reset: the pool starts them afresh. */
@@ -107,7 +140,7 @@ export class Limiter {
     this.#primaryLeases.releaseAll()
   }
 
-  #take(items: readonly TakeItem[]): TakeResult | Promise<TakeResult> {
+  #take(items: readonly Bucket[]): TakeResult | Promise<TakeResult> {
     const leases = this.#redisLeases
     if (leases === null) return this.#primaryLeases.take(items)
     if (this.#redis!.ready && Date.now() >= this.#redisSkipUntil) {
@@ -132,26 +165,46 @@ export class Limiter {
     return leases.takeLocal(items) ?? this.#fallback(items, this.#redis!.ready ? 'redis failed a moment ago' : 'redis is not connected')
   }
 
-  #fallback(items: readonly TakeItem[], reason: string): TakeResult | Promise<TakeResult> {
+  /**
+   * Redis is unusable: each rule as its `whenRedisDown` says. `deny` refuses (503); `allow` drops the rule for this
+   * request; `local` leases from this instance's pool at limit / instances (burst / instances for a token bucket).
+   */
+  #fallback(items: readonly Bucket[], reason: string): TakeResult | Promise<TakeResult> {
     if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local pool', { reason })
     this.#metrics.degraded()
     this.#metrics.fallbacks.inc()
+    const denied = items.findIndex((b) => b.rule.whenRedisDown === 'deny')
+    if (denied !== -1) return { allowed: false, failed: denied, resetMs: REDIS_RETRY_MS, unavailable: true }
     const n = this.#instances
-    const scaled = items.map((it) => ({
-      key: FALLBACK_PREFIX + it.key,
-      limit: Math.max(1, Math.floor(it.limit / n)),
-      windowMs: it.windowMs,
-    }))
-    return this.#primaryLeases.take(scaled)
+    const kept: number[] = []
+    const scaled: TakeItem[] = []
+    for (let i = 0; i < items.length; i++) {
+      const it = items[i]!
+      if (it.rule.whenRedisDown === 'allow') continue
+      kept.push(i)
+      scaled.push({
+        key: FALLBACK_PREFIX + it.key,
+        limit: Math.max(1, Math.floor(it.limit / n)),
+        windowMs: it.windowMs,
+        algorithm: it.algorithm,
+        burst: Math.max(1, Math.floor(it.burst / n)),
+        cost: it.cost,
+      })
+    }
+    if (scaled.length === 0) return { allowed: true, nearest: 0, remaining: items[0]!.limit, resetMs: REDIS_RETRY_MS }
+    const back = (r: TakeResult): TakeResult => (r.allowed ? { ...r, nearest: kept[r.nearest]! } : { ...r, failed: kept[r.failed]! })
+    const r = this.#primaryLeases.take(scaled)
+    return r instanceof Promise ? r.then(back) : back(r)
   }
 
   #verdict(buckets: readonly Bucket[], result: TakeResult): Verdict {
     if (!result.allowed) {
-      const rule = buckets[result.failed]!.rule
-      this.#metrics.decision(rule, false)
-      return { allowed: false, rule, remaining: 0, resetMs: result.resetMs }
+      const b = buckets[result.failed]!
+      this.#metrics.decision(b.rule, false)
+      return { allowed: false, rule: b.rule, bucket: b.key, remaining: 0, resetMs: result.resetMs, unavailable: result.unavailable === true }
     }
     for (let i = 0; i < buckets.length; i++) this.#metrics.decision(buckets[i]!.rule, true)
-    return { allowed: true, rule: buckets[result.nearest]!.rule, remaining: result.remaining, resetMs: result.resetMs }
+    const b = buckets[result.nearest]!
+    return { allowed: true, rule: b.rule, bucket: b.key, remaining: result.remaining, resetMs: result.resetMs, unavailable: false }
   }
 }

@@ -1,4 +1,4 @@
-import { Counter, Histogram, type Registry } from 'prom-client'
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client'
 import { PendingCounts } from '../metrics.js'
 import type { CompiledRule } from './rules.js'
 
@@ -7,6 +7,10 @@ export class LimiterMetrics {
   readonly #decisions = new PendingCounts<'rule' | 'outcome'>()
   readonly duration: Histogram
   readonly fallbacks: Counter
+  /** Requests of onExceed: delay rules that waited, by rule and outcome (admitted, rejected, queue_full). */
+  readonly delayed: Counter<'rule' | 'outcome'>
+  /** Requests waiting in a delay queue now. */
+  readonly delayWaiting: Gauge
   readonly redisErrors: Counter
   readonly #leases: Counter<'pool'>
   readonly #leasedTokens: Counter<'pool'>
@@ -19,7 +23,7 @@ export class LimiterMetrics {
     const decisions = this.#decisions
     new Counter({
       name: 'meliproxy_limiter_requests_total',
-      help: 'Requests governed by a rule, by rule and outcome (allowed, limited)',
+      help: 'Requests governed by a rule, by rule and outcome (allowed, limited; shadow rules: shadow_allowed, shadow_limited)',
       labelNames: ['rule', 'outcome'],
       registers: [registry],
       collect() {
@@ -30,6 +34,17 @@ export class LimiterMetrics {
       name: 'meliproxy_limiter_duration_seconds',
       help: 'Time to decide a request that waited for a lease (one decided from tokens in hand waits for nothing)',
       buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25],
+      registers: [registry],
+    })
+    this.delayed = new Counter({
+      name: 'meliproxy_limiter_delayed_total',
+      help: 'Requests of onExceed: delay rules that were over the limit, by rule and outcome (admitted after waiting, rejected after maxDelay, queue_full)',
+      labelNames: ['rule', 'outcome'],
+      registers: [registry],
+    })
+    this.delayWaiting = new Gauge({
+      name: 'meliproxy_limiter_delay_waiting',
+      help: 'Requests waiting in a delay queue',
       registers: [registry],
     })
     this.fallbacks = new Counter({

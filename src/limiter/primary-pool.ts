@@ -1,5 +1,5 @@
 import type { LeaseAcquireMessage, LeaseGrantMessage, LeaseReleaseMessage } from '../messages.js'
-import type { LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
+import type { Algorithm, LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
 
 /** How long a worker waits for the primary's answer before the lease request fails (the limiter falls back). */
 const REPLY_TIMEOUT_MS = 2_000
@@ -36,8 +36,8 @@ export class PrimaryPool implements LeasePool {
     })
   }
 
-  release(key: string, windowStart: number, tokens: number): void {
-    this.#send({ meliproxy: 'lease-release', key, windowStart, tokens })
+  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
+    this.#send({ meliproxy: 'lease-release', key, windowStart, tokens, algorithm })
   }
 
   /** Delivers the primary's answer to the request with the same id. */

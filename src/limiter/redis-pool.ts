@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import { BUCKET_PREFIX } from '../redis/keys.js'
-import type { LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
+import { SLIDING_SLOTS, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
 /**
  * The lease pool in Redis, shared by every worker of every instance. Each bucket is one hash (`w` = window start,
@@ -45,6 +45,63 @@ if remaining < 0 then remaining = 0 end
 return {grant, remaining, start + win - now, start}
 `
 
+/*
+ * A sliding window: KEYS[1] a hash of slot start -> tokens granted in that slot. ARGV: limit, window ms, want,
+ * holders, slots. The current slot and the `slots` before it may hold at most `limit` (src/limiter/pool.ts).
+ */
+const SLIDING_SCRIPT = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local win = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local holders = tonumber(ARGV[4])
+local slotMs = win / tonumber(ARGV[5])
+local slot = now - (now % slotMs)
+local oldest = slot - win
+local all = redis.call('HGETALL', KEYS[1])
+local used = 0
+for i = 1, #all, 2 do
+  local s = tonumber(all[i])
+  if s ~= nil then
+    if s < oldest then redis.call('HDEL', KEYS[1], all[i]) else used = used + tonumber(all[i + 1]) end
+  end
+end
+local left = limit - used
+local grant = 0
+if left > 0 then
+  grant = math.min(want, left, math.max(1, math.floor(left / (4 * holders))))
+  redis.call('HINCRBY', KEYS[1], slot, grant)
+  redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
+end
+local remaining = left - grant
+if remaining < 0 then remaining = 0 end
+return {grant, remaining, slot + slotMs - now, slot}
+`
+
+/*
+ * A token bucket: KEYS[1] a hash (l = tokens, t = when l was computed, b = size). ARGV: rate (tokens per window),
+ * window ms, want, burst. All `want` or none. Returns {granted, remaining, ms until `want` would fit, now}.
+ */
+const TOKEN_BUCKET_SCRIPT = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local perMs = tonumber(ARGV[1]) / tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local v = redis.call('HMGET', KEYS[1], 'l', 't')
+local level = burst
+if v[1] and v[2] then level = math.min(burst, tonumber(v[1]) + (now - tonumber(v[2])) * perMs) end
+local grant = 0
+if level >= want then grant = want end
+level = level - grant
+redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 'b', burst)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + 1000)
+local wait = math.ceil((want - level) / perMs)
+if wait < 1 then wait = 1 end
+return {grant, math.floor(level), wait, now}
+`
+
 /**
  * Deletes a rule's buckets (or one, when `bucket` is given) from Redis, one key per command (Cluster-ready);
  * returns how many were deleted.
@@ -71,6 +128,24 @@ redis.call('HSET', KEYS[1], 'c', c)
 return 1
 `
 
+/* A sliding window's release: KEYS[1], ARGV: slot start, tokens. Gives tokens back to the slot they came from. */
+const SLIDING_RELEASE_SCRIPT = `
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if n == nil then return 0 end
+n = n - tonumber(ARGV[2])
+if n < 0 then n = 0 end
+redis.call('HSET', KEYS[1], ARGV[1], n)
+return 1
+`
+
+/* A token bucket's release: KEYS[1], ARGV: tokens. Puts tokens back, never above the bucket's size. */
+const BUCKET_RELEASE_SCRIPT = `
+local v = redis.call('HMGET', KEYS[1], 'l', 'b')
+if not v[1] then return 0 end
+redis.call('HSET', KEYS[1], 'l', tostring(math.min(tonumber(v[2]), tonumber(v[1]) + tonumber(ARGV[1]))))
+return 1
+`
+
 type Script = (key: string, ...args: number[]) => Promise<number[] | number>
 
 /** Counts Redis calls (the limiter's metrics). */
@@ -81,18 +156,27 @@ export interface RedisCalls {
 /** Leases from Redis. Rejects when Redis does (the limiter falls back). */
 export class RedisPool implements LeasePool {
   readonly #redis: Redis
-  readonly #acquire: Script
-  readonly #release: Script
+  readonly #acquire: Record<Algorithm, Script>
+  readonly #release: Record<Algorithm, Script>
   readonly #calls: RedisCalls
 
   constructor(redis: Redis, calls: RedisCalls) {
     this.#redis = redis
     this.#calls = calls
-    redis.defineCommand('meliproxyLease', { numberOfKeys: 1, lua: ACQUIRE_SCRIPT })
-    redis.defineCommand('meliproxyRelease', { numberOfKeys: 1, lua: RELEASE_SCRIPT })
-    const r = redis as unknown as { meliproxyLease: Script; meliproxyRelease: Script }
-    this.#acquire = r.meliproxyLease.bind(redis)
-    this.#release = r.meliproxyRelease.bind(redis)
+    const script = (name: string, lua: string): Script => {
+      redis.defineCommand(name, { numberOfKeys: 1, lua })
+      return (redis as unknown as Record<string, Script>)[name]!.bind(redis)
+    }
+    this.#acquire = {
+      fixed: script('meliproxyLease', ACQUIRE_SCRIPT),
+      sliding: script('meliproxySlidingLease', SLIDING_SCRIPT),
+      'token-bucket': script('meliproxyBucketTake', TOKEN_BUCKET_SCRIPT),
+    }
+    this.#release = {
+      fixed: script('meliproxyRelease', RELEASE_SCRIPT),
+      sliding: script('meliproxySlidingRelease', SLIDING_RELEASE_SCRIPT),
+      'token-bucket': script('meliproxyBucketRelease', BUCKET_RELEASE_SCRIPT),
+    }
   }
 
   /** True while the connection is up (commands are not queued while it is down: they fail at once). */
@@ -101,7 +185,14 @@ export class RedisPool implements LeasePool {
   }
 
   acquire(req: LeaseRequest): Promise<LeaseGrant> {
-    return this.#acquire(BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders).then(
+    const key = BUCKET_PREFIX + req.key
+    const reply =
+      req.algorithm === 'sliding'
+        ? this.#acquire.sliding(key, req.limit, req.windowMs, req.want, req.holders, SLIDING_SLOTS)
+        : req.algorithm === 'token-bucket'
+          ? this.#acquire['token-bucket'](key, req.limit, req.windowMs, req.want, req.burst)
+          : this.#acquire.fixed(key, req.limit, req.windowMs, req.want, req.holders)
+    return reply.then(
       (out) => {
         this.#calls.call('acquire', true)
         const o = out as number[]
@@ -118,9 +209,13 @@ export class RedisPool implements LeasePool {
    * Gives tokens back. Not retried when it fails: the command may still have applied (a timeout does not cancel
    * it), and a token given back twice would be granted twice. A lost release only under-admits.
    */
-  release(key: string, windowStart: number, tokens: number): void {
+  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
     if (!this.ready) return
-    this.#release(BUCKET_PREFIX + key, windowStart, tokens).then(
+    const reply =
+      algorithm === 'token-bucket'
+        ? this.#release['token-bucket'](BUCKET_PREFIX + key, tokens)
+        : this.#release[algorithm](BUCKET_PREFIX + key, windowStart, tokens)
+    reply.then(
       () => this.#calls.call('release', true),
       () => this.#calls.call('release', false),
     )

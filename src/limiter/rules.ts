@@ -28,9 +28,32 @@ export interface RuleSpec {
   /** The window as written (`1m`), and in milliseconds. */
   readonly window: string
   readonly windowMs: number
+  /** How requests are counted (src/limiter/pool.ts): fixed windows, a sliding window, or a token bucket. */
+  readonly algorithm: Algorithm
+  /** token-bucket: the most tokens at once (the bucket's size); the others: the limit. */
+  readonly burst: number
+  /** shadow: counted and reported, never rejects. */
+  readonly mode: 'enforce' | 'shadow'
+  /** Units a request uses: a number, or a request header's value bounded by `max`. */
+  readonly cost: number | { readonly header: string; readonly max: number }
+  /** delay: a request over the limit waits for room, up to maxDelayMs, before a 429. */
+  readonly onExceed: 'reject' | 'delay'
+  readonly maxDelay: string | null
+  readonly maxDelayMs: number
+  /** While Redis is unusable: lease from this instance's share (local), let requests through (allow), or 503 (deny). */
+  readonly whenRedisDown: 'local' | 'allow' | 'deny'
 }
 
-const RULE_KEYS = new Set(['name', 'match', 'per', 'limit', 'window'])
+/** How a rule counts. */
+export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
+
+const RULE_KEYS = new Set(['name', 'match', 'per', 'limit', 'window', 'algorithm', 'burst', 'mode', 'cost', 'onExceed', 'maxDelay', 'whenRedisDown'])
+const ALGORITHMS: readonly Algorithm[] = ['fixed', 'sliding', 'token-bucket']
+/** The longest a delayed request may wait: each one holds a socket. */
+const MAX_DELAY_CAP_MS = 60_000
+const DEFAULT_MAX_DELAY = '1s'
+const DELAY = /^(\d+)(ms|s|m)$/
+const DELAY_UNIT_MS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000 }
 const MATCH_KEYS = new Set(['ip', 'path', 'method', 'header'])
 const NAME = /^[A-Za-z0-9_.-]{1,64}$/
 const METHOD = /^[A-Z]{1,16}$/
@@ -125,7 +148,70 @@ function parseRule(raw: unknown, index: number): RuleSpec {
       throw new ConfigError(`${field}.per`, `"${p}" is not one of ip, path, method, header:<name>`)
     })
   }
-  return { name, match, per, limit, window: String(raw.window).trim(), windowMs }
+  return { name, match, per, limit, window: String(raw.window).trim(), windowMs, ...parseBehaviour(raw, field, limit) }
+}
+
+function oneOf<T extends string>(value: unknown, allowed: readonly T[], fallback: T, field: string): T {
+  if (value === undefined) return fallback
+  if (typeof value !== 'string' || !allowed.includes(value as T)) {
+    throw new ConfigError(field, `${JSON.stringify(value)} is not one of ${allowed.join(', ')}`)
+  }
+  return value as T
+}
+
+function wholeAbove0(value: unknown, field: string): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value <= 0) {
+    throw new ConfigError(field, `${JSON.stringify(value)} is not a whole number above 0`)
+  }
+  return value
+}
+
+/** The fields of a rule beyond what it matches and its limit: algorithm, burst, mode, cost, onExceed, whenRedisDown. */
+function parseBehaviour(raw: Record<string, unknown>, field: string, limit: number) {
+  const algorithm = oneOf(raw.algorithm, ALGORITHMS, 'fixed', `${field}.algorithm`)
+  let burst = limit
+  if (raw.burst !== undefined) {
+    if (algorithm !== 'token-bucket') throw new ConfigError(`${field}.burst`, 'is only for algorithm: token-bucket')
+    burst = wholeAbove0(raw.burst, `${field}.burst`)
+  }
+  const mode = oneOf(raw.mode, ['enforce', 'shadow'] as const, 'enforce', `${field}.mode`)
+
+  // The most units one request may use: more than the bucket can ever hold would never be admitted.
+  const most = algorithm === 'token-bucket' ? burst : limit
+  const mostText = algorithm === 'token-bucket' ? `burst ${burst}` : `limit ${limit}`
+  let cost: RuleSpec['cost'] = 1
+  if (raw.cost !== undefined) {
+    if (isObject(raw.cost)) {
+      checkKeys(raw.cost, new Set(['header', 'max']), `${field}.cost`)
+      const header = raw.cost.header
+      if (typeof header !== 'string' || !HEADER_NAME.test(header)) {
+        throw new ConfigError(`${field}.cost.header`, `${JSON.stringify(header)} is not a header name`)
+      }
+      if (raw.cost.max === undefined) throw new ConfigError(`${field}.cost.max`, 'is required with cost.header (the most one request may use)')
+      const max = wholeAbove0(raw.cost.max, `${field}.cost.max`)
+      if (max > most) throw new ConfigError(`${field}.cost.max`, `${max} is above the ${mostText}: such a request could never be admitted`)
+      cost = { header: header.toLowerCase(), max }
+    } else {
+      cost = wholeAbove0(raw.cost, `${field}.cost`)
+      if (cost > most) throw new ConfigError(`${field}.cost`, `${cost} is above the ${mostText}: no request could ever be admitted`)
+    }
+  }
+
+  const onExceed = oneOf(raw.onExceed, ['reject', 'delay'] as const, 'reject', `${field}.onExceed`)
+  if (onExceed === 'delay' && mode === 'shadow') throw new ConfigError(`${field}.onExceed`, 'a shadow rule never holds a request: use reject')
+  if (raw.maxDelay !== undefined && onExceed !== 'delay') throw new ConfigError(`${field}.maxDelay`, 'is only for onExceed: delay')
+  let maxDelay: string | null = null
+  let maxDelayMs = 0
+  if (onExceed === 'delay') {
+    maxDelay = raw.maxDelay === undefined ? DEFAULT_MAX_DELAY : String(raw.maxDelay).trim()
+    const m = DELAY.exec(maxDelay)
+    maxDelayMs = m === null ? NaN : Number(m[1]) * DELAY_UNIT_MS[m[2]!]!
+    if (!(maxDelayMs > 0 && maxDelayMs <= MAX_DELAY_CAP_MS)) {
+      throw new ConfigError(`${field}.maxDelay`, `${JSON.stringify(raw.maxDelay)} is not a delay from 1ms to 60s (e.g. 500ms, 3s)`)
+    }
+  }
+  const whenRedisDown = oneOf(raw.whenRedisDown, ['local', 'allow', 'deny'] as const, 'local', `${field}.whenRedisDown`)
+  return { algorithm, burst, mode, cost, onExceed, maxDelay, maxDelayMs, whenRedisDown }
 }
 
 /** Validates a whole rule set (the `limits` list); throws ConfigError naming the rule and the field. */
@@ -167,6 +253,10 @@ export interface Bucket {
   readonly key: string
   readonly limit: number
   readonly windowMs: number
+  readonly algorithm: Algorithm
+  readonly burst: number
+  /** Units this request uses of it. */
+  readonly cost: number
 }
 
 /** A rule ready for the hot path. */
@@ -182,6 +272,13 @@ export class CompiledRule {
   /** Metric series keys and labels for its outcomes, made once (src/limiter/metrics.ts). */
   readonly allowedSeries: { readonly key: string; readonly labels: { rule: string; outcome: string } }
   readonly limitedSeries: { readonly key: string; readonly labels: { rule: string; outcome: string } }
+  readonly algorithm: Algorithm
+  readonly burst: number
+  readonly shadow: boolean
+  readonly delay: boolean
+  readonly maxDelayMs: number
+  readonly whenRedisDown: RuleSpec['whenRedisDown']
+  readonly #cost: RuleSpec['cost']
   readonly #ips: IpSet | null
   readonly #paths: RegExp[] | null
   readonly #methods: Set<string> | null
@@ -195,7 +292,17 @@ export class CompiledRule {
     this.policy = `${spec.limit};w=${spec.windowMs / 1000}`
     this.limitText = String(spec.limit)
     this.allowedSeries = { key: spec.name + ' a', labels: { rule: spec.name, outcome: 'allowed' } }
-    this.limitedSeries = { key: spec.name + ' l', labels: { rule: spec.name, outcome: 'limited' } }
+    // A rule stored before these fields existed (Redis, an older instance) reads as the defaults.
+    this.algorithm = spec.algorithm ?? 'fixed'
+    this.burst = spec.burst ?? spec.limit
+    this.shadow = spec.mode === 'shadow'
+    this.delay = spec.onExceed === 'delay'
+    this.maxDelayMs = spec.maxDelayMs ?? 0
+    this.whenRedisDown = spec.whenRedisDown ?? 'local'
+    this.#cost = spec.cost ?? 1
+    const outcome = this.shadow ? ['shadow_allowed', 'shadow_limited'] : ['allowed', 'limited']
+    this.allowedSeries = { key: spec.name + ' a', labels: { rule: spec.name, outcome: outcome[0]! } }
+    this.limitedSeries = { key: spec.name + ' l', labels: { rule: spec.name, outcome: outcome[1]! } }
     this.#ips = spec.match.ip ? new IpSet(spec.match.ip.map((s) => parseCidr(s) as Cidr)) : null
     this.#paths = spec.match.path ? spec.match.path.map((p) => compilePathGlob(p) as RegExp) : null
     this.#methods = spec.match.method ? new Set(spec.match.method) : null
@@ -227,6 +334,20 @@ export class CompiledRule {
     return true
   }
 
+  /**
+   * Units the request uses: the fixed cost, or the named header's whole number bounded to 1..max. A missing header
+   * costs 1; one that is not a whole number costs max (a client cannot lower its cost by sending garbage).
+   */
+  cost(r: RequestFacts): number {
+    const c = this.#cost
+    if (typeof c === 'number') return c
+    const v = r.headers[c.header]
+    if (v === undefined) return 1
+    const text = Array.isArray(v) ? v[0]! : v
+    if (!/^\s*\d{1,9}\s*$/.test(text)) return c.max
+    return Math.min(c.max, Math.max(1, Number(text)))
+  }
+
   /** The bucket key for the request: the rule name, then each `per` value. */
   bucketKey(r: RequestFacts): string {
     let key = this.name
@@ -250,12 +371,17 @@ const NO_BUCKETS: readonly Bucket[] = Object.freeze([])
 /** A compiled rule set plus the allow and deny lists. */
 export class RuleSet {
   readonly rules: readonly CompiledRule[]
+  /** The enforced rules, and the shadow ones (counted apart: they never reject, nor make another rule reject). */
+  readonly #enforced: readonly CompiledRule[]
+  readonly #shadow: readonly CompiledRule[]
   readonly version: number
   readonly #allow: IpSet
   readonly #deny: IpSet
 
   constructor(specs: readonly RuleSpec[], allow: readonly Cidr[], deny: readonly Cidr[], version = 1) {
     this.rules = specs.map((s) => new CompiledRule(s))
+    this.#enforced = this.rules.filter((r) => !r.shadow)
+    this.#shadow = this.rules.filter((r) => r.shadow)
     this.#allow = new IpSet(allow)
     this.#deny = new IpSet(deny)
     this.version = version
@@ -268,11 +394,21 @@ export class RuleSet {
 
   /** The buckets the request draws from; empty when no rule governs it or the client is on the allow list. */
   bucketsFor(r: RequestFacts): readonly Bucket[] {
+    return this.#buckets(this.#enforced, r)
+  }
+
+  /** The shadow rules' buckets for the request. */
+  shadowBucketsFor(r: RequestFacts): readonly Bucket[] {
+    return this.#buckets(this.#shadow, r)
+  }
+
+  #buckets(rules: readonly CompiledRule[], r: RequestFacts): readonly Bucket[] {
     // Most requests of a deployment without rules (or from an allowed client) allocate nothing here.
-    if (this.rules.length === 0 || this.#allow.has(r.ip)) return NO_BUCKETS
+    if (rules.length === 0 || this.#allow.has(r.ip)) return NO_BUCKETS
     const out: Bucket[] = []
-    for (const rule of this.rules) {
-      if (rule.matches(r)) out.push({ rule, key: rule.bucketKey(r), limit: rule.limit, windowMs: rule.windowMs })
+    for (const rule of rules) {
+      if (!rule.matches(r)) continue
+      out.push({ rule, key: rule.bucketKey(r), limit: rule.limit, windowMs: rule.windowMs, algorithm: rule.algorithm, burst: rule.burst, cost: rule.cost(r) })
     }
     return out
   }

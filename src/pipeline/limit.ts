@@ -1,4 +1,6 @@
+import { MeliproxyError } from '../errors.js'
 import type { Exchange } from '../exchange.js'
+import { DelayQueues } from '../limiter/delays.js'
 import type { Limiter, Verdict } from '../limiter/limiter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from '../limiter/response.js'
 import type { Logger } from '../log.js'
@@ -8,16 +10,16 @@ import type { Pipeline, Stage } from './pipeline.js'
 /**
  * The rate limits: a request no rule governs goes on at once; one whose tokens are in hand is decided
  * synchronously; one that needs a lease waits for it. Admitted requests carry RateLimit-* fields; rejected ones get
- * 429 and never reach the cache or the upstream.
+ * 429 and never reach the cache or the upstream. A request over an `onExceed: delay` rule waits in that bucket's
+ * queue (src/limiter/delays.ts) until it fits or the rule's maxDelay passes; a rule that cannot be counted while
+ * Redis is down and says `whenRedisDown: deny` answers 503 limiter_unavailable.
  */
-export function limitStage(limiter: Limiter, log: Logger): Stage {
-  function decided(x: Exchange, p: Pipeline, v: Verdict): void {
-    if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
-    if (v.allowed) {
-      x.rateHeaders = rateLimitHeaders(v)
-      return p.next(x)
-    }
+export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): Stage {
+  function reject(x: Exchange, p: Pipeline, v: Verdict): void {
     x.limitedBy = v.rule.name
+    if (v.unavailable) {
+      return p.reject(x, new MeliproxyError('limiter_unavailable', `rate limit "${v.rule.name}" cannot be counted while Redis is unreachable`))
+    }
     const body = rejectionBody(v)
     const headers = rateLimitHeaders(v)
     headers.push('retry-after', String(retryAfterSeconds(v)), 'content-type', 'application/json')
@@ -25,6 +27,50 @@ export function limitStage(limiter: Limiter, log: Logger): Stage {
     x.res.writeHead(429, headers)
     x.res.end(body)
     p.finish(x, answered(429, Buffer.byteLength(body)))
+  }
+
+  function decided(x: Exchange, p: Pipeline, v: Verdict): void {
+    if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
+    if (v.allowed) {
+      x.rateHeaders = rateLimitHeaders(v)
+      return p.next(x)
+    }
+    if (v.rule.delay && !v.unavailable) return void delay(x, p, v)
+    reject(x, p, v)
+  }
+
+  /** Waits for room in the refusing bucket, deciding again each time the verdict says room comes back. */
+  async function delay(x: Exchange, p: Pipeline, first: Verdict): Promise<void> {
+    const rule = first.rule.name
+    if (!queues.enter(first.bucket)) {
+      limiter.metrics.delayed.labels(rule, 'queue_full').inc()
+      return reject(x, p, first)
+    }
+    const deadline = performance.now() + first.rule.maxDelayMs
+    let v = first
+    try {
+      for (;;) {
+        const left = deadline - performance.now()
+        if (left <= 0) break
+        if (!(await DelayQueues.wait(Math.min(Math.max(1, v.resetMs), left), x.res))) return p.finish(x, answered(0, 0))
+        const again = limiter.check(x, true)
+        if (again === null) return p.next(x) // the rule went away meanwhile
+        v = again instanceof Promise ? await again : again
+        if (v.allowed) {
+          limiter.metrics.delayed.labels(rule, 'admitted').inc()
+          return decided(x, p, v)
+        }
+        if (!v.rule.delay) break // now refused by a rule that does not delay
+      }
+    } catch (err) {
+      log.error('limiter failed while a request waited; request let through', { error: (err as Error).message })
+      return p.next(x)
+    } finally {
+      queues.leave(first.bucket)
+    }
+    limiter.metrics.delayed.labels(rule, 'rejected').inc()
+    if (x.res.destroyed) return p.finish(x, answered(0, 0))
+    reject(x, p, v)
   }
 
   return (x, p) => {

@@ -1,3 +1,4 @@
+import { SHADOW } from './recorder.js'
 import { splitDims, splitPair, type Dims } from './batch.js'
 import { percentile } from './latency.js'
 import type { Bucket, Resolution } from './store.js'
@@ -26,6 +27,8 @@ export interface Counts {
   readonly status: Record<string, number>
   readonly cache: Record<string, number>
   readonly limited: number
+  /** Requests a shadow rule would have rejected (they were not). */
+  readonly wouldLimit: number
   readonly p50Ms: number | null
   readonly p99Ms: number | null
 }
@@ -72,23 +75,26 @@ export function summarize(buckets: readonly Bucket[], q: StatsQuery, resolution:
   const cache: Record<string, number> = {}
   let requests = 0
   let limited = 0
+  let wouldLimit = 0
   const latency = new Map<number, number>()
   const grouped = new Map<string, number>()
   const dim = DIM_OF[q.group]
   const series: SeriesPoint[] = []
 
   for (const b of buckets) {
-    const point = { requests: 0, status: {} as Record<string, number>, cache: {} as Record<string, number>, limited: 0 }
+    const point = { requests: 0, status: {} as Record<string, number>, cache: {} as Record<string, number>, limited: 0, wouldLimit: 0 }
     for (const [key, n] of b.counts) {
       const d = splitDims(key)
       point.requests += n
       bump(point.status, d.status, n)
       if (d.cache !== '-') bump(point.cache, d.cache, n)
-      if (d.rule !== '') point.limited += n
+      if (d.rule.startsWith(SHADOW)) point.wouldLimit += n
+      else if (d.rule !== '') point.limited += n
       if (dim !== undefined && (dim !== 'rule' || d.rule !== '')) bump2(grouped, d[dim], n)
     }
     requests += point.requests
     limited += point.limited
+    wouldLimit += point.wouldLimit
     for (const [k, n] of Object.entries(point.status)) bump(status, k, n)
     for (const [k, n] of Object.entries(point.cache)) bump(cache, k, n)
     mergeInto(latency, b.latency)
@@ -112,7 +118,7 @@ export function summarize(buckets: readonly Bucket[], q: StatsQuery, resolution:
     to: new Date(q.to).toISOString(),
     resolution,
     group: q.group,
-    totals: { requests, status, cache, limited, p50Ms: percentile(latency, 0.5), p99Ms: percentile(latency, 0.99) },
+    totals: { requests, status, cache, limited, wouldLimit, p50Ms: percentile(latency, 0.5), p99Ms: percentile(latency, 0.99) },
     series,
     top,
   }

@@ -14,6 +14,9 @@ const MAX_KEYS = 2_000
 const METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT'])
 const STATUS_CLASS = ['aborted', '1xx', '2xx', '3xx', '4xx', '5xx']
 
+/** The rule dimension of a request a shadow rule would have rejected: `shadow:<rule>`. */
+export const SHADOW = 'shadow:'
+
 /** What the recorder reads off a finished request. */
 export interface Recorded {
   readonly time: number
@@ -22,6 +25,8 @@ export interface Recorded {
   readonly ip: string
   readonly cache: string | undefined
   readonly limitedBy: string | undefined
+  /** The shadow rule that would have rejected it (counted as `shadow:<rule>`; never as limited). */
+  readonly shadowLimitedBy: string | undefined
 }
 
 export class StatsRecorder {
@@ -39,8 +44,9 @@ export class StatsRecorder {
     if (m === undefined || m.time !== minuteStart) m = this.#minute(minuteStart)
     const method = METHODS.has(r.method) ? r.method : 'OTHER'
     const status3 = STATUS_CLASS[status >= 100 && status < 600 ? Math.floor(status / 100) : 0]!
-    let key = dimsKey(this.#routes.name(r.path), method, status3, r.cache ?? '-', r.limitedBy ?? '')
-    if (!m.counts.has(key) && m.counts.size >= MAX_KEYS) key = dimsKey('other', method, status3, r.cache ?? '-', r.limitedBy ?? '')
+    const rule = r.limitedBy ?? (r.shadowLimitedBy === undefined ? '' : SHADOW + r.shadowLimitedBy)
+    let key = dimsKey(this.#routes.name(r.path), method, status3, r.cache ?? '-', rule)
+    if (!m.counts.has(key) && m.counts.size >= MAX_KEYS) key = dimsKey('other', method, status3, r.cache ?? '-', rule)
     m.counts.set(key, (m.counts.get(key) ?? 0) + 1)
     const b = latencyBucket(durationMs)
     m.latency.set(b, (m.latency.get(b) ?? 0) + 1)

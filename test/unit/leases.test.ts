@@ -8,7 +8,7 @@ function events() {
   return { e, sink: { leased: (n: number) => (e.leased += n), returned: (n: number) => (e.returned += n) } }
 }
 
-const item = (key: string, limit: number, windowMs = 60_000): TakeItem => ({ key, limit, windowMs })
+const item = (key: string, limit: number, windowMs = 60_000): TakeItem => ({ key, limit, windowMs, algorithm: 'fixed', burst: limit, cost: 1 })
 
 t.test('grant sizes shrink to one request at a time as a bucket nears its limit', async (t) => {
   t.equal(grantSize(10, 100, 4), 1, 'a limit of 10 over 4 holders: one at a time')
@@ -171,7 +171,7 @@ async function simulate(
       requests++
       const k = `${bucket}@${Math.floor(now / windowMs)}`
       offeredBy.set(k, (offeredBy.get(k) ?? 0) + 1)
-      const r = tables[holder]!.take([{ key: bucket, limit, windowMs }])
+      const r = tables[holder]!.take([item(bucket, limit, windowMs)])
       if (!(r instanceof Promise)) {
         if (r.allowed) (admitted++, count(bucket, now))
       } else {

@@ -64,6 +64,7 @@ t.test('recorder -> merged batches -> memory store -> summary', async (t) => {
     ip: `10.0.0.${i % 2}`,
     cache: 'MISS',
     limitedBy: undefined,
+    shadowLimitedBy: undefined,
     ...over,
   })
   for (let i = 0; i < 10; i++) rec.record(req(i), 200, 2)
