@@ -112,6 +112,10 @@ const BENCH_LIMITS = [
   { name: 'per-client', per: ['ip'], limit: 100_000_000, window: '1m' },
 ]
 
+/** One per-client rule of each algorithm, at limits the bench never reaches: what each algorithm costs per request. */
+const ALGORITHMS = ['fixed', 'sliding', 'token-bucket'] as const
+const algorithmRule = (algorithm: string) => [{ name: algorithm, per: ['ip'], algorithm, limit: 100_000_000, window: '1m' }]
+
 async function startMeliproxy(upstream: string, extra: string[]): Promise<string> {
   const [port, admin] = await Promise.all([freePort(), freePort()])
   launch(process.execPath, [
@@ -134,6 +138,9 @@ async function main(): Promise<void> {
   }
   const limitsConfig = join(dir, 'limits.json')
   writeFileSync(limitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}`, limits: BENCH_LIMITS }))
+  for (const algorithm of ALGORITHMS) {
+    writeFileSync(join(dir, `${algorithm}.json`), JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}`, limits: algorithmRule(algorithm) }))
+  }
   const noLimitsConfig = join(dir, 'no-limits.json')
   writeFileSync(noLimitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}` }))
 
@@ -150,6 +157,9 @@ async function main(): Promise<void> {
     // Limits on cache hits, where their cost shows, against the same proxy with the same Redis and no rules.
     cacheL1Redis: hasRedis ? (await startMeliproxy(upstream, ['--config', noLimitsConfig])) + path : null,
     cacheL1Limits: hasRedis ? (await startMeliproxy(upstream, ['--config', limitsConfig])) + path : null,
+    cacheL1Fixed: hasRedis ? (await startMeliproxy(upstream, ['--config', join(dir, 'fixed.json')])) + path : null,
+    cacheL1Sliding: hasRedis ? (await startMeliproxy(upstream, ['--config', join(dir, 'sliding.json')])) + path : null,
+    cacheL1Bucket: hasRedis ? (await startMeliproxy(upstream, ['--config', join(dir, 'token-bucket.json')])) + path : null,
     cacheL2: hasRedis ? (await startMeliproxy(upstream, ['--redis-url', redisUrl, '--cache-l1-size', '0'])) + path : null,
   }
   for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
@@ -169,6 +179,9 @@ async function main(): Promise<void> {
     ['meliproxy cache hit (L2, L1 off)', targets.cacheL2],
     ['meliproxy cache hit (L1, Redis)', targets.cacheL1Redis],
     ['meliproxy cache hit + 4 limit rules', targets.cacheL1Limits],
+    ['cache hit + 1 fixed rule', targets.cacheL1Fixed],
+    ['cache hit + 1 sliding rule', targets.cacheL1Sliding],
+    ['cache hit + 1 token-bucket rule', targets.cacheL1Bucket],
     ['bare undici proxy', targets.undici],
     ['meliproxy proxy (access log on)', targets.meliproxy],
     ['meliproxy + 4 limit rules (Redis)', targets.limits],
@@ -220,6 +233,9 @@ async function main(): Promise<void> {
   ratio('meliproxy proxy / bare undici proxy', 'meliproxy proxy (access log on)', 'bare undici proxy', ' (target >= 1.0x)')
   ratio('meliproxy with limits / without', 'meliproxy + 4 limit rules (Redis)', 'meliproxy proxy (access log on)', ' (target >= 0.7x)')
   ratio('limits on cache hits / same proxy without', 'meliproxy cache hit + 4 limit rules', 'meliproxy cache hit (L1, Redis)', ' (target >= 0.9x)')
+  for (const algorithm of ALGORITHMS) {
+    ratio(`${algorithm} rule on cache hits / same proxy without`, `cache hit + 1 ${algorithm} rule`, 'meliproxy cache hit (L1, Redis)', '')
+  }
   if (limitRequests > 0) {
     console.log(
       `limiter Redis scripts per request (both limit scenarios): ${(limitScripts / limitRequests).toFixed(5)} ` +

@@ -45,6 +45,25 @@ export const OPENAPI = {
           per: { type: 'array', items: { type: 'string', description: 'ip, path, method or header:<name>' } },
           limit: { type: 'integer', minimum: 1 },
           window: { type: 'string', examples: ['30s', '1m', '1h'] },
+          algorithm: { type: 'string', enum: ['fixed', 'sliding', 'token-bucket'], default: 'fixed' },
+          burst: { type: 'integer', minimum: 1, description: 'token-bucket only: the bucket size (default: limit)' },
+          mode: { type: 'string', enum: ['enforce', 'shadow'], default: 'enforce' },
+          cost: {
+            description: 'units a request uses: a number, or a request header bounded by max',
+            default: 1,
+            oneOf: [
+              { type: 'integer', minimum: 1 },
+              {
+                type: 'object',
+                required: ['header', 'max'],
+                additionalProperties: false,
+                properties: { header: { type: 'string' }, max: { type: 'integer', minimum: 1 } },
+              },
+            ],
+          },
+          onExceed: { type: 'string', enum: ['reject', 'delay'], default: 'reject' },
+          maxDelay: { type: 'string', default: '1s', description: 'onExceed: delay only; at most 60s', examples: ['500ms', '3s'] },
+          whenRedisDown: { type: 'string', enum: ['local', 'allow', 'deny'], default: 'local' },
         },
       },
       RuleSet: {

@@ -71,6 +71,16 @@ export function fileRule(r: RuleSpec): FileRule {
   const out: Record<string, unknown> & { name: string } = { name: r.name, limit: r.limit, window: r.window }
   if (Object.keys(r.match).length > 0) out.match = r.match
   if (r.per.length > 0) out.per = r.per
+  // The rule features, where they are not the defaults (so a rule set written without them reads back the same).
+  if (r.algorithm !== 'fixed') out.algorithm = r.algorithm
+  if (r.algorithm === 'token-bucket' && r.burst !== r.limit) out.burst = r.burst
+  if (r.mode !== 'enforce') out.mode = r.mode
+  if (r.cost !== 1) out.cost = r.cost
+  if (r.onExceed !== 'reject') {
+    out.onExceed = r.onExceed
+    out.maxDelay = r.maxDelay
+  }
+  if (r.whenRedisDown !== 'local') out.whenRedisDown = r.whenRedisDown
   return out
 }
 

@@ -97,6 +97,7 @@ async function refreshStats() {
   const lookups = (c.HIT || 0) + (c.STALE || 0) + (c.MISS || 0)
   $('hit-ratio').textContent = lookups === 0 ? '–' : (((c.HIT || 0) + (c.STALE || 0)) / lookups * 100).toFixed(1) + '%'
   $('limited').textContent = fmt(t.limited)
+  $('would-limit').textContent = fmt(t.wouldLimit || 0)
   $('latency').textContent = fmt(t.p50Ms) + ' / ' + fmt(t.p99Ms) + ' ms'
   rows('status-mix', ['status', 'requests'], Object.entries(t.status).sort())
   rows('top-route', ['route', 'requests'], byRoute.top.map((r) => [r.key, r.requests]))
@@ -140,8 +141,19 @@ async function refreshRules() {
   $('rules-version').textContent = 'v' + r.version + ' (' + r.source + ')'
   rows(
     'rules-table',
-    ['name', 'match', 'per', 'limit', 'window'],
-    r.limits.map((l) => [l.name, JSON.stringify(l.match || {}), (l.per || []).join(', '), l.limit, l.window]),
+    ['name', 'match', 'per', 'limit', 'window', 'algorithm', 'mode', 'cost', 'on exceed', 'redis down'],
+    r.limits.map((l) => [
+      l.name,
+      JSON.stringify(l.match || {}),
+      (l.per || []).join(', '),
+      l.limit,
+      l.window,
+      (l.algorithm || 'fixed') + (l.burst ? ' (burst ' + l.burst + ')' : ''),
+      l.mode || 'enforce',
+      typeof l.cost === 'object' ? l.cost.header + ' (max ' + l.cost.max + ')' : String(l.cost || 1),
+      l.onExceed === 'delay' ? 'delay ' + l.maxDelay : 'reject',
+      l.whenRedisDown || 'local',
+    ]),
   )
   if (!editing) $('rules-json').value = JSON.stringify({ limits: r.limits, allow: r.allow, deny: r.deny }, null, 2)
 }
