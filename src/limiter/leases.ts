@@ -14,8 +14,8 @@ import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
  * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS, halves when it lasted longer
  *   than MAX_HOLD_MS; the pool caps it by what is left and how many holders share it (see grantSize).
  * - A request may use several units of a bucket (its rule's cost): it takes them all, or none.
- * - Token-bucket buckets are not leased (src/limiter/pool.ts says why): a request with one takes its tokens from the
- *   pool, all or none, after the leased buckets' tokens are taken from hand; when the pool refuses, those go back.
+ * - Every algorithm leases the same way (src/limiter/pool.ts): a lease belongs to a window, a sliding window's slot
+ *   or a token bucket's slot, and ends with it.
  */
 
 /** One bucket a request draws from. */
@@ -116,7 +116,6 @@ export class LeaseTable {
     let missing = false
     for (let i = 0; i < items.length; i++) {
       const it = items[i]!
-      if (it.algorithm === 'token-bucket') return null // never in hand
       const l = this.#leases.get(it.key)
       if (l === undefined || l.expiresAt <= now) {
         missing = true
@@ -128,15 +127,11 @@ export class LeaseTable {
       }
     }
     if (missing) return null
-    return this.#takeFound(items, found, items.length, now)
-  }
-
-  /** Takes each item's cost from its lease in `found` (all checked to hold enough). */
-  #takeFound(items: readonly TakeItem[], found: readonly Lease[], n: number, now: number): TakeResult {
+    // Every bucket holds enough: each gives up the request's cost.
     let nearest = 0
     let least = Infinity
     let resetMs = 0
-    for (let i = 0; i < n; i++) {
+    for (let i = 0; i < items.length; i++) {
       const l = found[i]!
       const cost = items[i]!.cost
       l.tokens -= cost
@@ -154,64 +149,20 @@ export class LeaseTable {
 
   /** Refills every bucket that needs it, then decides; rejects when the pool does (the caller falls back). */
   async #takeSlow(items: readonly TakeItem[]): Promise<TakeResult> {
-    // Leased buckets first (the token-bucket ones, if any, go last: see #takeDirect).
-    const leased = items.filter((it) => it.algorithm !== 'token-bucket')
-    const direct = leased.length === items.length ? null : items.filter((it) => it.algorithm === 'token-bucket')
     for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
       const now = this.#now()
       const refills: Promise<void>[] = []
-      for (const it of leased) {
+      for (const it of items) {
         const l = this.#lease(it.key, now)
         if (l.tokens >= it.cost && l.expiresAt > now) continue
         if (l.exhaustedUntil > now) continue
         refills.push(this.#refill(l, it, now))
       }
       if (refills.length > 0) await Promise.all(refills)
-      const result = this.takeLocal(leased)
-      if (result === null) continue
-      if (direct === null || !result.allowed) return direct === null ? result : this.#indexed(result, leased, items)
-      return this.#takeDirect(leased, result, direct, items)
+      const result = this.takeLocal(items)
+      if (result !== null) return result
     }
     return { allowed: false, failed: 0, resetMs: EXHAUSTED_RECHECK_MS }
-  }
-
-  /**
-   * The token-bucket buckets of a request whose leased buckets were taken: each is asked of the pool for its whole
-   * cost, all or none. When one refuses, the others' tokens go back to the pool and the leased ones back in hand.
-   */
-  async #takeDirect(leased: readonly TakeItem[], taken: TakeResult & { allowed: true }, direct: readonly TakeItem[], items: readonly TakeItem[]): Promise<TakeResult> {
-    const grants = await Promise.all(
-      direct.map((it) =>
-        this.#pool.acquire({ key: it.key, limit: it.limit, windowMs: it.windowMs, want: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst }),
-      ),
-    )
-    const refused = grants.findIndex((g, i) => g.granted < direct[i]!.cost)
-    if (refused === -1) {
-      let result: TakeResult = this.#indexed(taken, leased, items)
-      for (let i = 0; i < direct.length; i++) {
-        if (result.allowed && grants[i]!.remaining < result.remaining) {
-          result = { allowed: true, nearest: items.indexOf(direct[i]!), remaining: grants[i]!.remaining, resetMs: grants[i]!.resetMs }
-        }
-      }
-      return result
-    }
-    for (let i = 0; i < direct.length; i++) {
-      if (grants[i]!.granted > 0) this.#pool.release(direct[i]!.key, grants[i]!.windowStart, grants[i]!.granted, 'token-bucket')
-    }
-    for (const it of leased) {
-      const l = this.#leases.get(it.key)
-      if (l !== undefined) {
-        l.tokens += it.cost
-        l.periodUsed -= it.cost
-      }
-    }
-    return { allowed: false, failed: items.indexOf(direct[refused]!), resetMs: grants[refused]!.resetMs }
-  }
-
-  /** A result about `sub` (a subset of `items`, in order) with its indexes into `items`. */
-  #indexed(r: TakeResult, sub: readonly TakeItem[], items: readonly TakeItem[]): TakeResult {
-    if (sub === items) return r
-    return r.allowed ? { ...r, nearest: items.indexOf(sub[r.nearest]!) } : { ...r, failed: items.indexOf(sub[r.failed]!) }
   }
 
   #lease(key: string, now: number): Lease {
@@ -270,9 +221,11 @@ export class LeaseTable {
     l.waiting = 0
     // Tokens of an earlier window are no use in this one.
     if (g.windowStart !== l.windowStart) l.tokens = 0
+    // Nothing granted: resetMs says when to ask again, which must not stretch the life of tokens still in hand.
+    const expiresAt = sent + g.resetMs
+    l.expiresAt = g.granted === 0 && l.tokens > 0 ? Math.min(l.expiresAt, expiresAt) : expiresAt
     l.tokens += g.granted
     l.windowStart = g.windowStart
-    l.expiresAt = sent + g.resetMs
     l.poolRemaining = g.remaining
     l.grantedAt = now
     l.lastUsed = now

@@ -12,9 +12,11 @@
  *   the current slot plus the SLIDING_SLOTS before it hold at most `limit`. Any span of W ms lies within such
  *   SLIDING_SLOTS + 1 consecutive slots, and a slot's tokens are used only in that slot, so no span of W ever admits
  *   more than `limit` (conservative: after a burst, room comes back up to one slot, W / SLIDING_SLOTS, later).
- * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W. Not leased: a token held by a worker while
- *   the bucket refills behind it would let a later burst exceed `burst`, so each request takes its tokens from the
- *   pool, all or none (one pool call per request; see the limiter).
+ * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W, leased too. A token held by a worker while the
+ *   bucket refilled behind it would let a later burst exceed `burst`, so the pool counts what it granted in the
+ *   current BUCKET_SLOT_MS slot as held (a lease lasts until its slot ends) and refills the bucket only up to
+ *   `burst - held`: tokens in the bucket plus tokens in hand never exceed `burst`, so no span of T ms admits more than
+ *   burst + rate x T. A lease's unused tokens go back while its slot lasts; after that they count as used.
  */
 
 /** How a bucket counts (a rule's `algorithm`). */
@@ -22,6 +24,8 @@ export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 
 /** Slots of a sliding window (src/limiter/redis-pool.ts uses the same number). */
 export const SLIDING_SLOTS = 10
+/** How long a token-bucket lease lasts (its slot; src/limiter/redis-pool.ts uses the same number). */
+export const BUCKET_SLOT_MS = 1_000
 
 /** One lease request: a bucket, its rule's limit and window, how many tokens the holder would like. */
 export interface LeaseRequest {
@@ -71,8 +75,9 @@ interface Entry {
   count: number
   /** sliding: tokens granted per slot start. */
   slots: Map<number, number> | null
-  /** token-bucket: the bucket's size (for releases). */
-  burst: number
+  /** token-bucket: the current slot's start and the tokens granted in it and not given back (held). */
+  slot: number
+  held: number
 }
 
 /** The pool in this process's memory (the primary's): synchronous, so every grant is atomic. */
@@ -89,7 +94,7 @@ export class MemoryPool {
     const now = this.#now()
     let e = this.#entries.get(req.key)
     if (e === undefined) {
-      e = { start: -1, count: 0, slots: null, burst: req.burst }
+      e = { start: -1, count: 0, slots: null, slot: -1, held: 0 }
       this.#entries.set(req.key, e)
     }
     if (req.algorithm === 'sliding') return this.#sliding(e, req, now)
@@ -121,22 +126,44 @@ export class MemoryPool {
 
   #tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
     const perMs = req.limit / req.windowMs
-    e.burst = req.burst
-    e.count = e.start < 0 ? req.burst : Math.min(req.burst, e.count + (now - e.start) * perMs)
+    const slot = now - (now % BUCKET_SLOT_MS)
+    if (e.start < 0) e.count = req.burst
+    else if (e.slot !== slot) {
+      // Up to the end of the old slot the bucket refilled only to burst - held; then its leases ended (unused
+      // tokens count as used) and it refills to burst.
+      const slotEnd = e.slot + BUCKET_SLOT_MS
+      e.count = Math.min(req.burst - e.held, e.count + (slotEnd - e.start) * perMs)
+      e.count = Math.min(req.burst, e.count + (now - slotEnd) * perMs)
+    } else {
+      e.count = Math.min(req.burst - e.held, e.count + (now - e.start) * perMs)
+    }
+    if (e.slot !== slot) {
+      e.slot = slot
+      e.held = 0
+    }
     e.start = now
-    const granted = e.count >= req.want ? req.want : 0
+    const granted = grantSize(Math.floor(e.count), req.want, req.holders)
     e.count -= granted
-    // When the next request of this size would fit.
-    const resetMs = Math.max(1, Math.ceil((req.want - e.count) / perMs))
-    return { granted, remaining: Math.floor(e.count), resetMs, windowStart: now }
+    e.held += granted
+    // A lease lasts until its slot ends; with nothing granted, resetMs is when the next token comes.
+    let resetMs = slot + BUCKET_SLOT_MS - now
+    if (granted === 0) {
+      const capped = req.burst - e.held < 1 // the tokens in hand fill it: nothing comes back before the slot ends
+      resetMs = Math.max(1, Math.ceil((1 - e.count) / perMs), capped ? resetMs : 0)
+    }
+    return { granted, remaining: Math.floor(e.count), resetMs, windowStart: slot }
   }
 
   /** Takes back unused tokens: of the current fixed window, of the slot they came from, or into the bucket. */
   release(key: string, windowStart: number, tokens: number, algorithm: Algorithm = 'fixed'): void {
     const e = this.#entries.get(key)
     if (e === undefined) return
-    if (algorithm === 'token-bucket') e.count = Math.min(e.burst, e.count + tokens)
-    else if (algorithm === 'sliding') {
+    if (algorithm === 'token-bucket') {
+      if (e.slot !== windowStart) return // its lease ended: the tokens count as used
+      const back = Math.min(tokens, e.held)
+      e.held -= back
+      e.count += back
+    } else if (algorithm === 'sliding') {
       const n = e.slots?.get(windowStart)
       if (n !== undefined) e.slots!.set(windowStart, Math.max(0, n - tokens))
     } else if (e.start === windowStart) e.count = Math.max(0, e.count - tokens)

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import { BUCKET_PREFIX } from '../redis/keys.js'
-import { SLIDING_SLOTS, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
+import { BUCKET_SLOT_MS, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
 /**
  * The lease pool in Redis, shared by every worker of every instance. Each bucket is one hash (`w` = window start,
@@ -80,26 +80,51 @@ return {grant, remaining, slot + slotMs - now, slot}
 `
 
 /*
- * A token bucket: KEYS[1] a hash (l = tokens, t = when l was computed, b = size). ARGV: rate (tokens per window),
- * window ms, want, burst. All `want` or none. Returns {granted, remaining, ms until `want` would fit, now}.
+ * A token bucket, leased: KEYS[1] a hash (l = tokens in the bucket, t = when l was computed, s = the current lease
+ * slot, h = tokens granted in it and not given back). ARGV: rate (tokens per window), window ms, want, holders,
+ * burst, slot ms. The bucket refills only up to burst - h (src/limiter/pool.ts says why; MemoryPool does the same).
+ * Returns {granted, remaining, resetMs, slot}.
  */
 const TOKEN_BUCKET_SCRIPT = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local perMs = tonumber(ARGV[1]) / tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
-local burst = tonumber(ARGV[4])
-local v = redis.call('HMGET', KEYS[1], 'l', 't')
+local holders = tonumber(ARGV[4])
+local burst = tonumber(ARGV[5])
+local slotMs = tonumber(ARGV[6])
+local slot = now - (now % slotMs)
+local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h')
 local level = burst
-if v[1] and v[2] then level = math.min(burst, tonumber(v[1]) + (now - tonumber(v[2])) * perMs) end
+local held = 0
+if v[1] and v[2] and v[3] and v[4] then
+  level = tonumber(v[1])
+  local at = tonumber(v[2])
+  local oldSlot = tonumber(v[3])
+  held = tonumber(v[4])
+  if oldSlot ~= slot then
+    local slotEnd = oldSlot + slotMs
+    level = math.min(burst - held, level + (slotEnd - at) * perMs)
+    level = math.min(burst, level + (now - slotEnd) * perMs)
+    held = 0
+  else
+    level = math.min(burst - held, level + (now - at) * perMs)
+  end
+end
+local left = math.floor(level)
 local grant = 0
-if level >= want then grant = want end
+if left > 0 then grant = math.min(want, left, math.max(1, math.floor(left / (4 * holders)))) end
 level = level - grant
-redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 'b', burst)
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + 1000)
-local wait = math.ceil((want - level) / perMs)
-if wait < 1 then wait = 1 end
-return {grant, math.floor(level), wait, now}
+held = held + grant
+redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / perMs) + slotMs + 1000)
+local reset = slot + slotMs - now
+if grant == 0 then
+  local wait = math.ceil((1 - level) / perMs)
+  if burst - held >= 1 then reset = 0 end
+  reset = math.max(1, wait, reset)
+end
+return {grant, math.floor(level), reset, slot}
 `
 
 /**
@@ -138,11 +163,12 @@ redis.call('HSET', KEYS[1], ARGV[1], n)
 return 1
 `
 
-/* A token bucket's release: KEYS[1], ARGV: tokens. Puts tokens back, never above the bucket's size. */
+/* A token bucket's release: KEYS[1], ARGV: slot start, tokens. Held tokens of the current slot go back in the bucket. */
 const BUCKET_RELEASE_SCRIPT = `
-local v = redis.call('HMGET', KEYS[1], 'l', 'b')
-if not v[1] then return 0 end
-redis.call('HSET', KEYS[1], 'l', tostring(math.min(tonumber(v[2]), tonumber(v[1]) + tonumber(ARGV[1]))))
+local v = redis.call('HMGET', KEYS[1], 'l', 's', 'h')
+if not v[1] or tonumber(v[2]) ~= tonumber(ARGV[1]) then return 0 end
+local back = math.min(tonumber(ARGV[2]), tonumber(v[3]))
+redis.call('HSET', KEYS[1], 'l', tostring(tonumber(v[1]) + back), 'h', tonumber(v[3]) - back)
 return 1
 `
 
@@ -190,7 +216,7 @@ export class RedisPool implements LeasePool {
       req.algorithm === 'sliding'
         ? this.#acquire.sliding(key, req.limit, req.windowMs, req.want, req.holders, SLIDING_SLOTS)
         : req.algorithm === 'token-bucket'
-          ? this.#acquire['token-bucket'](key, req.limit, req.windowMs, req.want, req.burst)
+          ? this.#acquire['token-bucket'](key, req.limit, req.windowMs, req.want, req.holders, req.burst, BUCKET_SLOT_MS)
           : this.#acquire.fixed(key, req.limit, req.windowMs, req.want, req.holders)
     return reply.then(
       (out) => {
@@ -211,11 +237,7 @@ export class RedisPool implements LeasePool {
    */
   release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
     if (!this.ready) return
-    const reply =
-      algorithm === 'token-bucket'
-        ? this.#release['token-bucket'](BUCKET_PREFIX + key, tokens)
-        : this.#release[algorithm](BUCKET_PREFIX + key, windowStart, tokens)
-    reply.then(
+    this.#release[algorithm](BUCKET_PREFIX + key, windowStart, tokens).then(
       () => this.#calls.call('release', true),
       () => this.#calls.call('release', false),
     )

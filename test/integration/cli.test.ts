@@ -60,7 +60,10 @@ t.test('--version prints the package version', async (t) => {
 
 /** Bad rules, each refused at start with exit 2 and one line naming the rule and the field. */
 const badRules: { name: string; limits: unknown; names: RegExp }[] = [
-  { name: 'an unknown rule field', limits: [{ name: 'a', limit: 1, window: '1m', burst: 2 }], names: /limits\[0\] \(a\)\.burst: unknown field/ },
+  { name: 'an unknown rule field', limits: [{ name: 'a', limit: 1, window: '1m', bursts: 2 }], names: /limits\[0\] \(a\)\.bursts: unknown field/ },
+  { name: 'a burst without a token bucket', limits: [{ name: 'a', limit: 1, window: '1m', burst: 2 }], names: /limits\[0\] \(a\)\.burst: is only for algorithm: token-bucket/ },
+  { name: 'a cost above the limit', limits: [{ name: 'c', limit: 10, window: '1m', cost: 11 }], names: /limits\[0\] \(c\)\.cost: 11 is above the limit 10/ },
+  { name: 'an unknown whenRedisDown', limits: [{ name: 'w', limit: 10, window: '1m', whenRedisDown: 'maybe' }], names: /limits\[0\] \(w\)\.whenRedisDown: "maybe" is not one of local, allow, deny/ },
   { name: 'a bad glob', limits: [{ name: 'g', match: { path: 'items/*' }, limit: 1, window: '1m' }], names: /limits\[0\] \(g\)\.match\.path: "items\/\*" must start with \// },
   { name: 'a limit of 0', limits: [{ name: 'z', limit: 0, window: '1m' }], names: /limits\[0\] \(z\)\.limit: 0 is not a whole number above 0/ },
   { name: 'a bad CIDR', limits: [{ name: 'c', match: { ip: '10.0.0.0/40' }, limit: 1, window: '1m' }], names: /limits\[0\] \(c\)\.match\.ip: "10\.0\.0\.0\/40"/ },

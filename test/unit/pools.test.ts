@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
 import type { LeaseAcquireMessage, LeaseReleaseMessage } from '../../src/messages.js'
-import { LocalPool, MemoryPool, SLIDING_SLOTS, type LeasePool } from '../../src/limiter/pool.js'
+import { BUCKET_SLOT_MS, LocalPool, MemoryPool, SLIDING_SLOTS, type LeaseGrant, type LeasePool } from '../../src/limiter/pool.js'
 import { PrimaryPool } from '../../src/limiter/primary-pool.js'
 import { RedisPool } from '../../src/limiter/redis-pool.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
@@ -124,23 +124,45 @@ for (const [name, make] of pools) {
     t.equal(more, 34, '40 - 10 + 4')
   })
 
-  t.test(`${name}: token bucket: burst at once, all or nothing, refilled at rate per window`, async (t) => {
+  t.test(`${name}: token bucket: the burst at once, tokens given back in their slot, never more than burst after`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const req = (want: number) => ({ key, limit: 10, windowMs: 1_000, want, holders: 4, algorithm: 'token-bucket', burst: 5 }) as const
-    t.equal((await pool.acquire(req(3))).granted, 3, 'a full bucket of 5 gives 3')
-    const refused = await pool.acquire(req(3))
-    t.equal(refused.granted, 0, '2 left: 3 is refused whole, never 2 of 3')
-    t.ok(refused.resetMs >= 50 && refused.resetMs <= 110, `about 100 ms until 3 fit at 10/s (${refused.resetMs})`)
-    t.equal((await pool.acquire(req(2))).granted, 2, 'the 2 left')
-    await new Promise((r) => setTimeout(r, 320))
-    const after = await pool.acquire(req(3))
-    t.equal(after.granted, 3, 'about 3 tokens back after 300 ms at 10/s')
-    pool.release(key, after.windowStart, 3, 'token-bucket')
+    const req = { key, limit: 10, windowMs: 1_000, want: 16, holders: 1, algorithm: 'token-bucket', burst: 8 } as const
+    while (Date.now() % BUCKET_SLOT_MS > 500) await new Promise((r) => setTimeout(r, 20)) // early in a lease slot
+    const grants: LeaseGrant[] = []
+    for (let i = 0; i < 12; i++) grants.push(await pool.acquire(req))
+    t.equal(grants.reduce((a, g) => a + g.granted, 0), 8, 'the burst of 8, in blocks, then nothing')
+    t.ok(grants[0]!.resetMs <= BUCKET_SLOT_MS, 'a lease lasts until its slot ends')
+    t.ok(grants[11]!.resetMs >= 1, 'a refusal says when to ask again')
+    pool.release(key, grants[0]!.windowStart, 3, 'token-bucket')
     await new Promise((r) => setTimeout(r, 50))
-    t.equal((await pool.acquire(req(3))).granted, 3, 'given back: usable again')
-    await new Promise((r) => setTimeout(r, 1_000))
-    t.equal((await pool.acquire(req(5))).granted, 5, 'refilled, never above the burst...')
-    t.equal((await pool.acquire(req(1))).granted, 0, '...of 5')
+    let back = 0
+    for (let i = 0; i < 6; i++) back += (await pool.acquire(req)).granted
+    t.equal(back, 3, 'the 3 given back in the same slot, no more: the rest is held')
+    await new Promise((r) => setTimeout(r, 1_500))
+    let later = 0
+    for (let i = 0; i < 12; i++) later += (await pool.acquire(req)).granted
+    t.ok(later >= 1 && later <= 8, `refilled after the slot, never above the burst (${later})`)
   })
 }
+
+t.test('token bucket with a clock: tokens in hand and in the bucket never exceed the burst', async (t) => {
+  let now = 100
+  const pool = new MemoryPool(() => now)
+  const req = { key: 'tb', limit: 10, windowMs: 1_000, want: 5, holders: 1, algorithm: 'token-bucket', burst: 5 } as const
+  let got = 0
+  for (let i = 0; i < 5; i++) got += pool.acquire(req).granted
+  t.equal(got, 5, 'the burst, held until the slot ends at 1,000')
+  now = 900
+  t.equal(pool.acquire(req).granted, 0, '800 ms at 10/s would refill 8, but 5 are held: the bucket stays empty')
+  now = 1_000
+  t.equal(pool.acquire(req).granted, 0, 'the held 5 count as used when their slot ends; the bucket starts refilling')
+  now = 1_500
+  let after = 0
+  for (let i = 0; i < 10; i++) after += pool.acquire(req).granted
+  t.equal(after, 5, 'half a second at 10/s: 5, so 999-1,500 ms admits at most 5 + 5 = burst + rate x 0.5 s')
+  now = 10_000
+  let full = 0
+  for (let i = 0; i < 10; i++) full += pool.acquire(req).granted
+  t.equal(full, 5, 'a long idle bucket holds the burst, no more')
+})
