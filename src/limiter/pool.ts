@@ -78,6 +78,8 @@ interface Entry {
   /** token-bucket: the current slot's start and the tokens granted in it and not given back (held). */
   slot: number
   held: number
+  /** token-bucket: when it will be full again if nobody takes from it (until then it must not be forgotten). */
+  fullAt: number
 }
 
 /** The pool in this process's memory (the primary's): synchronous, so every grant is atomic. */
@@ -94,7 +96,7 @@ export class MemoryPool {
     const now = this.#now()
     let e = this.#entries.get(req.key)
     if (e === undefined) {
-      e = { start: -1, count: 0, slots: null, slot: -1, held: 0 }
+      e = { start: -1, count: 0, slots: null, slot: -1, held: 0, fullAt: 0 }
       this.#entries.set(req.key, e)
     }
     if (req.algorithm === 'sliding') return this.#sliding(e, req, now)
@@ -145,6 +147,7 @@ export class MemoryPool {
     const granted = grantSize(Math.floor(e.count), req.want, req.holders)
     e.count -= granted
     e.held += granted
+    e.fullAt = slot + BUCKET_SLOT_MS + Math.ceil((req.burst - e.count) / perMs)
     // A lease lasts until its slot ends; with nothing granted, resetMs is when the next token comes.
     let resetMs = slot + BUCKET_SLOT_MS - now
     if (granted === 0) {
@@ -173,10 +176,11 @@ export class MemoryPool {
   sweep(maxWindowMs: number): void {
     const now = this.#now()
     for (const [key, e] of this.#entries) {
-      // A token bucket refills to full within its window; an idle one is as good as new.
-      if (e.start + maxWindowMs <= now && (e.slots === null || [...e.slots.keys()].every((s) => s + maxWindowMs * 2 <= now))) {
-        this.#entries.delete(key)
-      }
+      // Forgotten once forgetting changes nothing: a fixed window that ended, a sliding window whose slots all left
+      // it, a token bucket that is full again (a new entry starts full).
+      const done =
+        e.slot >= 0 ? e.fullAt <= now : e.slots !== null ? [...e.slots.keys()].every((s) => s + maxWindowMs * 2 <= now) : e.start + maxWindowMs <= now
+      if (done) this.#entries.delete(key)
     }
   }
 

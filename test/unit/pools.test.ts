@@ -166,3 +166,22 @@ t.test('token bucket with a clock: tokens in hand and in the bucket never exceed
   for (let i = 0; i < 10; i++) full += pool.acquire(req).granted
   t.equal(full, 5, 'a long idle bucket holds the burst, no more')
 })
+
+t.test('the primary pool forgets a token bucket only once it is full again (a new one starts full)', async (t) => {
+  let now = 0
+  const pool = new MemoryPool(() => now)
+  // 10 a minute, burst 50: empty, it takes 5 minutes to fill.
+  const req = { key: 'slow', limit: 10, windowMs: 60_000, want: 50, holders: 1, algorithm: 'token-bucket', burst: 50 } as const
+  let got = 0
+  for (let i = 0; i < 60; i++) got += pool.acquire(req).granted
+  t.equal(got, 50)
+  now = 120_000
+  pool.sweep(60_000)
+  t.equal(pool.size, 1, 'two windows later it is not full yet: kept')
+  let after = 0
+  for (let i = 0; i < 60; i++) after += pool.acquire(req).granted
+  t.ok(after >= 19 && after <= 20, `what two minutes refilled, not a fresh burst (${after})`)
+  now = 1_000_000
+  pool.sweep(60_000)
+  t.equal(pool.size, 0, 'full again: forgotten')
+})
