@@ -1,7 +1,6 @@
 import cluster from 'node:cluster'
 import { AggregatorRegistry, Registry } from 'prom-client'
 import type { Config } from './config.js'
-import { CircuitOpenError } from './errors.js'
 import { DelayQueues } from './limiter/delays.js'
 import { Limiter } from './limiter/limiter.js'
 import { LimiterMetrics } from './limiter/metrics.js'
@@ -14,7 +13,6 @@ import {
   dispatch,
   type Handlers,
   type ToWorker,
-  type BreakerMessage,
   type CachePurgeMessage,
   type LeaseAcquireMessage,
   type LeaseReleaseMessage,
@@ -29,12 +27,13 @@ import { forwardStage } from './pipeline/forward.js'
 import { guardStage } from './pipeline/guard.js'
 import { limitStage } from './pipeline/limit.js'
 import { Pipeline } from './pipeline/pipeline.js'
+import { recorder } from './pipeline/record.js'
 import { Upstream } from './pipeline/upstream.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { Tiers } from './cache/tiers.js'
 import { RetryBudget } from './proxy/breaker.js'
-import { Breakers } from './proxy/breakers.js'
-import { Forwarder, type ForwardResult } from './proxy/forward.js'
+import { breakerReporter, Breakers } from './proxy/breakers.js'
+import { Forwarder } from './proxy/forward.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { ProxyServer } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
@@ -100,19 +99,9 @@ export class Worker {
         minRequests: config.breakerMinRequests,
         openMs: config.breakerOpenTime,
       },
-      (route, state) => {
-        if (route === null) {
-          upstreamMetrics.state(state)
-          if (state === 'open') log.warn('upstream circuit breaker open: refusing every upstream request', { openMs: config.breakerOpenTime })
-          else log.info('upstream circuit breaker ' + state)
-        } else {
-          upstreamMetrics.route(route, state, breakers.openRoutes().length)
-          if (state === 'open') log.warn('route circuit breaker open: refusing requests for this route', { route, openMs: config.breakerOpenTime })
-          else log.info('route circuit breaker ' + state, { route })
-        }
-        const msg: BreakerMessage = { meliproxy: 'breaker', route, state }
+      breakerReporter(upstreamMetrics, log, config.breakerOpenTime, () => breakers.openRoutes().length, (msg) => {
         if (process.connected) process.send!(msg)
-      },
+      }),
     )
     const forwarder = new Forwarder(
       config.upstream,
@@ -163,6 +152,7 @@ export class Worker {
     }
     setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
 
+    const record = recorder({ metrics, stats, accessLog, log })
     // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
     const pipeline = new Pipeline(
       [
@@ -172,42 +162,15 @@ export class Worker {
         ['forward', forwardStage(upstream)], // the upstream's answer, streamed
       ],
       {
-        record,
+        // Every request, once it is answered: in-flight count, metrics, statistics, the access log.
+        record: (x, result) => {
+          inFlight--
+          record(x, result)
+        },
         refused: (_x, err) => metrics.refused.labels(err.code).inc(),
         bug: (msg, x) => log.error(msg, { path: x.path }),
       },
     )
-
-    /** Every request, once it is answered (the pipeline calls it once): metrics, statistics, the access log. */
-    function record(x: Exchange, result: ForwardResult): void {
-      inFlight--
-      const durationMs = performance.now() - x.started
-      metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
-      stats?.record(x, result.status, durationMs)
-      if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
-      // A 4xx error here is the client's (a body over the limit), not the upstream's.
-      if (result.error !== null && result.error.status >= 500) {
-        metrics.upstreamErrors.labels(result.error.code).inc()
-        // An open breaker is logged once when it opens, not per refused request.
-        if (!(result.error instanceof CircuitOpenError)) {
-          log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
-        }
-      }
-      accessLog?.write({
-        time: x.time,
-        ip: x.ip,
-        method: x.method,
-        path: x.url,
-        status: result.status,
-        bytes: result.bytes,
-        durationMs,
-        upstreamMs: result.upstreamMs,
-        limited: x.limitedBy,
-      shadowLimited: x.shadowLimitedBy,
-        cache: x.cache,
-        reason: x.reason,
-      })
-    }
 
     const server = new ProxyServer(
       config,

@@ -1,4 +1,7 @@
+import type { Logger } from '../log.js'
+import type { BreakerMessage } from '../messages.js'
 import { CircuitBreaker, type BreakerOptions, type BreakerState } from './breaker.js'
+import type { UpstreamMetrics } from './metrics.js'
 
 /**
  * The circuit breakers of one worker: one per route, and one for the upstream as a whole.
@@ -111,5 +114,30 @@ export class Breakers {
       }
     }
     this.#routes.delete(victim ?? this.#routes.keys().next().value!)
+  }
+}
+
+/**
+ * What a worker does when one of its breakers changes state: the upstream metrics, one log line (an open breaker is
+ * logged here, once, not per refused request), and a message to the primary (its board of every worker's breakers).
+ */
+export function breakerReporter(
+  metrics: UpstreamMetrics,
+  log: Logger,
+  openMs: number,
+  openRoutes: () => number,
+  send: (msg: BreakerMessage) => void,
+): BreakerChange {
+  return (route, state) => {
+    if (route === null) {
+      metrics.state(state)
+      if (state === 'open') log.warn('upstream circuit breaker open: refusing every upstream request', { openMs })
+      else log.info('upstream circuit breaker ' + state)
+    } else {
+      metrics.route(route, state, openRoutes())
+      if (state === 'open') log.warn('route circuit breaker open: refusing requests for this route', { route, openMs })
+      else log.info('route circuit breaker ' + state, { route })
+    }
+    send({ meliproxy: 'breaker', route, state })
   }
 }
