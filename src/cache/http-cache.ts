@@ -5,7 +5,7 @@ import { MeliproxyError } from '../errors.js'
 import { answered, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from '../proxy/forward.js'
 import { ageMs, ownBytes, variantId, type CacheEntry } from './entry.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
-import { allowsStale, initialAgeMs, requestDirectives, responsePolicy, usableFresh, type RequestDirectives, type StoreRules } from './policy.js'
+import { allowsStale, initialAgeMs, parseHttpDate, requestDirectives, responsePolicy, usableFresh, type RequestDirectives, type StoreRules } from './policy.js'
 import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
 
 /**
@@ -402,9 +402,10 @@ export class HttpCache {
     if (inm !== undefined) return e.etag !== null && etagMatches(inm, e.etag)
     const ims = h['if-modified-since']
     if (ims !== undefined && e.lastModified !== null) {
-      const since = Date.parse(ims)
-      const modified = Date.parse(e.lastModified)
-      return !Number.isNaN(since) && !Number.isNaN(modified) && modified <= since
+      // Only a valid HTTP-date counts; an invalid If-Modified-Since is ignored (RFC 9110 13.1.3).
+      const since = parseHttpDate(ims)
+      const modified = parseHttpDate(e.lastModified)
+      return since !== null && modified !== null && modified <= since
     }
     return false
   }

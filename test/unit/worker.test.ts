@@ -125,3 +125,15 @@ t.test("the client's max-age, min-fresh and only-if-cached (RFC 9111 5.2.1)", as
   t.equal(upstream.hits('/aged/1'), hits, 'only-if-cached never went upstream')
   t.equal(upstream.hits('/aged/never'), 0)
 })
+
+t.test('a stored response answers a conditional request; an invalid If-Modified-Since is ignored', async (t) => {
+  upstream.route('/dated', (_req, res) => {
+    res.writeHead(200, { 'cache-control': 'max-age=600', etag: '"d1"', 'last-modified': 'Sun, 06 Nov 1994 08:49:37 GMT' })
+    res.end('dated')
+  })
+  await get('/dated/1')
+  t.equal((await get('/dated/1', 'GET', { 'if-none-match': 'W/"d1"' })).status, 304, 'weak comparison')
+  t.equal((await get('/dated/1', 'GET', { 'if-modified-since': 'Sun, 06 Nov 1994 08:49:37 GMT' })).status, 304)
+  t.equal((await get('/dated/1', 'GET', { 'if-modified-since': 'Sun, 06 Nov 1994 08:49:37 UTC' })).status, 200, 'not an HTTP-date: ignored')
+  t.equal(upstream.hits('/dated/1'), 1)
+})
