@@ -3,7 +3,11 @@
  * which alone builds and reads its keys.
  */
 
-/** Limiter buckets (src/limiter/redis-pool.ts): hash `w` window start, `c` tokens granted; expire 1 s after the window. */
+/**
+ * Limiter buckets (src/limiter/redis-pool.ts), one hash each: fixed `w` window start, `c` tokens granted (expires 1 s
+ * after the window); sliding: slot start -> tokens granted (expires a window and a slot after the last grant);
+ * token-bucket: `l` tokens, `t` when, `s` lease slot, `h` held (expires once it would be full again, plus 2 s).
+ */
 export const BUCKET_PREFIX = 'mp:rl:'
 
 /** Rule sets (src/limiter/rule-store.ts): version counter, current version, history list; no expiry. */
