@@ -248,3 +248,25 @@ t.test('every metric config/grafana-dashboard.json queries is one /metrics expos
   t.ok(used.size >= 15, `${used.size} metrics used`)
   for (const name of used) t.ok(exposed.has(name), `${name} is exposed`)
 })
+
+t.test('PUT /api/limits takes the rule features: each bad field is 400 naming it; a good set is stored as written and enforced by B', async (t) => {
+  const bad = await adminCall(a, 'PUT', '/api/limits', {
+    body: { limits: [{ name: 'tb', limit: 10, window: '1m', algorithm: 'token-bucket', burst: 5, cost: 6 }] },
+    token: TOKEN,
+  })
+  t.equal(bad.status, 400)
+  t.equal(bad.body.error, 'invalid_rules')
+  t.equal(bad.body.field, 'limits[0] (tb).cost')
+  t.match(bad.body.message, /6 is above the burst 5/)
+  const rules = [
+    { name: 'sl', match: { path: ['/categories/*'] }, algorithm: 'sliding', limit: 2, window: '1h' },
+    { name: 'sh', match: { path: ['/categories/*'] }, limit: 1, window: '1h', mode: 'shadow' },
+  ]
+  const put = await adminCall(a, 'PUT', '/api/limits', { body: { limits: rules }, token: TOKEN })
+  t.equal(put.status, 200)
+  t.same(put.body.limits, rules, 'stored as written')
+  t.ok(await waitFor(async () => (await admin(b, '/api/limits')).body.version === put.body.version, 5_000), 'B has it')
+  const got: number[] = []
+  for (let i = 0; i < 3; i++) got.push((await send(`${b.url}/categories/sl${i}`, { from: '127.0.0.30' })).status)
+  t.same(got, [200, 200, 429], 'the sliding rule is enforced; the shadow rule at 1 rejects nothing')
+})
