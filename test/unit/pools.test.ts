@@ -97,17 +97,17 @@ for (const [name, make] of pools) {
   t.test(`${name}: sliding: the current slot and the ${SLIDING_SLOTS} before it never hold more than the limit`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const req = { key, limit: 10, windowMs: 2_000, want: 4, holders: 1, algorithm: 'sliding', burst: 10 } as const
+    const req = { key, limit: 10, windowMs: 1_000, want: 4, holders: 1, algorithm: 'sliding', burst: 10 } as const
     let granted = 0
     const first = await pool.acquire(req)
     granted += first.granted
     for (let i = 0; i < 10; i++) granted += (await pool.acquire(req)).granted
     t.equal(granted, 10, 'the limit, then nothing')
-    t.ok(first.resetMs > 0 && first.resetMs <= 200, 'a lease lasts until the end of its slot (window / slots)')
-    // A slot later the window still holds the 10: nothing; a full window (plus a slot) later there is room again.
-    await new Promise((r) => setTimeout(r, 1_000))
+    t.ok(first.resetMs > 0 && first.resetMs <= 100, 'a lease lasts until the end of its slot (window / slots)')
+    // Half a window later the window still holds the 10: nothing; a full window (plus a slot) later there is room.
+    await new Promise((r) => setTimeout(r, 500))
     t.equal((await pool.acquire(req)).granted, 0, 'half a window later: still full')
-    await new Promise((r) => setTimeout(r, 1_300))
+    await new Promise((r) => setTimeout(r, 700))
     t.ok((await pool.acquire(req)).granted > 0, 'a window and a slot later: room again')
   })
 
@@ -139,7 +139,7 @@ for (const [name, make] of pools) {
     let back = 0
     for (let i = 0; i < 6; i++) back += (await pool.acquire(req)).granted
     t.equal(back, 3, 'the 3 given back in the same slot, no more: the rest is held')
-    await new Promise((r) => setTimeout(r, 1_500))
+    await new Promise((r) => setTimeout(r, 1_100))
     let later = 0
     for (let i = 0; i < 12; i++) later += (await pool.acquire(req)).granted
     t.ok(later >= 1 && later <= 8, `refilled after the slot, never above the burst (${later})`)
