@@ -96,11 +96,11 @@ export class Limiter {
     const buckets = this.#rules.bucketsFor(facts)
     if (buckets.length === 0) return null
     const result = this.#take(buckets)
-    if (!(result instanceof Promise)) return this.#verdict(buckets, result)
+    if (!(result instanceof Promise)) return this.#verdict(buckets, result, !again)
     const started = performance.now()
     return result.then((r) => {
       this.#metrics.duration.observe((performance.now() - started) / 1000)
-      return this.#verdict(buckets, r)
+      return this.#verdict(buckets, r, !again)
     })
   }
 
@@ -197,10 +197,11 @@ export class Limiter {
     return r instanceof Promise ? r.then(back) : back(r)
   }
 
-  #verdict(buckets: readonly Bucket[], result: TakeResult): Verdict {
+  /** The verdict of a take; `count`: into the decision metrics (a delayed request's retries count once, at the end). */
+  #verdict(buckets: readonly Bucket[], result: TakeResult, count: boolean): Verdict {
     if (!result.allowed) {
       const b = buckets[result.failed]!
-      this.#metrics.decision(b.rule, false)
+      if (count) this.#metrics.decision(b.rule, false)
       return { allowed: false, rule: b.rule, bucket: b.key, remaining: 0, resetMs: result.resetMs, unavailable: result.unavailable === true }
     }
     for (let i = 0; i < buckets.length; i++) this.#metrics.decision(buckets[i]!.rule, true)

@@ -39,38 +39,47 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     reject(x, p, v)
   }
 
-  /** Waits for room in the refusing bucket, deciding again each time the verdict says room comes back. */
+  /**
+   * Waits for room in the refusing bucket, deciding again each time the verdict says room comes back; admitted, it
+   * goes on; past maxDelay, refused by a rule that does not delay, or Redis gone for a deny rule, it is rejected.
+   */
   async function delay(x: Exchange, p: Pipeline, first: Verdict): Promise<void> {
     const rule = first.rule.name
     if (!queues.enter(first.bucket)) {
       limiter.metrics.delayed.labels(rule, 'queue_full').inc()
       return reject(x, p, first)
     }
-    const deadline = performance.now() + first.rule.maxDelayMs
-    let v = first
+    let v: Verdict | null
     try {
-      for (;;) {
-        const left = deadline - performance.now()
-        if (left <= 0) break
-        if (!(await DelayQueues.wait(Math.min(Math.max(1, v.resetMs), left), x.res))) return p.finish(x, answered(0, 0))
-        const again = limiter.check(x, true)
-        if (again === null) return p.next(x) // the rule went away meanwhile
-        v = again instanceof Promise ? await again : again
-        if (v.allowed) {
-          limiter.metrics.delayed.labels(rule, 'admitted').inc()
-          return decided(x, p, v)
-        }
-        if (!v.rule.delay) break // now refused by a rule that does not delay
-      }
+      v = await waitForRoom(x, first)
     } catch (err) {
       log.error('limiter failed while a request waited; request let through', { error: (err as Error).message })
-      return p.next(x)
+      v = null
     } finally {
       queues.leave(first.bucket)
     }
+    if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
+    if (v === null || v.allowed) {
+      if (v !== null) limiter.metrics.delayed.labels(rule, 'admitted').inc()
+      return v === null ? p.next(x) : decided(x, p, v)
+    }
     limiter.metrics.delayed.labels(rule, 'rejected').inc()
-    if (x.res.destroyed) return p.finish(x, answered(0, 0))
     reject(x, p, v)
+  }
+
+  /** The last verdict once it admits, or once waiting more is no use; null when no rule governs the request now. */
+  async function waitForRoom(x: Exchange, first: Verdict): Promise<Verdict | null> {
+    const deadline = performance.now() + first.rule.maxDelayMs
+    let v = first
+    for (;;) {
+      const left = deadline - performance.now()
+      if (left <= 0) return v
+      if (!(await DelayQueues.wait(Math.min(Math.max(1, v.resetMs), left), x.res))) return v
+      const again = limiter.check(x, true)
+      if (again === null) return null // the rule went away meanwhile
+      v = again instanceof Promise ? await again : again
+      if (v.allowed || !v.rule.delay || v.unavailable) return v
+    }
   }
 
   return (x, p) => {
