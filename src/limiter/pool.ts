@@ -123,7 +123,19 @@ export class MemoryPool {
     }
     const granted = grantSize(req.limit - used, req.want, req.holders)
     if (granted > 0) slots.set(slot, (slots.get(slot) ?? 0) + granted)
-    return { granted, remaining: Math.max(0, req.limit - used - granted), resetMs: slot + slotMs - now, windowStart: slot }
+    let resetMs = slot + slotMs - now
+    if (granted === 0) {
+      // Full: room comes back when the oldest slots leave the window (a slot counts until `window` after its end).
+      let freed = used
+      for (const start of [...slots.keys()].sort((a, b) => a - b)) {
+        freed -= slots.get(start)!
+        if (freed < req.limit) {
+          resetMs = Math.max(resetMs, start + slotMs + req.windowMs - now)
+          break
+        }
+      }
+    }
+    return { granted, remaining: Math.max(0, req.limit - used - granted), resetMs, windowStart: slot }
   }
 
   #tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {

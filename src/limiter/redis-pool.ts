@@ -76,7 +76,29 @@ if left > 0 then
 end
 local remaining = left - grant
 if remaining < 0 then remaining = 0 end
-return {grant, remaining, slot + slotMs - now, slot}
+local reset = slot + slotMs - now
+if grant == 0 then
+  -- Full: room comes back when the oldest slots leave the window (a slot counts until a window after its end).
+  local starts = {}
+  local counts = {}
+  for i = 1, #all, 2 do
+    local s = tonumber(all[i])
+    if s ~= nil and s >= oldest then
+      starts[#starts + 1] = s
+      counts[s] = tonumber(all[i + 1])
+    end
+  end
+  table.sort(starts)
+  local freed = used
+  for _, s in ipairs(starts) do
+    freed = freed - counts[s]
+    if freed < limit then
+      reset = math.max(reset, s + slotMs + win - now)
+      break
+    end
+  end
+end
+return {grant, remaining, reset, slot}
 `
 
 /*
