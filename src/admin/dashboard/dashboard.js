@@ -104,7 +104,9 @@ async function refreshStats() {
   rows('top-path', ['path', 'requests'], byPath.top.map((r) => [r.key, r.requests]))
   rows('top-ip', ['client IP', 'requests'], byIp.top.map((r) => [r.key, r.requests]))
   rows('top-pair', ['IP', 'path', 'requests'], byPair.top.map((r) => [r.ip, r.path, r.requests]))
-  rows('top-rule', ['rule', 'limited'], byRule.top.map((r) => [r.key, r.requests]))
+  // A shadow rule's entries (`shadow:<rule>`) are requests it would have limited; none was.
+  const ruleLabel = (key) => (key.startsWith('shadow:') ? key.slice(7) + ' (shadow: would limit)' : key)
+  rows('top-rule', ['rule', 'limited'], byRule.top.map((r) => [ruleLabel(r.key), r.requests]))
   // One point per minute of the last hour, gaps as zero traffic.
   const now = Date.now()
   const first = now - (now % 60000) - 59 * 60000
