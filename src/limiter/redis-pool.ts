@@ -18,25 +18,35 @@ import { BUCKET_SLOT_MS, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type Le
 
 
 /*
- * KEYS[1]: the bucket. ARGV: limit, window ms, want, holders.
- * Returns {granted, remaining, resetMs, windowStart}. The grant size is grantSize() of src/limiter/pool.ts.
+ * What every acquire script starts with: Redis's clock (so instances with skewed clocks agree), ARGV[1..4] (limit or
+ * rate per window, window ms, want, holders), and grantSize() of src/limiter/pool.ts, in one place.
  */
-const ACQUIRE_SCRIPT = `
+const ACQUIRE_HEAD = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
 local win = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local holders = tonumber(ARGV[4])
+local function grantSize(left)
+  if left <= 0 then return 0 end
+  return math.min(want, left, math.max(1, math.floor(left / (4 * holders))))
+end
+`
+
+/*
+ * KEYS[1]: the bucket. ARGV: limit, window ms, want, holders.
+ * Returns {granted, remaining, resetMs, windowStart}. The grant size is grantSize() of src/limiter/pool.ts.
+ */
+const ACQUIRE_SCRIPT = ACQUIRE_HEAD + `
 local start = now - (now % win)
 local v = redis.call('HMGET', KEYS[1], 'w', 'c')
 local fresh = tonumber(v[1]) ~= start
 local c = 0
 if not fresh then c = tonumber(v[2]) or 0 end
 local left = limit - c
-local grant = 0
-if left > 0 then
-  grant = math.min(want, left, math.max(1, math.floor(left / (4 * holders))))
+local grant = grantSize(left)
+if grant > 0 then
   redis.call('HSET', KEYS[1], 'w', start, 'c', c + grant)
   if fresh then redis.call('PEXPIRE', KEYS[1], start + win - now + 1000) end
 end
@@ -49,13 +59,7 @@ return {grant, remaining, start + win - now, start}
  * A sliding window: KEYS[1] a hash of slot start -> tokens granted in that slot. ARGV: limit, window ms, want,
  * holders, slots. The current slot and the `slots` before it may hold at most `limit` (src/limiter/pool.ts).
  */
-const SLIDING_SCRIPT = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local win = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local holders = tonumber(ARGV[4])
+const SLIDING_SCRIPT = ACQUIRE_HEAD + `
 local slotMs = win / tonumber(ARGV[5])
 local slot = now - (now % slotMs)
 local oldest = slot - win
@@ -68,9 +72,8 @@ for i = 1, #all, 2 do
   end
 end
 local left = limit - used
-local grant = 0
-if left > 0 then
-  grant = math.min(want, left, math.max(1, math.floor(left / (4 * holders))))
+local grant = grantSize(left)
+if grant > 0 then
   redis.call('HINCRBY', KEYS[1], slot, grant)
   redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
@@ -107,12 +110,8 @@ return {grant, remaining, reset, slot}
  * burst, slot ms. The bucket refills only up to burst - h (src/limiter/pool.ts says why; MemoryPool does the same).
  * Returns {granted, remaining, resetMs, slot}.
  */
-const TOKEN_BUCKET_SCRIPT = `
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local perMs = tonumber(ARGV[1]) / tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local holders = tonumber(ARGV[4])
+const TOKEN_BUCKET_SCRIPT = ACQUIRE_HEAD + `
+local perMs = limit / win
 local burst = tonumber(ARGV[5])
 local slotMs = tonumber(ARGV[6])
 local slot = now - (now % slotMs)
@@ -134,8 +133,7 @@ if v[1] and v[2] and v[3] and v[4] then
   end
 end
 local left = math.floor(level)
-local grant = 0
-if left > 0 then grant = math.min(want, left, math.max(1, math.floor(left / (4 * holders)))) end
+local grant = grantSize(left)
 level = level - grant
 held = held + grant
 redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held)
