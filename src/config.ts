@@ -50,6 +50,8 @@ export interface Config {
   readonly shutdownDelay: number
   readonly instances: number
   readonly limiterTimeout: number
+  /** `per: ip` keys an IPv6 client by its network of this many bits. */
+  readonly limitIpv6Prefix: number
   /** Rate-limit rules (file or admin API only). */
   readonly limits: readonly RuleSpec[]
   /** Clients exempt from every limit. */
@@ -325,6 +327,7 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('shutdownDelay', '--shutdown-delay <duration>', 'on SIGTERM, keep serving this long with /readyz failing before draining', durationOrZero, 0, '0'),
   opt('instances', '--instances <n>', 'instances sharing the limits: while Redis is down each enforces limit/n', integer(1, 10_000, 'an instance count'), 1),
   opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', parseDuration, 100, '100ms'),
+  opt('limitIpv6Prefix', '--limit-ipv6-prefix <bits>', 'per: ip counts an IPv6 client by its network of this many bits (IPv4: the address)', integer(1, 128, 'a prefix length'), 64),
   opt('cache', '--no-cache', 'turn off the HTTP cache', bool, true),
   opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
   opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),

@@ -1,7 +1,7 @@
 import type { Algorithm } from './limiter/pool.js'
 import type { Purge } from './cache/http-cache.js'
 import type { LeaseGrant, LeaseRequest } from './limiter/pool.js'
-import type { RuleSpec } from './limiter/rules.js'
+import type { Generations, RuleSpec } from './limiter/rules.js'
 import type { Cidr } from './net/ip.js'
 import type { BreakerState } from './proxy/breaker.js'
 import type { StatsBatch } from './stats/batch.js'
@@ -40,11 +40,15 @@ export interface LeaseReleaseMessage {
   readonly algorithm?: Algorithm
 }
 
-/** Primary -> worker: a rule's counters (or one bucket's, when `bucket` is set) were reset: drop their leases. */
+/**
+ * Primary -> worker: a rule's counters were reset: count it under `generation` from now on and drop the leases of the
+ * old one. With `bucket` set, only that bucket's counters were: drop its leases.
+ */
 export interface LimitsResetMessage {
   readonly meliproxy: 'limits-reset'
   readonly rule: string
   readonly bucket: string | null
+  readonly generation: number
 }
 
 /** Worker -> primary -> every worker: drop keys or a path glob from L1 (L2 is handled by the sender). */
@@ -66,6 +70,8 @@ export interface SetRulesMessage {
   readonly limits: readonly RuleSpec[]
   readonly allow: readonly Cidr[]
   readonly deny: readonly Cidr[]
+  /** Each rule's generation (how often its counters were reset): part of its bucket keys. */
+  readonly generations: Generations
 }
 
 /** Worker -> primary: one of its circuit breakers changed state (`route` null: the upstream-wide one). */

@@ -76,8 +76,8 @@ export class Primary {
         this.#config = withRules(this.#config, next)
         for (const w of this.#supervisor.all()) this.#sendRules(w)
       },
-      dropLeases: (rule, bucket) => {
-        const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket }
+      dropLeases: (rule, bucket, generation) => {
+        const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket, generation }
         for (const w of this.#supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
       },
     })
@@ -88,9 +88,11 @@ export class Primary {
       {
         config: () => this.#config,
         rulesVersion: () => this.#rules.current.version.version,
-        // Rules that changed while it started (its config was taken at fork time).
+        // Rules that changed while it started (its config was taken at fork time), and the rules' generations (a
+        // reset), which its config does not carry.
         listening: (state) => {
-          if (state.rulesVersion !== this.#rules.current.version.version) this.#sendRules(state)
+          const reset = Object.keys(this.#rules.generations).length > 0
+          if (state.rulesVersion !== this.#rules.current.version.version || reset) this.#sendRules(state)
         },
         exited: (id) => this.#breakers.forget(id),
         restarted: () => restarts.inc(),
@@ -208,6 +210,7 @@ export class Primary {
     this.#admin?.close()
     this.#admin?.closeAllConnections()
     clearInterval(this.#sweep)
+    this.#rules.close()
     await this.#stats.close()
     closeRedis(this.#redis)
     closeRedis(this.#subscriber)
@@ -219,7 +222,14 @@ export class Primary {
   #sendRules(state: WorkerState): void {
     if (!state.listening || !state.worker.isConnected()) return
     const rules = this.#rules.current
-    const msg: SetRulesMessage = { meliproxy: 'set-rules', version: rules.version.version, limits: rules.limits, allow: rules.allow, deny: rules.deny }
+    const msg: SetRulesMessage = {
+      meliproxy: 'set-rules',
+      version: rules.version.version,
+      limits: rules.limits,
+      allow: rules.allow,
+      deny: rules.deny,
+      generations: this.#rules.generations,
+    }
     state.worker.send(msg)
     state.rulesVersion = rules.version.version
   }

@@ -75,7 +75,7 @@ export class Worker {
     })
     const limiterMetrics = new LimiterMetrics(registry)
     const limiter = new Limiter(
-      new RuleSet(config.limits, config.allow, config.deny),
+      new RuleSet(config.limits, config.allow, config.deny, 1, { ipv6Prefix: config.limitIpv6Prefix }),
       {
         redis: redis === null ? null : new RedisPool(redis, limiterMetrics),
         primary: primaryPool,
@@ -200,13 +200,26 @@ export class Worker {
       void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => this.#resolveClosed())
     }
 
+    /** Enforces `next`; the leases of a kept rule whose generation changed (a reset) are dropped: nothing counts them now. */
+    const useRules = (next: RuleSet): void => {
+      const before = new Map(limiter.rules.rules.map((r) => [r.name, r.prefix]))
+      limiter.replaceRules(next)
+      for (const r of next.rules) {
+        const old = before.get(r.name)
+        if (old !== undefined && old !== r.prefix) limiter.forget(old, null)
+      }
+    }
+
     const fromPrimary: Handlers<ToWorker> = {
       'lease-grant': (msg) => primaryPool.deliver(msg),
       'cache-purge': (msg) => cache?.dropLocal(msg.purge),
       drain: () => server.drain('primary asked'),
-      'limits-reset': (msg) => limiter.forget(msg.rule, msg.bucket),
+      'limits-reset': (msg) => {
+        if (msg.bucket !== null) return limiter.forget(msg.rule, msg.bucket)
+        useRules(limiter.rules.withGenerations({ ...limiter.rules.generations, [msg.rule]: msg.generation }))
+      },
       'set-rules': (msg) => {
-        limiter.replaceRules(new RuleSet(msg.limits, msg.allow, msg.deny))
+        useRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version, { ipv6Prefix: config.limitIpv6Prefix, generations: msg.generations }))
         log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
       },
     }

@@ -88,6 +88,19 @@ export const OPENAPI = {
           },
         ],
       },
+      LimitsReset: {
+        type: 'object',
+        required: ['rule', 'key', 'generation'],
+        properties: {
+          rule: { type: 'string' },
+          key: { type: ['string', 'null'] },
+          generation: {
+            type: 'integer',
+            description: "the rule's generation now; a reset of the whole rule starts the next one, whose buckets all start empty on every instance",
+          },
+          cleared: { type: 'integer', description: 'with key only: the counters of that bucket deleted (0 when it held none)' },
+        },
+      },
       Stats: {
         type: 'object',
         properties: {
@@ -143,13 +156,24 @@ export const OPENAPI = {
     },
     '/api/limits/reset': {
       post: {
-        summary: "Clear a rule's counters, or one bucket's",
+        summary: "Clear a rule's counters (one step for every instance), or one bucket's",
         security: auth,
         requestBody: {
           required: true,
-          content: { 'application/json': { schema: { type: 'object', required: ['rule'], properties: { rule: { type: 'string' }, key: { type: 'string' } } } } },
+          content: {
+            'application/json': {
+              schema: {
+                type: 'object',
+                required: ['rule'],
+                properties: {
+                  rule: { type: 'string' },
+                  key: { type: 'string', description: "one bucket: the rule's per values joined by | (with one per, the value itself)" },
+                },
+              },
+            },
+          },
         },
-        responses: { '200': ok({ type: 'object' }), '400': error, '401': error, '404': error },
+        responses: { '200': ok({ $ref: '#/components/schemas/LimitsReset' }), '400': error, '401': error, '404': error, '503': error },
       },
     },
     '/api/cache': {

@@ -37,8 +37,11 @@ export interface AdminSources {
   /** Stores and applies a validated rule set everywhere; returns the new version. */
   putLimits(doc: ReturnType<typeof parseRuleSetDoc>['doc'], source: RuleVersion['source']): Promise<RuleVersion>
   limitsHistory(): Promise<RuleVersion[]>
-  /** Clears the counters of a rule (or of one bucket of it); returns how many were cleared. */
-  resetLimit(rule: string, key: string | null): Promise<number>
+  /**
+   * Resets the counters of a rule (its next generation), or of one bucket of it named by its `per` values; returns
+   * the rule's generation and, for one bucket, how many counters were deleted.
+   */
+  resetLimit(rule: string, values: readonly string[] | null): Promise<{ generation: number; cleared?: number }>
   status(): Promise<Record<string, unknown>>
   /** The admin token, or null when none is configured. */
   readonly adminToken: string | null
@@ -108,6 +111,20 @@ function statsQuery(params: URLSearchParams): StatsQuery {
   return { from, to, group, limit: Number(limitText) }
 }
 
+/**
+ * The `per` values an operator's bucket key names: the key itself for a rule with one `per` (so a value holding `|`
+ * can be named), else the key split at `|`, one value per entry of `per`.
+ */
+function perValues(per: unknown, key: string): string[] {
+  const n = Array.isArray(per) ? per.length : 0
+  if (n === 0) throw new AdminError('bad_request', 'key: the rule has no per (one bucket): reset the whole rule', 'key')
+  const values = n === 1 ? [key] : key.split('|')
+  if (values.length !== n) {
+    throw new AdminError('bad_request', `key: give the rule's ${n} per values (${(per as string[]).join(', ')}) joined by |`, 'key')
+  }
+  return values
+}
+
 function requireToken(req: IncomingMessage, sources: AdminSources): void {
   const refused = checkBearer(req.headers, sources.adminToken)
   if (refused !== null) throw refused
@@ -159,15 +176,14 @@ const ROUTES: Record<string, Record<string, [boolean, Handler]>> = {
       const body = (await readJson(req)) as { rule?: unknown; key?: unknown }
       const rule = body?.rule
       if (typeof rule !== 'string' || rule === '') throw new AdminError('bad_request', 'rule: give the rule name', 'rule')
-      if (!s.limits().limits.some((r) => r.name === rule)) {
-        throw new AdminError('not_found', `rule: "${rule}" is not a rule in force`, 'rule')
-      }
+      const doc = s.limits().limits.find((r) => r.name === rule)
+      if (doc === undefined) throw new AdminError('not_found', `rule: "${rule}" is not a rule in force`, 'rule')
       const key = body.key
       if (key !== undefined && (typeof key !== 'string' || key === '')) {
         throw new AdminError('bad_request', 'key: must be a bucket key (the rule\'s per values joined by |)', 'key')
       }
-      const cleared = await s.resetLimit(rule, key ?? null)
-      return [200, { rule, key: key ?? null, cleared }]
+      const answer = await s.resetLimit(rule, key === undefined ? null : perValues(doc.per, key))
+      return [200, { rule, key: key ?? null, ...answer }]
     }],
   },
   '/api/cache': {

@@ -114,7 +114,7 @@ export function adminSources(parts: PrimaryParts): AdminSources {
     limits: () => rules.current.version,
     putLimits: (doc, source) => rules.put(doc, source),
     limitsHistory: () => rules.history(),
-    resetLimit: (rule, key) => rules.reset(rule, key),
+    resetLimit: (rule, values) => rules.reset(rule, values),
     get adminToken() {
       return parts.config().adminToken // read on each call: a SIGHUP may change it
     },

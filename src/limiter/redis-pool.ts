@@ -147,22 +147,6 @@ end
 return {grant, math.floor(level), reset, slot}
 `
 
-/**
- * Deletes a rule's buckets (or one, when `bucket` is given) from Redis, one key per command (Cluster-ready);
- * returns how many were deleted.
- */
-export async function resetBuckets(redis: Redis, rule: string, bucket: string | undefined): Promise<number> {
-  if (bucket !== undefined) return redis.del(BUCKET_PREFIX + bucket)
-  let cleared = await redis.del(BUCKET_PREFIX + rule)
-  let cursor = '0'
-  do {
-    const [next, keys] = await redis.scan(cursor, 'MATCH', `${BUCKET_PREFIX}${rule}|*`, 'COUNT', 500)
-    cursor = next
-    for (const k of keys) cleared += await redis.del(k)
-  } while (cursor !== '0')
-  return cleared
-}
-
 /* KEYS[1]: the bucket. ARGV: window start, tokens. Gives tokens back if the window is still the bucket's. */
 const RELEASE_SCRIPT = `
 local v = redis.call('HMGET', KEYS[1], 'w', 'c')

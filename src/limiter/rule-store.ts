@@ -1,14 +1,25 @@
 import type { Redis } from 'ioredis'
 import { ConfigError } from '../errors.js'
 import type { Cidr } from '../net/ip.js'
-import { parseIpList, parseRules, type RuleSpec } from './rules.js'
-import { RULES_CHANNEL, RULES_CURRENT_KEY as CURRENT_KEY, RULES_HISTORY_KEY as HISTORY_KEY, RULES_VERSION_KEY as VERSION_KEY } from '../redis/keys.js'
+import { parseIpList, parseRules, type Generations, type RuleSpec } from './rules.js'
+import {
+  LIMITS_RESET_CHANNEL,
+  RULES_CHANNEL,
+  RULES_CURRENT_KEY as CURRENT_KEY,
+  RULES_GENERATIONS_KEY as GENERATIONS_KEY,
+  RULES_HISTORY_KEY as HISTORY_KEY,
+  RULES_VERSION_KEY as VERSION_KEY,
+} from '../redis/keys.js'
 
 /**
  * The versioned rule set behind the admin API: `PUT /api/limits` stores a new version, `GET /api/limits/history` lists
  * them, a rollback stores an old one again as a new version. With Redis the versions live there (a restart keeps
  * them; every instance applies a change within a second through pub/sub); without Redis they live in the primary.
  * Version 0 is the rule set of the config file, in force until the API sets one.
+ *
+ * It also keeps each rule's generation: how many times its counters were reset. The generation is part of every
+ * bucket key of the rule (src/limiter/rules.ts), so a reset is one increment: the old counts are never read again and
+ * expire with their windows.
  */
 
 /** A rule as the config file and the API write it (RuleSpec without derived fields). */
@@ -103,6 +114,26 @@ export interface RuleStore {
   put(doc: RuleSetDoc, source: RuleVersion['source']): Promise<RuleVersion>
   /** Stored versions, newest first. */
   history(): Promise<RuleVersion[]>
+  /** Every rule's generation (a rule never reset is absent). */
+  generations(): Promise<Generations>
+  /** Starts a new generation of a rule's counters, announces it (with Redis, on the limits-reset channel), returns it. */
+  newGeneration(rule: string): Promise<number>
+}
+
+/** A message of the limits-reset channel: a rule's new generation, or one bucket (`bucket`) deleted. */
+export interface LimitsReset {
+  readonly rule: string
+  readonly bucket: string | null
+  readonly generation: number
+}
+
+/** Reads a limits-reset message; throws on one that is not (another version's, or garbage). */
+export function parseLimitsReset(text: string): LimitsReset {
+  const m = JSON.parse(text) as Partial<LimitsReset> | null
+  if (typeof m?.rule !== 'string' || (m.bucket !== null && typeof m.bucket !== 'string') || !Number.isSafeInteger(m.generation)) {
+    throw new Error('not a limits-reset message')
+  }
+  return { rule: m.rule, bucket: m.bucket, generation: m.generation! }
 }
 
 /** Versions in the primary's memory (no Redis): this instance only, gone at restart. */
@@ -123,6 +154,18 @@ export class MemoryRuleStore implements RuleStore {
   async history(): Promise<RuleVersion[]> {
     return [...this.#versions]
   }
+
+  readonly #generations = new Map<string, number>()
+
+  async generations(): Promise<Generations> {
+    return Object.fromEntries(this.#generations)
+  }
+
+  async newGeneration(rule: string): Promise<number> {
+    const n = (this.#generations.get(rule) ?? 0) + 1
+    this.#generations.set(rule, n)
+    return n
+  }
 }
 
 /*
@@ -140,6 +183,17 @@ redis.call('PUBLISH', ARGV[3], v)
 return text
 `
 
+/*
+ * KEYS: the generations hash. ARGV: rule, channel. The increment and its announcement in one step: no instance can
+ * read the new generation without the message having gone out, nor the reverse. (A re-sent script after a dropped
+ * connection would skip a generation: harmless, each is a fresh start.)
+ */
+const GENERATION_SCRIPT = `
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('PUBLISH', ARGV[2], cjson.encode({ rule = ARGV[1], bucket = cjson.null, generation = n }))
+return n
+`
+
 /** Versions in Redis, shared by every instance. */
 export class RedisRuleStore implements RuleStore {
   readonly #redis: Redis
@@ -147,6 +201,7 @@ export class RedisRuleStore implements RuleStore {
   constructor(redis: Redis) {
     this.#redis = redis
     redis.defineCommand('meliproxyPutRules', { numberOfKeys: 3, lua: PUT_SCRIPT })
+    redis.defineCommand('meliproxyNewGeneration', { numberOfKeys: 1, lua: GENERATION_SCRIPT })
   }
 
   async current(): Promise<RuleVersion | null> {
@@ -164,5 +219,20 @@ export class RedisRuleStore implements RuleStore {
   async history(): Promise<RuleVersion[]> {
     const list = await this.#redis.lrange(HISTORY_KEY, 0, HISTORY_KEEP - 1)
     return list.map((t) => JSON.parse(t) as RuleVersion)
+  }
+
+  async generations(): Promise<Generations> {
+    const all = await this.#redis.hgetall(GENERATIONS_KEY)
+    const out: [string, number][] = []
+    for (const [rule, text] of Object.entries(all)) {
+      const n = Number(text)
+      if (Number.isSafeInteger(n) && n > 0) out.push([rule, n])
+    }
+    return Object.fromEntries(out)
+  }
+
+  async newGeneration(rule: string): Promise<number> {
+    const bump = (this.#redis as unknown as { meliproxyNewGeneration: (...a: string[]) => Promise<number> }).meliproxyNewGeneration
+    return bump.call(this.#redis, GENERATIONS_KEY, rule, LIMITS_RESET_CHANNEL)
   }
 }

@@ -9,14 +9,27 @@
  * token-bucket: `l` tokens, `t` when, `s` lease slot, `h` held (expires once it would be full again, plus 2 s).
  */
 export const BUCKET_PREFIX = 'mp:rl:'
+/*
+ * The part after BUCKET_PREFIX is built by src/limiter/rules.ts (bucketKeyOf): `<rule>[~<generation>]` then
+ * `|<per values>` or `|#<hash>`. The rules controller deletes one on a reset of that one bucket.
+ */
 
 /** Rule sets (src/limiter/rule-store.ts): version counter, current version, history list; no expiry. */
 export const RULES_VERSION_KEY = 'mp:limits:version'
 export const RULES_CURRENT_KEY = 'mp:limits:current'
 export const RULES_HISTORY_KEY = 'mp:limits:history'
+/**
+ * Hash rule -> generation (src/limiter/rule-store.ts): HINCRBY on a reset of the whole rule. The generation is part of
+ * every bucket key of the rule, so a reset is this one step for the whole fleet; the old buckets are never read
+ * again and expire by themselves. No expiry (one field per rule ever reset).
+ */
+export const RULES_GENERATIONS_KEY = 'mp:limits:generations'
 /** Channel: a new rule set was stored (src/limiter/rule-store.ts); every primary re-reads it. */
 export const RULES_CHANNEL = 'mp:limits:changed'
-/** Channel: a rule's counters (or one bucket's) were reset; JSON {rule, bucket}; workers drop their leases. */
+/**
+ * Channel: a rule's counters were reset (JSON {rule, bucket: null, generation}: its new generation), or one bucket's
+ * ({rule, bucket, generation}: that key was deleted); workers move to the new generation or drop the bucket's leases.
+ */
 export const LIMITS_RESET_CHANNEL = 'mp:limits:reset'
 
 /** Stored responses (src/cache/tiers.ts): hash per URL, a field per variant; expire with the entry, at most --cache-l2-ttl-cap. */

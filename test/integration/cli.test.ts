@@ -26,6 +26,9 @@ const cases: { name: string; args: string[]; env?: Record<string, string>; names
   { name: 'a bad duration', args: ['--headers-timeout', 'soon'], names: /--headers-timeout.*"soon"/ },
   { name: 'a statistics retention without a unit', args: ['--stats-retention', '48'], names: /--stats-retention.*"48"/ },
   { name: 'a route pattern not starting with /', args: ['--config', file('routes.json', '{"statsRoutes":["items/:id"]}')], names: /statsRoutes\[0\].*items\/:id/ },
+  { name: 'an IPv6 prefix above 128', args: ['--limit-ipv6-prefix', '129'], names: /--limit-ipv6-prefix.*"129"/ },
+  { name: 'an IPv6 prefix of 0', args: [], env: { MELIPROXY_LIMIT_IPV6_PREFIX: '0' }, names: /MELIPROXY_LIMIT_IPV6_PREFIX.*"0"/ },
+  { name: 'an IPv6 prefix in the file that is not a number', args: ['--config', file('v6.json', '{"limitIpv6Prefix":"/64"}')], names: /limitIpv6Prefix \(in .*v6\.json\).*"\/64"/ },
   { name: 'an unknown flag', args: ['--prot', '1'], names: /unknown option '--prot'/ },
 ]
 

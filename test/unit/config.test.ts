@@ -65,3 +65,14 @@ t.test('the example config file loads and documents every option', async (t) => 
     t.match(text, new RegExp(`^#? ?${o.key}:`, 'm'), `${o.key} is documented`)
   }
 })
+
+t.test('limitIpv6Prefix is 64 by default, 1 to 128 from any source, and names the field when bad', async (t) => {
+  t.equal(loadConfig({ flags: {}, env: {} }).limitIpv6Prefix, 64)
+  t.equal(loadConfig({ flags: { limitIpv6Prefix: '48' }, env: {} }).limitIpv6Prefix, 48)
+  t.equal(loadConfig({ flags: {}, env: { MELIPROXY_LIMIT_IPV6_PREFIX: '128' } }).limitIpv6Prefix, 128)
+  const json = join(dir, 'v6.json')
+  writeFileSync(json, JSON.stringify({ limitIpv6Prefix: 56 }))
+  t.equal(loadConfig({ flags: { configFile: json }, env: {} }).limitIpv6Prefix, 56)
+  t.throws(() => loadConfig({ flags: { limitIpv6Prefix: '0' }, env: {} }), /--limit-ipv6-prefix: "0" is not a prefix length \(1-128\)/)
+  t.throws(() => loadConfig({ flags: {}, env: { MELIPROXY_LIMIT_IPV6_PREFIX: '129' } }), /MELIPROXY_LIMIT_IPV6_PREFIX/)
+})
