@@ -1,6 +1,5 @@
-import type { Algorithm } from './limiter/pool.js'
 import type { Purge } from './cache/http-cache.js'
-import type { LeaseGrant, LeaseRequest } from './limiter/pool.js'
+import type { Giveback, LeaseGrant, LeaseRequest } from './limiter/pool.js'
 import type { Generations, RuleSpec } from './limiter/rules.js'
 import type { Cidr } from './net/ip.js'
 import type { BreakerState } from './proxy/breaker.js'
@@ -30,14 +29,10 @@ export interface LeaseGrantMessage {
   readonly grant: LeaseGrant
 }
 
-/** Worker -> primary: unused tokens of a window go back to the primary's pool. */
+/** Worker -> primary: unused tokens of a window go back to the primary's pool (or offline admissions are charged). */
 export interface LeaseReleaseMessage {
   readonly meliproxy: 'lease-release'
-  readonly key: string
-  readonly windowStart: number
-  readonly tokens: number
-  /** Absent from an older worker: fixed. */
-  readonly algorithm?: Algorithm
+  readonly giveback: Giveback
 }
 
 /**

@@ -21,11 +21,6 @@ import { StatsService } from './stats/service.js'
  * aggregated from every worker. The CLI starts it, hands it the signals and exits with the code `stopped` gives.
  */
 
-/** The longest rule window: buckets older than that are dropped from the primary's counter. */
-function maxWindowMs(config: Config): number {
-  return config.limits.reduce((m, r) => Math.max(m, r.windowMs), 60_000)
-}
-
 /** What the CLI hands the primary: the config, and how to read it again on SIGHUP. */
 export interface PrimaryOptions {
   readonly config: Config
@@ -63,8 +58,31 @@ export class Primary {
     this.#redis = createRedis(this.#config, 'primary', log)
     this.#subscriber = this.#redis === null ? null : createRedis(this.#config, 'primary-sub', log, { enableOfflineQueue: true })
     this.#stats = new StatsService(this.#config, this.#redis, log)
-    this.#sweep = setInterval(() => this.#pool.sweep(maxWindowMs(this.#config)), 10_000)
+    // Forgets buckets as they expire, a bounded number per second (never a walk of the whole pool).
+    const pool = this.#pool
+    let longestSweep = 0
+    this.#sweep = setInterval(() => {
+      const started = performance.now()
+      pool.sweep()
+      longestSweep = Math.max(longestSweep, performance.now() - started)
+    }, 1_000)
     this.#sweep.unref()
+    new Gauge({
+      name: 'meliproxy_limiter_pool_buckets',
+      help: "Buckets held in the primary's pool (embedded mode, and the Redis fallback)",
+      registers: [this.#registry],
+      collect() {
+        this.set(pool.size)
+      },
+    })
+    new Gauge({
+      name: 'meliproxy_limiter_pool_sweep_max_seconds',
+      help: "The longest the primary's pool sweep has held its event loop",
+      registers: [this.#registry],
+      collect() {
+        this.set(longestSweep / 1000)
+      },
+    })
 
     // Rule sets: the config file's, or one stored through the admin API (src/limiter/rules-controller.ts).
     this.#rules = new RulesController(this.#config, {
@@ -113,7 +131,7 @@ export class Primary {
         const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: this.#pool.acquire(msg.req) }
         if (worker.isConnected()) worker.send(reply)
       },
-      'lease-release': (msg) => this.#pool.release(msg.key, msg.windowStart, msg.tokens, msg.algorithm ?? 'fixed'),
+      'lease-release': (msg) => this.#pool.release(msg.giveback),
       breaker: (msg, worker) => this.#breakers.report(worker.id, msg),
       stats: (msg) => this.#stats.add(msg.batches),
       'cache-purge': (msg, worker) => this.#purges.publish(msg.purge, worker.id),

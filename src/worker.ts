@@ -69,7 +69,9 @@ export class Worker {
     let inFlight = 0
     const metrics = new WorkerMetrics(registry, () => inFlight)
 
-    const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout })
+    // No automatic re-send of commands left unanswered by a dropped connection: a cache read simply misses, and the
+    // limiter's give-backs are idempotent anyway (src/limiter/pool.ts).
+    const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
     const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => {
       if (process.connected) process.send!(msg)
     })

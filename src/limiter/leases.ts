@@ -1,21 +1,26 @@
+import { ExpiryWheel } from './expiry.js'
 import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
 
 /**
  * A worker's tokens in hand, per bucket, taken from one pool (Redis, or the primary). A request whose buckets all
- * have a token in hand is decided here, synchronously, with no round trip; only a bucket that ran out asks the pool
- * again (one request in flight per bucket, however many requests wait on it).
+ * have enough tokens in hand is decided here, synchronously, with no round trip; only a bucket that ran out asks the
+ * pool again (one request in flight per bucket, however many requests wait on it).
  *
- * - All-or-nothing: a request takes one token from every bucket it draws from, or none.
- * - A lease belongs to one window of the pool's clock. It is used until `sent + resetMs` by the local clock, which is
- *   never later than the window's real end (the pool read its clock after we sent), so no token outlives its window.
+ * - All-or-nothing: a request takes its cost from every bucket it draws from, or nothing; a request refused by one
+ *   bucket gives back at once what it had just leased from the others. The pool grants at least the cost of the
+ *   request that asked, or nothing, so any cost up to the limit can be admitted however many holders share it.
+ * - A lease belongs to one window (or slot) of the pool's clock. It is used until `sent + resetMs` by this table's
+ *   monotonic clock, which is never later than the window's real end (the pool read its clock after we sent), so no
+ *   token outlives its window, and a step of the wall clock changes nothing.
  * - Tokens not needed go back at the next sweep (every SWEEP_MS): all of a lease unused for IDLE_RETURN_MS, and of one
- *   in use, whatever exceeds what it used in the last MAX_HOLD_MS. So a token never sits unneeded in one worker for
- *   more than about a second while another worker is refused.
+ *   in use, whatever exceeds what it used in the last MAX_HOLD_MS. A give-back carries this table's holder id and a
+ *   sequence number, so a pool applies it once however often it is delivered.
  * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS, halves when it lasted longer
  *   than MAX_HOLD_MS; the pool caps it by what is left and how many holders share it (see grantSize).
- * - A request may use several units of a bucket (its rule's cost): it takes them all, or none.
- * - Every algorithm leases the same way (src/limiter/pool.ts): a lease belongs to a window, a sliding window's slot
- *   or a token bucket's slot, and ends with it.
+ * - Never open (the `offline` option, for the primary's pool): when the pool fails or does not answer, the table
+ *   admits against an offline share per bucket: 1/holders of what the pool last said was left in the current window,
+ *   or of the limit (the burst) for a bucket it has not seen lately; it counts what it admits that way and the next
+ *   lease request charges it to the pool (counted in the current window before anything is granted). Without the option a failure rejects the take (the limiter falls back).
  */
 
 /** One bucket a request draws from. */
@@ -25,6 +30,8 @@ export interface TakeItem {
   readonly windowMs: number
   readonly algorithm: Algorithm
   readonly burst: number
+  /** The rule's shape (src/limiter/pool.ts shapeOf): tokens leased under another shape are not used. */
+  readonly shape: string
   /** Units this request uses. */
   readonly cost: number
 }
@@ -42,13 +49,23 @@ export type TakeResult =
     }
   | {
       readonly allowed: false
-      /** Index of the first full bucket. */
+      /** Index of the first bucket without room. */
       readonly failed: number
-      /** Milliseconds until that bucket's window ends. */
+      /** Milliseconds until that bucket may have room again (Retry-After, and a delayed request's next try). */
       readonly resetMs: number
       /** Refused because the bucket cannot be counted (a whenRedisDown: deny rule while Redis is unusable). */
       readonly unavailable?: true
     }
+
+/** Table options. */
+export interface LeaseTableOptions {
+  /** Decide on offline shares when the pool fails (the primary's pool) instead of rejecting the take. */
+  readonly offline?: boolean
+  /** This holder's id in give-backs (unique among the pool's holders). */
+  readonly holder?: string
+  /** The table's clock: monotonic milliseconds. */
+  readonly now?: () => number
+}
 
 export const SWEEP_MS = 100
 export const IDLE_RETURN_MS = 400
@@ -56,16 +73,21 @@ export const MAX_HOLD_MS = 1_000
 const FAST_MS = 1_000
 const FIRST_WANT = 16
 const MAX_WANT = 16_384
-/** After the pool said "exhausted", requests are refused locally this long before the pool is asked again. */
+/** After the pool said "no room", requests are refused locally at most this long before the pool is asked again. */
 const EXHAUSTED_RECHECK_MS = 200
-/** A bucket nobody asked for this long is forgotten. */
-const FORGET_MS = 5_000
+/** After the pool failed, requests are decided offline this long before the pool is asked again. */
+export const POOL_RETRY_MS = 500
+/** A bucket nobody asked for this long is forgotten (unless it holds tokens or an offline share). */
+export const FORGET_MS = 5_000
 /** A request that lost the race for freshly granted tokens this many times is refused (contention, not a limit). */
 const MAX_ATTEMPTS = 64
 
 interface Lease {
+  readonly key: string
   tokens: number
   windowStart: number
+  shape: string
+  algorithm: Algorithm
   /** Local time after which the lease's window may be over. */
   expiresAt: number
   poolRemaining: number
@@ -75,17 +97,33 @@ interface Lease {
   periodStart: number
   periodUsed: number
   want: number
+  /** The pool said no room: refuse locally until then, and say room may come back at retryAt. */
   exhaustedUntil: number
+  retryAt: number
   refill: Promise<void> | null
+  /** Units the requests waiting on the refill in flight need. */
   waiting: number
-  algorithm: Algorithm
+  /** Tokens the last refill granted (a refused request gives them back at once). */
+  lastGrant: number
+  /** The pool failed: decide offline until then. */
+  poolDownUntil: number
+  /** The offline share: units left, until when it holds, and units admitted on it not yet charged to the pool. */
+  offlineLeft: number
+  offlineUntil: number
+  offlineUsed: number
+  /** In the table's set of leases holding tokens. */
+  holding: boolean
 }
 
 /** What a lease table reports (the limiter's metrics). */
 export interface LeaseEvents {
   leased(tokens: number): void
   returned(tokens: number): void
+  /** Units admitted on an offline share (the pool did not answer). */
+  offline?(units: number): void
 }
+
+let tables = 0
 
 /** A worker's leases from one pool. */
 export class LeaseTable {
@@ -93,18 +131,27 @@ export class LeaseTable {
   readonly #holders: number
   readonly #events: LeaseEvents
   readonly #now: () => number
+  readonly #offline: boolean
+  readonly #holder: string
+  #seq = 0
   readonly #leases = new Map<string, Lease>()
+  /** The leases with tokens in hand: the only ones a sweep must look at every time. */
+  readonly #holding = new Set<Lease>()
+  /** When to look at a lease again to forget it. */
+  readonly #forget = new ExpiryWheel()
   /** The leases of the take being decided (takeLocal is synchronous, so one array serves every take). */
   readonly #scratch: Lease[] = []
 
-  constructor(pool: LeasePool, holders: number, events: LeaseEvents, now: () => number = Date.now) {
+  constructor(pool: LeasePool, holders: number, events: LeaseEvents, options: LeaseTableOptions = {}) {
     this.#pool = pool
     this.#holders = Math.max(1, holders)
     this.#events = events
-    this.#now = now
+    this.#now = options.now ?? (() => performance.now())
+    this.#offline = options.offline === true
+    this.#holder = options.holder ?? `${process.pid}.${++tables}`
   }
 
-  /** Decides a request: synchronously when every bucket has a token in hand (or one is known full). */
+  /** Decides a request: synchronously when every bucket has its cost in hand (or one is known full). */
   take(items: readonly TakeItem[]): TakeResult | Promise<TakeResult> {
     return this.takeLocal(items) ?? this.#takeSlow(items)
   }
@@ -117,10 +164,10 @@ export class LeaseTable {
     for (let i = 0; i < items.length; i++) {
       const it = items[i]!
       const l = this.#leases.get(it.key)
-      if (l === undefined || l.expiresAt <= now) {
+      if (l === undefined || l.expiresAt <= now || l.shape !== it.shape) {
         missing = true
       } else if (l.tokens < it.cost) {
-        if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: l.expiresAt - now }
+        if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: Math.max(1, l.retryAt - now) }
         missing = true
       } else {
         found[i] = l
@@ -147,30 +194,125 @@ export class LeaseTable {
     return { allowed: true, nearest, remaining: least, resetMs }
   }
 
-  /** Refills every bucket that needs it, then decides; rejects when the pool does (the caller falls back). */
+  /** Refills every bucket that needs it, then decides; a pool failure rejects (or, offline, decides on shares). */
   async #takeSlow(items: readonly TakeItem[]): Promise<TakeResult> {
     for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
       const now = this.#now()
       const refills: Promise<void>[] = []
+      const refilled: Lease[] = []
+      let down = false
       for (const it of items) {
-        const l = this.#lease(it.key, now)
+        const l = this.#lease(it, now)
         if (l.tokens >= it.cost && l.expiresAt > now) continue
         if (l.exhaustedUntil > now) continue
+        if (this.#offline && l.poolDownUntil > now) {
+          down = true
+          continue
+        }
+        refilled.push(l)
         refills.push(this.#refill(l, it, now))
       }
-      if (refills.length > 0) await Promise.all(refills)
+      if (refills.length > 0) {
+        const outcomes = await Promise.allSettled(refills)
+        for (const o of outcomes) {
+          if (o.status === 'rejected') {
+            if (!this.#offline) throw o.reason
+            down = true
+          }
+        }
+      }
       const result = this.takeLocal(items)
-      if (result !== null) return result
+      if (result !== null) {
+        if (!result.allowed) this.#giveBackFresh(refilled, items[result.failed]!.key)
+        return result
+      }
+      if (down) {
+        const offline = this.#takeOffline(items)
+        if (offline !== null) {
+          if (!offline.allowed) this.#giveBackFresh(refilled, items[offline.failed]!.key)
+          return offline
+        }
+      }
     }
     return { allowed: false, failed: 0, resetMs: EXHAUSTED_RECHECK_MS }
   }
 
-  #lease(key: string, now: number): Lease {
-    let l = this.#leases.get(key)
+  /**
+   * Decides with the pool unreachable: from the tokens in hand, or the bucket's offline share. Null when a bucket
+   * whose pool is up needs a refill first.
+   */
+  #takeOffline(items: readonly TakeItem[]): TakeResult | null {
+    const now = this.#now()
+    const found = this.#scratch
+    for (let i = 0; i < items.length; i++) {
+      const it = items[i]!
+      const l = this.#leases.get(it.key)
+      if (l === undefined) return null // forgotten meanwhile (a reset): start over
+      found[i] = l
+      if (l.tokens >= it.cost && l.expiresAt > now && l.shape === it.shape) continue
+      if (l.poolDownUntil <= now) return null
+      if (l.offlineUntil <= now) this.#openShare(l, it, now)
+      if (l.offlineLeft < it.cost) return { allowed: false, failed: i, resetMs: Math.max(1, Math.min(l.offlineUntil, l.poolDownUntil) - now) }
+    }
+    let nearest = 0
+    let least = Infinity
+    let resetMs = 0
+    for (let i = 0; i < items.length; i++) {
+      const it = items[i]!
+      const l = found[i]!
+      l.lastUsed = now
+      let left: number
+      if (l.tokens >= it.cost && l.expiresAt > now && l.shape === it.shape) {
+        l.tokens -= it.cost
+        l.periodUsed += it.cost
+        left = l.poolRemaining + l.tokens
+      } else {
+        l.offlineLeft -= it.cost
+        l.offlineUsed += it.cost
+        this.#events.offline?.(it.cost)
+        left = l.offlineLeft
+      }
+      if (left < least) {
+        least = left
+        nearest = i
+        resetMs = Math.max(0, (l.expiresAt > now ? l.expiresAt : l.offlineUntil) - now)
+      }
+    }
+    return { allowed: true, nearest, remaining: least, resetMs }
+  }
+
+  /**
+   * The bucket's offline share: 1/holders of what the pool last said was left, for the rest of that lease's window;
+   * for a bucket not seen in its current window, 1/holders of the limit (the burst) for one window.
+   */
+  #openShare(l: Lease, it: TakeItem, now: number): void {
+    const known = l.windowStart >= 0 && l.expiresAt > now && l.shape === it.shape
+    const of = known ? l.poolRemaining : it.algorithm === 'token-bucket' ? it.burst : it.limit
+    l.offlineLeft = Math.floor(of / this.#holders)
+    l.offlineUntil = known && it.algorithm === 'fixed' ? l.expiresAt : now + it.windowMs
+    this.#scheduleForget(l)
+  }
+
+  /** A refused request gives back at once what it had just leased of the other buckets. */
+  #giveBackFresh(refilled: readonly Lease[], failedKey: string): void {
+    for (const l of refilled) {
+      if (l.key === failedKey || l.refill !== null) continue
+      const back = Math.min(l.tokens, l.lastGrant)
+      l.lastGrant = 0
+      if (back > 0) this.#release(l, back)
+    }
+  }
+
+  /** The lease of a bucket, made fresh when its window is over or its rule changed shape. */
+  #lease(it: TakeItem, now: number): Lease {
+    let l = this.#leases.get(it.key)
     if (l === undefined) {
       l = {
+        key: it.key,
         tokens: 0,
         windowStart: -1,
+        shape: it.shape,
+        algorithm: it.algorithm,
         expiresAt: 0,
         poolRemaining: 0,
         grantedAt: now,
@@ -179,11 +321,30 @@ export class LeaseTable {
         periodUsed: 0,
         want: FIRST_WANT,
         exhaustedUntil: 0,
+        retryAt: 0,
         refill: null,
         waiting: 0,
-        algorithm: 'fixed',
+        lastGrant: 0,
+        poolDownUntil: 0,
+        offlineLeft: 0,
+        offlineUntil: 0,
+        offlineUsed: 0,
+        holding: false,
       }
-      this.#leases.set(key, l)
+      this.#leases.set(it.key, l)
+      this.#scheduleForget(l)
+    } else if (l.shape !== it.shape) {
+      // The rule changed: tokens leased under the old one are not used (the pool carried them over as used).
+      l.tokens = 0
+      l.windowStart = -1
+      l.shape = it.shape
+      l.algorithm = it.algorithm
+      l.expiresAt = 0
+      l.exhaustedUntil = 0
+      l.want = FIRST_WANT
+      l.offlineLeft = 0
+      l.offlineUntil = 0
+      l.offlineUsed = 0
     } else if (l.expiresAt <= now) {
       l.tokens = 0 // the window is over: what was left of it is worth nothing (and counted nowhere new)
       l.exhaustedUntil = 0
@@ -193,7 +354,7 @@ export class LeaseTable {
 
   /** One pool request per bucket at a time; everyone who needs the bucket meanwhile waits on the same one. */
   #refill(l: Lease, it: TakeItem, now: number): Promise<void> {
-    l.waiting++
+    l.waiting += it.cost
     if (l.refill !== null) return l.refill
     if (l.windowStart >= 0 && l.expiresAt > now) {
       const lasted = now - l.grantedAt
@@ -202,29 +363,33 @@ export class LeaseTable {
     }
     const sent = now
     const want = Math.max(l.want, l.waiting, it.cost)
-    l.algorithm = it.algorithm
-    const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, holders: this.#holders, algorithm: it.algorithm, burst: it.burst }
+    // Back from an outage: what was admitted offline in a share still running is counted before anything is granted.
+    const charge = l.offlineUntil > now ? l.offlineUsed : 0
+    const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, need: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst, charge }
     l.refill = this.#pool.acquire(req).then(
-      (g) => this.#granted(l, g, sent),
+      (g) => this.#granted(l, g, sent, charge),
       (err: unknown) => {
         l.refill = null
         l.waiting = 0
+        l.poolDownUntil = this.#now() + POOL_RETRY_MS
         throw err
       },
     )
     return l.refill
   }
 
-  #granted(l: Lease, g: LeaseGrant, sent: number): void {
+  #granted(l: Lease, g: LeaseGrant, sent: number, charged: number): void {
     const now = this.#now()
     l.refill = null
     l.waiting = 0
+    l.poolDownUntil = 0
     // Tokens of an earlier window are no use in this one.
     if (g.windowStart !== l.windowStart) l.tokens = 0
     // Nothing granted: resetMs says when to ask again, which must not stretch the life of tokens still in hand.
     const expiresAt = sent + g.resetMs
     l.expiresAt = g.granted === 0 && l.tokens > 0 ? Math.min(l.expiresAt, expiresAt) : expiresAt
     l.tokens += g.granted
+    l.lastGrant = g.granted
     l.windowStart = g.windowStart
     l.poolRemaining = g.remaining
     l.grantedAt = now
@@ -233,43 +398,61 @@ export class LeaseTable {
       l.periodStart = now
       l.periodUsed = 0
     }
-    l.exhaustedUntil = g.granted === 0 ? Math.min(l.expiresAt, now + EXHAUSTED_RECHECK_MS) : 0
+    l.exhaustedUntil = g.granted === 0 ? now + Math.min(g.retryMs, EXHAUSTED_RECHECK_MS) : 0
+    l.retryAt = sent + g.retryMs
+    if (l.tokens > 0 && !l.holding) {
+      l.holding = true
+      this.#holding.add(l)
+    }
     if (g.granted > 0) this.#events.leased(g.granted)
+    // The pool answers again: the offline share is over, and what it admitted was charged with this request.
+    l.offlineUsed -= charged
+    if (l.offlineUsed <= 0 || l.offlineUntil <= now) {
+      l.offlineUsed = 0
+      l.offlineLeft = 0
+      l.offlineUntil = 0
+    }
   }
 
-  /** Gives back tokens not needed any more and forgets idle buckets (the caller runs it every SWEEP_MS). */
+  /** Gives back tokens not needed any more (the caller runs it every SWEEP_MS) and forgets idle buckets. */
   sweep(): void {
     const now = this.#now()
-    for (const [key, l] of this.#leases) {
+    for (const l of this.#holding) {
       if (l.refill !== null) continue
-      if (l.expiresAt <= now) {
-        if (now - l.lastUsed >= FORGET_MS) this.#leases.delete(key)
-        else l.tokens = 0
-        continue
-      }
-      if (l.tokens === 0) {
-        // Nothing in hand: forget a bucket unused for a while (a per-client rule with a long window would otherwise
-        // keep one entry per client until the window ends).
-        if (now - l.lastUsed >= FORGET_MS && l.exhaustedUntil <= now) this.#leases.delete(key)
-        continue
-      }
-      if (now - l.lastUsed >= IDLE_RETURN_MS) {
-        this.#release(key, l, l.tokens)
-      } else if (now - l.periodStart >= MAX_HOLD_MS) {
+      if (l.expiresAt <= now) l.tokens = 0
+      else if (now - l.lastUsed >= IDLE_RETURN_MS) this.#release(l, l.tokens)
+      else if (now - l.periodStart >= MAX_HOLD_MS) {
         // Still in use, but holding more than a hold period's worth: the excess goes back, the rest is needed.
         const excess = l.tokens - l.periodUsed
         if (excess > 0) {
-          this.#release(key, l, excess)
+          this.#release(l, excess)
           l.want = Math.max(1, l.want >> 1)
         }
         l.periodStart = now
         l.periodUsed = 0
       }
+      if (l.tokens === 0) {
+        l.holding = false
+        this.#holding.delete(l)
+      }
     }
+    this.#forget.sweep(now, 10_000, (key) => {
+      const l = this.#leases.get(key)
+      if (l === undefined) return null
+      // Kept while it holds tokens, waits on the pool, remembers a refusal or an offline share, or was used lately.
+      const keep = Math.max(l.lastUsed + FORGET_MS, l.exhaustedUntil, l.offlineUntil, l.poolDownUntil)
+      if (l.refill !== null || l.tokens > 0 || keep > now) return Math.max(keep, now + SWEEP_MS)
+      this.#leases.delete(key)
+      return null
+    })
   }
 
-  #release(key: string, l: Lease, tokens: number): void {
-    this.#pool.release(key, l.windowStart, tokens, l.algorithm)
+  #scheduleForget(l: Lease): void {
+    this.#forget.schedule(l.key, Math.max(l.lastUsed + FORGET_MS, l.offlineUntil))
+  }
+
+  #release(l: Lease, tokens: number): void {
+    this.#pool.release({ key: l.key, windowStart: l.windowStart, tokens, algorithm: l.algorithm, shape: l.shape, holder: this.#holder, seq: ++this.#seq })
     this.#events.returned(tokens)
     l.poolRemaining += tokens
     l.tokens -= tokens
@@ -277,9 +460,12 @@ export class LeaseTable {
 
   /** Drops the leases of one bucket, or of every bucket of a rule (their pool count was reset). */
   forget(rule: string, bucket: string | null, prefix = ''): void {
-    for (const key of this.#leases.keys()) {
+    for (const [key, l] of this.#leases) {
       const k = key.startsWith(prefix) ? key.slice(prefix.length) : key
-      if (bucket !== null ? k === bucket : k === rule || k.startsWith(rule + '|')) this.#leases.delete(key)
+      if (bucket !== null ? k === bucket : k === rule || k.startsWith(rule + '|') || k.startsWith(rule + '#') || k.startsWith(rule + '~')) {
+        this.#leases.delete(key)
+        this.#holding.delete(l)
+      }
     }
   }
 
@@ -291,12 +477,10 @@ export class LeaseTable {
   /** Gives every unused token back (a worker about to exit). */
   releaseAll(): void {
     const now = this.#now()
-    for (const [key, l] of this.#leases) {
-      if (l.tokens > 0 && l.expiresAt > now) {
-        this.#pool.release(key, l.windowStart, l.tokens, l.algorithm)
-        this.#events.returned(l.tokens)
-      }
+    for (const l of this.#holding) {
+      if (l.tokens > 0 && l.expiresAt > now) this.#release(l, l.tokens)
     }
+    this.#holding.clear()
     this.#leases.clear()
   }
 

@@ -1,7 +1,7 @@
 import type { Logger } from '../log.js'
 import { LeaseTable, type LeaseEvents, type TakeItem, type TakeResult } from './leases.js'
 import type { LimiterMetrics } from './metrics.js'
-import type { LeasePool } from './pool.js'
+import { shapeOf, type LeasePool } from './pool.js'
 import type { RedisPool } from './redis-pool.js'
 import type { Bucket, CompiledRule, RequestFacts, RuleSet } from './rules.js'
 
@@ -64,7 +64,8 @@ export class Limiter {
       returned: (n) => metrics.returned(pool, n),
     })
     this.#redisLeases = stores.redis === null ? null : new LeaseTable(stores.redis, stores.instances * stores.workers, events('redis'))
-    this.#primaryLeases = new LeaseTable(stores.primary, stores.workers, events('primary'))
+    // The primary's pool is never bypassed: when it does not answer, workers decide on offline shares (never open).
+    this.#primaryLeases = new LeaseTable(stores.primary, stores.workers, { ...events('primary'), offline: (n) => metrics.offline.inc(n) }, { offline: true })
   }
 
   /** The rule set in force. */
@@ -130,8 +131,10 @@ export class Limiter {
 
   /** Gives back tokens not needed any more (run every SWEEP_MS of src/limiter/leases.ts). */
   sweep(): void {
+    const started = performance.now()
     this.#redisLeases?.sweep()
     this.#primaryLeases.sweep()
+    this.#metrics.swept(performance.now() - started, (this.#redisLeases?.size ?? 0) + this.#primaryLeases.size)
   }
 
   /** Gives every unused token back (the worker is exiting). */
@@ -167,7 +170,9 @@ export class Limiter {
 
   /**
    * Redis is unusable: each rule as its `whenRedisDown` says. `deny` refuses (503); `allow` drops the rule for this
-   * request; `local` leases from this instance's pool at limit / instances (burst / instances for a token bucket).
+   * request; `local` leases from this instance's pool at floor(limit / instances) (burst likewise for a token
+   * bucket), so the fleet never admits more than the limit from these shares; a rule whose share is below its cost
+   * refuses until Redis is back.
    */
   #fallback(items: readonly Bucket[], reason: string): TakeResult | Promise<TakeResult> {
     if (!this.#metrics.isDegraded) this.#log.warn('limiter falling back to the local pool', { reason })
@@ -181,13 +186,19 @@ export class Limiter {
     for (let i = 0; i < items.length; i++) {
       const it = items[i]!
       if (it.rule.whenRedisDown === 'allow') continue
+      const limit = Math.floor(it.limit / n)
+      const burst = Math.floor(it.burst / n)
+      if ((it.algorithm === 'token-bucket' ? burst : limit) < it.cost || limit < 1) {
+        return { allowed: false, failed: i, resetMs: REDIS_RETRY_MS }
+      }
       kept.push(i)
       scaled.push({
         key: FALLBACK_PREFIX + it.key,
-        limit: Math.max(1, Math.floor(it.limit / n)),
+        limit,
         windowMs: it.windowMs,
         algorithm: it.algorithm,
-        burst: Math.max(1, Math.floor(it.burst / n)),
+        burst,
+        shape: shapeOf(it.algorithm, limit, it.windowMs, burst),
         cost: it.cost,
       })
     }

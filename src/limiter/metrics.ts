@@ -7,11 +7,15 @@ export class LimiterMetrics {
   readonly #decisions = new PendingCounts<'rule' | 'outcome'>()
   readonly duration: Histogram
   readonly fallbacks: Counter
+  /** Units admitted on offline shares while the primary's pool did not answer. */
+  readonly offline: Counter
   /** Requests of onExceed: delay rules that waited, by rule and outcome (admitted, rejected, queue_full). */
   readonly delayed: Counter<'rule' | 'outcome'>
   /** Requests waiting in a delay queue now. */
   readonly delayWaiting: Gauge
   readonly redisErrors: Counter
+  #sweepMaxMs = 0
+  #leaseBuckets = 0
   readonly #leases: Counter<'pool'>
   readonly #leasedTokens: Counter<'pool'>
   readonly #returnedTokens: Counter<'pool'>
@@ -38,7 +42,7 @@ export class LimiterMetrics {
     })
     this.delayed = new Counter({
       name: 'meliproxy_limiter_delayed_total',
-      help: 'Requests of onExceed: delay rules that were over the limit, by rule and outcome (admitted after waiting, rejected after maxDelay, queue_full)',
+      help: 'Requests of onExceed: delay rules that were over the limit, by rule and outcome (admitted after waiting; rejected after maxDelay; too_long: refused at once, room could not come within maxDelay; queue_full)',
       labelNames: ['rule', 'outcome'],
       registers: [registry],
     })
@@ -50,6 +54,29 @@ export class LimiterMetrics {
     this.fallbacks = new Counter({
       name: 'meliproxy_limiter_fallbacks_total',
       help: 'Decisions made on the local (per-instance) pool because Redis was unusable',
+      registers: [registry],
+    })
+    const self = this
+    new Gauge({
+      name: 'meliproxy_limiter_lease_buckets',
+      help: 'Buckets a worker holds leases of (summed over workers)',
+      registers: [registry],
+      collect() {
+        this.set(self.#leaseBuckets)
+      },
+    })
+    new Gauge({
+      name: 'meliproxy_limiter_lease_sweep_max_seconds',
+      help: "The longest a worker's lease sweep has held its event loop (the most of any worker)",
+      aggregator: 'max',
+      registers: [registry],
+      collect() {
+        this.set(self.#sweepMaxMs / 1000)
+      },
+    })
+    this.offline = new Counter({
+      name: 'meliproxy_limiter_offline_units_total',
+      help: "Units admitted on a worker's offline share because the primary's pool did not answer (charged to it once it does)",
       registers: [registry],
     })
     this.redisErrors = new Counter({
@@ -81,7 +108,6 @@ export class LimiterMetrics {
       labelNames: ['op', 'outcome'],
       registers: [registry],
     })
-    const self = this
     new Counter({
       name: 'meliproxy_limiter_degraded_seconds_total',
       help: 'Time the limiter spent on the local fallback instead of Redis',
@@ -93,6 +119,12 @@ export class LimiterMetrics {
         if (ms > 0) this.inc(ms / 1000)
       },
     })
+  }
+
+  /** A lease sweep took `ms` and left `buckets` buckets. */
+  swept(ms: number, buckets: number): void {
+    if (ms > this.#sweepMaxMs) this.#sweepMaxMs = ms
+    this.#leaseBuckets = buckets
   }
 
   /** Counts a rule's outcome for one request (series made once per rule: nothing is built per request). */

@@ -1,10 +1,13 @@
+import { ExpiryWheel } from './expiry.js'
+
 /**
  * The lease contract every limiter store keeps (Redis, the primary's memory), and the in-memory implementation.
  *
- * A pool holds one count per bucket and window. A holder (a worker) asks for up to `want` tokens of a bucket; the pool
- * grants what it can in one atomic step and counts them as used. The holder admits requests against the tokens
- * in hand without asking again (src/limiter/leases.ts) and gives back what it did not use. The pool never grants
- * more than `limit` in a window, so no arrangement of holders can admit more than `limit` (the hard guarantee).
+ * A pool holds one count per bucket and window. A holder (a worker) asks for up to `want` tokens of a bucket, and at
+ * least `need` (its request's cost); the pool grants `need` or more, or nothing, in one atomic step and counts them as
+ * used. The holder admits requests against the tokens in hand without asking again (src/limiter/leases.ts) and gives
+ * back what it did not use. The pool never grants more than `limit` in a window, so no arrangement of holders can
+ * admit more than `limit` (the hard guarantee).
  *
  * Three algorithms, each granting atomically from its own state:
  * - fixed: windows aligned to the pool's clock: a window of W ms holds [k*W, (k+1)*W).
@@ -12,11 +15,20 @@
  *   the current slot plus the SLIDING_SLOTS before it hold at most `limit`. Any span of W ms lies within such
  *   SLIDING_SLOTS + 1 consecutive slots, and a slot's tokens are used only in that slot, so no span of W ever admits
  *   more than `limit` (conservative: after a burst, room comes back up to one slot, W / SLIDING_SLOTS, later).
- * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W, leased too. A token held by a worker while the
- *   bucket refilled behind it would let a later burst exceed `burst`, so the pool counts what it granted in the
- *   current BUCKET_SLOT_MS slot as held (a lease lasts until its slot ends) and refills the bucket only up to
+ * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W, leased in short slots (bucketSlotMs). The pool
+ *   counts what it granted in the current slot as held (a lease ends with its slot) and refills the bucket only up to
  *   `burst - held`: tokens in the bucket plus tokens in hand never exceed `burst`, so no span of T ms admits more than
- *   burst + rate x T. A lease's unused tokens go back while its slot lasts; after that they count as used.
+ *   burst + rate x T. The slot is short enough that this cap costs little of the rate (bucketSlotMs says how much).
+ *
+ * A bucket's state remembers the shape of the rule that made it (algorithm, limit, window, burst). When a request
+ * comes with another shape (the rule changed), what the old shape counted now is carried into the new one's current
+ * window (fixed: its count; sliding: the current slot; token bucket: taken from the level), so a changed rule starts
+ * from a state that cannot admit more than the new rule allows.
+ *
+ * Give-backs carry the holder's id and a sequence number and are applied at most once per (holder, sequence): a
+ * give-back delivered twice (a client that re-sends after a dropped connection) is counted once. A lease request may
+ * carry a charge: units a holder admitted on its offline share while the pool did not answer, counted in the current
+ * window before anything is granted.
  */
 
 /** How a bucket counts (a rule's `algorithm`). */
@@ -24,15 +36,38 @@ export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 
 /** Slots of a sliding window (src/limiter/redis-pool.ts uses the same number). */
 export const SLIDING_SLOTS = 10
-/** How long a token-bucket lease lasts (its slot; src/limiter/redis-pool.ts uses the same number). */
-export const BUCKET_SLOT_MS = 1_000
+/** Bounds of a token bucket's lease slot. */
+export const MIN_BUCKET_SLOT_MS = 2
+export const MAX_BUCKET_SLOT_MS = 1_000
 
-/** One lease request: a bucket, its rule's limit and window, how many tokens the holder would like. */
+/**
+ * A token bucket's lease slot: its tokens granted in a slot are held until the slot ends, and the bucket refills only
+ * up to burst - held meanwhile. Under steady demand above the rate about rate x slot + 1 tokens are held per slot, so
+ * a slot of (burst - 1) / 2 token intervals keeps that within the burst: the cap never binds and the full rate is
+ * sustained. A bucket of burst 1 loses up to a slot of refill per token, so its slot is a hundredth of a token's
+ * interval (at least MIN_BUCKET_SLOT_MS). In every case the sustained rate is at least rate / (1 + rate x slot).
+ */
+export function bucketSlotMs(limit: number, windowMs: number, burst: number): number {
+  const msPerToken = windowMs / limit
+  const slot = Math.max(((burst - 1) * msPerToken) / 2, msPerToken / 100)
+  return Math.min(MAX_BUCKET_SLOT_MS, Math.max(MIN_BUCKET_SLOT_MS, Math.floor(slot)))
+}
+
+/** The shape of a rule as a bucket's state records it: a changed shape carries the old count over. */
+export function shapeOf(algorithm: Algorithm, limit: number, windowMs: number, burst: number): string {
+  return `${algorithm}/${limit}/${windowMs}/${burst}`
+}
+
+/** One lease request: a bucket, its rule's limit and window, how many tokens the holder would like and needs. */
 export interface LeaseRequest {
   readonly key: string
   readonly limit: number
   readonly windowMs: number
   readonly want: number
+  /** The fewest tokens worth granting (the cost of the request that asked): `need` or more, or nothing. */
+  readonly need: number
+  /** Units admitted offline to count in the current window first (0 but after an outage). */
+  readonly charge?: number
   /** How many holders share the pool (instances x workers): grants shrink with it. */
   readonly holders: number
   readonly algorithm: Algorithm
@@ -42,165 +77,141 @@ export interface LeaseRequest {
 
 /** What the pool granted. */
 export interface LeaseGrant {
-  /** Tokens granted, 0 when the window is exhausted. */
+  /** Tokens granted: 0, or at least the request's `need`. */
   readonly granted: number
   /** Tokens left in the pool for this window after the grant. */
   readonly remaining: number
-  /** Milliseconds until the window ends, by the pool's clock. */
+  /** Milliseconds until the lease ends (its window or slot), by the pool's clock. */
   readonly resetMs: number
-  /** The window's start by the pool's clock: it identifies the window a release belongs to. */
+  /** The window's (or slot's) start by the pool's clock: it identifies the window a give-back belongs to. */
   readonly windowStart: number
+  /** With nothing granted: milliseconds until `need` tokens may be granted, if nobody else takes them. */
+  readonly retryMs: number
+}
+
+/** Unused tokens going back. */
+export interface Giveback {
+  readonly key: string
+  readonly windowStart: number
+  readonly tokens: number
+  readonly algorithm: Algorithm
+  /** The shape of the rule the tokens were leased under (a give-back to a changed rule is dropped). */
+  readonly shape: string
+  /** Who gives back, and its sequence number: each (holder, seq) is applied at most once. */
+  readonly holder: string
+  readonly seq: number
 }
 
 /** A place counts are kept: Redis, or the primary (in its memory, or over IPC from a worker). */
 export interface LeasePool {
   acquire(req: LeaseRequest): Promise<LeaseGrant>
   /** Gives back unused tokens of a window (ignored once that window is over). Fire and forget. */
-  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void
+  release(g: Giveback): void
 }
 
 /**
- * How many tokens to grant when `left` remain: at most a quarter of an even share per holder, at least 1, never
- * more than asked. A bucket near its limit is decided one request at a time; a big one leases in blocks.
- * (The Redis script does the same arithmetic in Lua: keep the two in step.)
+ * How many tokens to grant when `left` remain: at most a quarter of an even share per holder, at least `need`, never
+ * more than asked; nothing when fewer than `need` are left. A bucket near its limit is decided one request at a time;
+ * a big one leases in blocks. (The Redis script does the same arithmetic in Lua: keep the two in step.)
  */
-export function grantSize(left: number, want: number, holders: number): number {
-  if (left <= 0) return 0
-  return Math.min(want, left, Math.max(1, Math.floor(left / (4 * holders))))
+export function grantSize(left: number, want: number, holders: number, need = 1): number {
+  if (left < need || left <= 0) return 0
+  return Math.max(need, Math.min(want, left, Math.max(1, Math.floor(left / (4 * holders)))))
 }
 
 interface Entry {
-  /** fixed: the window's start; sliding: unused; token-bucket: when `count` (the tokens in the bucket) was computed. */
+  shape: string
+  algorithm: Algorithm
+  limit: number
+  windowMs: number
+  burst: number
+  /** fixed: the window's start and the tokens granted in it. */
   start: number
   count: number
   /** sliding: tokens granted per slot start. */
   slots: Map<number, number> | null
-  /** token-bucket: the current slot's start and the tokens granted in it and not given back (held). */
+  /** token-bucket: tokens in the bucket (`level`, as of `at`), the current slot and the tokens held in it. */
+  level: number
+  at: number
   slot: number
   held: number
-  /** token-bucket: when it will be full again if nobody takes from it (until then it must not be forgotten). */
-  fullAt: number
+  /** The last give-back sequence applied, per holder. */
+  seqs: Map<string, number> | null
+  /** When forgetting the entry changes nothing (a new one would start the same). */
+  idleAt: number
 }
 
 /** The pool in this process's memory (the primary's): synchronous, so every grant is atomic. */
 export class MemoryPool {
   readonly #entries = new Map<string, Entry>()
+  readonly #wheel = new ExpiryWheel()
   readonly #now: () => number
 
   constructor(now: () => number = Date.now) {
     this.#now = now
   }
 
-  /** Grants up to `req.want` tokens of the bucket. */
+  /** Grants `req.need` to `req.want` tokens of the bucket, or none. */
   acquire(req: LeaseRequest): LeaseGrant {
     const now = this.#now()
+    const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
     let e = this.#entries.get(req.key)
     if (e === undefined) {
-      e = { start: -1, count: 0, slots: null, slot: -1, held: 0, fullAt: 0 }
+      e = fresh(req, shape, now, 0)
       this.#entries.set(req.key, e)
+      this.#wheel.schedule(req.key, now + req.windowMs)
+    } else if (e.shape !== shape) {
+      const carried = used(e, now)
+      Object.assign(e, fresh(req, shape, now, carried), { seqs: e.seqs })
     }
-    if (req.algorithm === 'sliding') return this.#sliding(e, req, now)
-    if (req.algorithm === 'token-bucket') return this.#tokenBucket(e, req, now)
-    const start = now - (now % req.windowMs)
-    if (e.start !== start) {
-      e.start = start
-      e.count = 0
-    }
-    const granted = grantSize(req.limit - e.count, req.want, req.holders)
-    e.count += granted
-    return { granted, remaining: Math.max(0, req.limit - e.count), resetMs: start + req.windowMs - now, windowStart: start }
+    const g = req.algorithm === 'sliding' ? sliding(e, req, now) : req.algorithm === 'token-bucket' ? tokenBucket(e, req, now) : fixed(e, req, now)
+    e.idleAt = idleAt(e, now)
+    return g
   }
 
-  #sliding(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
-    const slotMs = req.windowMs / SLIDING_SLOTS
-    const slot = now - (now % slotMs)
-    const oldest = slot - SLIDING_SLOTS * slotMs
-    const slots = (e.slots ??= new Map())
-    let used = 0
-    for (const [start, n] of slots) {
-      if (start < oldest) slots.delete(start)
-      else used += n
-    }
-    const granted = grantSize(req.limit - used, req.want, req.holders)
-    if (granted > 0) slots.set(slot, (slots.get(slot) ?? 0) + granted)
-    let resetMs = slot + slotMs - now
-    if (granted === 0) {
-      // Full: room comes back when the oldest slots leave the window (a slot counts until `window` after its end).
-      let freed = used
-      for (const start of [...slots.keys()].sort((a, b) => a - b)) {
-        freed -= slots.get(start)!
-        if (freed < req.limit) {
-          resetMs = Math.max(resetMs, start + slotMs + req.windowMs - now)
-          break
-        }
-      }
-    }
-    return { granted, remaining: Math.max(0, req.limit - used - granted), resetMs, windowStart: slot }
-  }
-
-  #tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
-    const perMs = req.limit / req.windowMs
-    const slot = now - (now % BUCKET_SLOT_MS)
-    if (e.start < 0) e.count = req.burst
-    else if (e.slot !== slot) {
-      // Up to the end of the old slot the bucket refilled only to burst - held; then its leases ended (unused
-      // tokens count as used) and it refills to burst.
-      const slotEnd = e.slot + BUCKET_SLOT_MS
-      e.count = Math.min(req.burst - e.held, e.count + (slotEnd - e.start) * perMs)
-      e.count = Math.min(req.burst, e.count + (now - slotEnd) * perMs)
-    } else {
-      e.count = Math.min(req.burst - e.held, e.count + (now - e.start) * perMs)
-    }
-    if (e.slot !== slot) {
-      e.slot = slot
-      e.held = 0
-    }
-    e.start = now
-    const granted = grantSize(Math.floor(e.count), req.want, req.holders)
-    e.count -= granted
-    e.held += granted
-    e.fullAt = slot + BUCKET_SLOT_MS + Math.ceil((req.burst - e.count) / perMs)
-    // A lease lasts until its slot ends; with nothing granted, resetMs is when the next token comes.
-    let resetMs = slot + BUCKET_SLOT_MS - now
-    if (granted === 0) {
-      const capped = req.burst - e.held < 1 // the tokens in hand fill it: nothing comes back before the slot ends
-      resetMs = Math.max(1, Math.ceil((1 - e.count) / perMs), capped ? resetMs : 0)
-    }
-    return { granted, remaining: Math.floor(e.count), resetMs, windowStart: slot }
-  }
-
-  /** Takes back unused tokens: of the current fixed window, of the slot they came from, or into the bucket. */
-  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm = 'fixed'): void {
-    const e = this.#entries.get(key)
-    if (e === undefined) return
-    if (algorithm === 'token-bucket') {
-      if (e.slot !== windowStart) return // its lease ended: the tokens count as used
-      const back = Math.min(tokens, e.held)
-      e.held -= back
-      e.count += back
-    } else if (algorithm === 'sliding') {
-      const n = e.slots?.get(windowStart)
-      if (n !== undefined) e.slots!.set(windowStart, Math.max(0, n - tokens))
-    } else if (e.start === windowStart) e.count = Math.max(0, e.count - tokens)
-  }
-
-  /** Forgets buckets whose window ended (call now and then to bound memory). */
-  sweep(maxWindowMs: number): void {
+  /** Takes back unused tokens (or charges offline admissions) of the window or slot they came from, once. */
+  release(g: Giveback): void {
+    const e = this.#entries.get(g.key)
+    if (e === undefined || e.shape !== g.shape) return
+    const seqs = (e.seqs ??= new Map())
+    if ((seqs.get(g.holder) ?? 0) >= g.seq) return
+    seqs.set(g.holder, g.seq)
     const now = this.#now()
-    for (const [key, e] of this.#entries) {
-      // Forgotten once forgetting changes nothing: a fixed window that ended, a sliding window whose slots all left
-      // it, a token bucket that is full again (a new entry starts full).
-      const done =
-        e.slot >= 0 ? e.fullAt <= now : e.slots !== null ? [...e.slots.keys()].every((s) => s + maxWindowMs * 2 <= now) : e.start + maxWindowMs <= now
-      if (done) this.#entries.delete(key)
-    }
+    if (e.algorithm === 'token-bucket') {
+      if (e.slot !== g.windowStart) return // its lease ended: the tokens count as used
+      const back = Math.min(g.tokens, e.held)
+      e.held -= back
+      e.level += back
+    } else if (e.algorithm === 'sliding') {
+      const slots = (e.slots ??= new Map())
+      slots.set(g.windowStart, Math.max(0, (slots.get(g.windowStart) ?? 0) - g.tokens))
+    } else if (e.start === g.windowStart) e.count = Math.max(0, e.count - g.tokens)
+    e.idleAt = Math.max(e.idleAt, idleAt(e, now))
+  }
+
+  /**
+   * Forgets buckets whose state no longer matters, visiting at most `max` of those due (call every second or so: each
+   * call's work is bounded, and only buckets due to expire are looked at).
+   */
+  sweep(max = 20_000): number {
+    const now = this.#now()
+    return this.#wheel.sweep(now, max, (key) => {
+      const e = this.#entries.get(key)
+      if (e === undefined) return null
+      if (e.idleAt <= now) {
+        this.#entries.delete(key)
+        return null
+      }
+      return e.idleAt
+    })
   }
 
   /** Drops the buckets of one rule, or one bucket when `bucket` is given; returns how many were dropped. */
   reset(rule: string, bucket?: string): number {
+    if (bucket !== undefined) return this.#entries.delete(bucket) ? 1 : 0
     let n = 0
     for (const key of this.#entries.keys()) {
-      if (bucket !== undefined ? key === bucket : key === rule || key.startsWith(rule + '|')) {
+      if (key === rule || key.startsWith(rule + '|') || key.startsWith(rule + '#') || key.startsWith(rule + '~')) {
         this.#entries.delete(key)
         n++
       }
@@ -214,6 +225,144 @@ export class MemoryPool {
   }
 }
 
+/** A new bucket state of the request's shape, with `carried` units already counted now. */
+function fresh(req: LeaseRequest, shape: string, now: number, carried: number): Entry {
+  const e: Entry = {
+    shape,
+    algorithm: req.algorithm,
+    limit: req.limit,
+    windowMs: req.windowMs,
+    burst: req.burst,
+    start: -1,
+    count: 0,
+    slots: null,
+    level: req.burst,
+    at: now,
+    slot: -1,
+    held: 0,
+    seqs: null,
+    idleAt: now,
+  }
+  if (carried > 0) {
+    if (req.algorithm === 'fixed') {
+      e.start = now - (now % req.windowMs)
+      e.count = carried
+    } else if (req.algorithm === 'sliding') {
+      const slotMs = req.windowMs / SLIDING_SLOTS
+      e.slots = new Map([[now - (now % slotMs), carried]])
+    } else e.level = Math.max(0, req.burst - carried)
+  }
+  return e
+}
+
+/** What the entry's own shape counts against a request now (what a changed rule carries over). */
+function used(e: Entry, now: number): number {
+  if (e.algorithm === 'fixed') return e.start >= 0 && now < e.start + e.windowMs ? e.count : 0
+  if (e.algorithm === 'sliding') {
+    const slotMs = e.windowMs / SLIDING_SLOTS
+    const oldest = now - (now % slotMs) - e.windowMs
+    let n = 0
+    for (const [start, c] of e.slots ?? []) if (start >= oldest) n += c
+    return n
+  }
+  return Math.max(0, e.burst - refilled(e, now))
+}
+
+/** A token bucket's level now (up to the end of the held slot it refills only to burst - held, then to burst). */
+function refilled(e: Entry, now: number): number {
+  if (e.slot < 0) return e.level
+  const perMs = e.limit / e.windowMs
+  const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + (to - from) * perMs))
+  const slotEnd = e.slot + bucketSlotMs(e.limit, e.windowMs, e.burst)
+  if (now <= slotEnd) return fill(e.level, e.at, now, e.burst - e.held)
+  return fill(fill(e.level, e.at, slotEnd, e.burst - e.held), slotEnd, now, e.burst)
+}
+
+/** When forgetting the entry changes nothing. */
+function idleAt(e: Entry, now: number): number {
+  if (e.algorithm === 'fixed') return e.start + e.windowMs
+  if (e.algorithm === 'sliding') {
+    const slotMs = e.windowMs / SLIDING_SLOTS
+    let last = now
+    for (const start of e.slots?.keys() ?? []) last = Math.max(last, start + slotMs + e.windowMs)
+    return last
+  }
+  const slotEnd = e.slot + bucketSlotMs(e.limit, e.windowMs, e.burst)
+  return Math.max(slotEnd, now + Math.ceil((e.burst - e.level) * (e.windowMs / e.limit)))
+}
+
+function fixed(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
+  const start = now - (now % req.windowMs)
+  if (e.start !== start) {
+    e.start = start
+    e.count = 0
+  }
+  e.count += req.charge ?? 0
+  const granted = grantSize(req.limit - e.count, req.want, req.holders, req.need)
+  e.count += granted
+  const resetMs = start + req.windowMs - now
+  return { granted, remaining: Math.max(0, req.limit - e.count), resetMs, windowStart: start, retryMs: granted > 0 ? 0 : resetMs }
+}
+
+function sliding(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
+  const slotMs = req.windowMs / SLIDING_SLOTS
+  const slot = now - (now % slotMs)
+  const oldest = slot - SLIDING_SLOTS * slotMs
+  const slots = (e.slots ??= new Map())
+  if (req.charge) slots.set(slot, (slots.get(slot) ?? 0) + req.charge)
+  let used = 0
+  for (const [start, n] of slots) {
+    if (start < oldest) slots.delete(start)
+    else used += n
+  }
+  const granted = grantSize(req.limit - used, req.want, req.holders, req.need)
+  if (granted > 0) slots.set(slot, (slots.get(slot) ?? 0) + granted)
+  const resetMs = slot + slotMs - now
+  let retryMs = 0
+  if (granted === 0) {
+    // Full: room for `need` comes back when enough of the oldest slots leave the window (a slot counts until a window
+    // after its end).
+    retryMs = resetMs
+    let left = used
+    for (const start of [...slots.keys()].sort((a, b) => a - b)) {
+      left -= slots.get(start)!
+      if (req.limit - left >= req.need) {
+        retryMs = Math.max(retryMs, start + slotMs + req.windowMs - now)
+        break
+      }
+    }
+  }
+  return { granted, remaining: Math.max(0, req.limit - used - granted), resetMs, windowStart: slot, retryMs }
+}
+
+function tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
+  const perMs = req.limit / req.windowMs
+  const slotMs = bucketSlotMs(req.limit, req.windowMs, req.burst)
+  const slot = now - (now % slotMs)
+  e.level = refilled(e, now)
+  if (e.slot !== slot) {
+    e.slot = slot
+    e.held = 0
+  }
+  e.at = now
+  e.level -= req.charge ?? 0
+  const granted = grantSize(Math.floor(e.level), req.want, req.holders, req.need)
+  e.level -= granted
+  e.held += granted
+  const resetMs = slot + slotMs - now
+  return { granted, remaining: Math.max(0, Math.floor(e.level)), resetMs, windowStart: slot, retryMs: granted > 0 ? 0 : bucketRetryMs(e.level, e.held, req.need, req.burst, perMs, resetMs) }
+}
+
+/**
+ * When `need` tokens can be granted, if nobody takes any meanwhile: while the slot lasts the bucket fills only to
+ * burst - held; after it ends, to burst.
+ */
+export function bucketRetryMs(level: number, held: number, need: number, burst: number, perMs: number, slotLeftMs: number): number {
+  if (burst - held >= need) return Math.max(1, Math.ceil((need - level) / perMs))
+  const atSlotEnd = Math.min(burst - held, level + slotLeftMs * perMs)
+  return Math.max(1, Math.ceil(slotLeftMs + Math.max(0, need - atSlotEnd) / perMs))
+}
+
 /** A MemoryPool behind the asynchronous LeasePool contract (tests, and the simulation). */
 export class LocalPool implements LeasePool {
   constructor(readonly memory: MemoryPool) {}
@@ -222,7 +371,7 @@ export class LocalPool implements LeasePool {
     return Promise.resolve(this.memory.acquire(req))
   }
 
-  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
-    this.memory.release(key, windowStart, tokens, algorithm)
+  release(g: Giveback): void {
+    this.memory.release(g)
   }
 }

@@ -1,8 +1,11 @@
 import type { LeaseAcquireMessage, LeaseGrantMessage, LeaseReleaseMessage } from '../messages.js'
-import type { Algorithm, LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
+import type { Giveback, LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
 
-/** How long a worker waits for the primary's answer before the lease request fails (the limiter falls back). */
-const REPLY_TIMEOUT_MS = 2_000
+/**
+ * How long a worker waits for the primary's answer before the lease request fails: the worker then decides on its
+ * offline shares (src/limiter/leases.ts) until the primary answers again.
+ */
+const REPLY_TIMEOUT_MS = 500
 
 interface Pending {
   readonly resolve: (g: LeaseGrant) => void
@@ -36,8 +39,8 @@ export class PrimaryPool implements LeasePool {
     })
   }
 
-  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
-    this.#send({ meliproxy: 'lease-release', key, windowStart, tokens, algorithm })
+  release(giveback: Giveback): void {
+    this.#send({ meliproxy: 'lease-release', giveback })
   }
 
   /** Delivers the primary's answer to the request with the same id. */

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import { BUCKET_PREFIX } from '../redis/keys.js'
-import { BUCKET_SLOT_MS, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
+import { bucketSlotMs, shapeOf, SLIDING_SLOTS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
 /**
  * The lease pool in Redis, shared by every worker of every instance. Each bucket is one hash (`w` = window start,
@@ -8,8 +8,8 @@ import { BUCKET_SLOT_MS, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type Le
  * on Redis Cluster as it is. Redis runs a script alone, so a grant is atomic: no two holders can be granted the same
  * token. The window comes from Redis's own clock (TIME), so instances with skewed clocks agree on window edges.
  *
- * A grant costs one EVALSHA and, inside it, TIME, HMGET and HSET (PEXPIRE once per window): four commands for a
- * block of tokens, where the per-request design spent about seven per request.
+ * A grant costs one EVALSHA and, inside it, TIME, HGET of the shape, HMGET and HSET (PEXPIRE once per window): five
+ * commands for a block of tokens. A give-back is one EVALSHA of three or four.
  *
  * rate-limiter-flexible is not used for this: its consume() increments before it checks, so a rejected request
  * would still use up budget, and it cannot grant a block of tokens sized by what is left.
@@ -18,8 +18,10 @@ import { BUCKET_SLOT_MS, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type Le
 
 
 /*
- * What every acquire script starts with: Redis's clock (so instances with skewed clocks agree), ARGV[1..4] (limit or
- * rate per window, window ms, want, holders), and grantSize() of src/limiter/pool.ts, in one place.
+ * What every acquire script starts with: Redis's clock (so instances with skewed clocks agree), the arguments
+ * (limit or rate per window, window ms, want, holders, need, shape, burst, slot ms, charge), grantSize() of
+ * src/limiter/pool.ts, and the carry-over of a changed rule: when the bucket's state was made under another shape,
+ * what that shape counts now is carried into the new one (`fresh` with `carried` units), as MemoryPool does.
  */
 const ACQUIRE_HEAD = `
 local t = redis.call('TIME')
@@ -28,155 +30,234 @@ local limit = tonumber(ARGV[1])
 local win = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local holders = tonumber(ARGV[4])
+local need = tonumber(ARGV[5])
+local shape = ARGV[6]
+local burst = tonumber(ARGV[7])
+local slotMs = tonumber(ARGV[8])
+local charge = tonumber(ARGV[9])
 local function grantSize(left)
-  if left <= 0 then return 0 end
-  return math.min(want, left, math.max(1, math.floor(left / (4 * holders))))
+  if left < need or left <= 0 then return 0 end
+  return math.max(need, math.min(want, left, math.max(1, math.floor(left / (4 * holders)))))
+end
+local function fill(level, from, to, cap, perMs)
+  if level >= cap then return level end
+  return math.min(cap, level + (to - from) * perMs)
+end
+local function usedBy(old)
+  local alg, l, w, b = string.match(old, '^([%a%-]+)/([%d%.]+)/([%d%.]+)/([%d%.]+)$')
+  if not alg then return 0 end
+  l = tonumber(l)
+  w = tonumber(w)
+  b = tonumber(b)
+  if alg == 'fixed' then
+    local v = redis.call('HMGET', KEYS[1], 'w', 'c')
+    local ws = tonumber(v[1])
+    if ws and now < ws + w then return tonumber(v[2]) or 0 end
+    return 0
+  end
+  if alg == 'sliding' then
+    local sm = w / ${SLIDING_SLOTS}
+    local oldest = now - (now % sm) - w
+    local all = redis.call('HGETALL', KEYS[1])
+    local n = 0
+    for i = 1, #all, 2 do
+      local s = tonumber(all[i])
+      if s and s >= oldest then n = n + tonumber(all[i + 1]) end
+    end
+    return n
+  end
+  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'm')
+  local lv, at, s, h, m = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), tonumber(v[5])
+  if not (lv and at and s and h and m) then return 0 end
+  local se = s + m
+  if now <= se then lv = fill(lv, at, now, b - h, l / w) else lv = fill(fill(lv, at, se, b - h, l / w), se, now, b, l / w) end
+  return math.max(0, b - lv)
+end
+local fresh = false
+local carried = 0
+local old = redis.call('HGET', KEYS[1], 'v')
+if old and old ~= shape then
+  carried = usedBy(old)
+  redis.call('DEL', KEYS[1])
+  fresh = true
+elseif not old then
+  fresh = redis.call('EXISTS', KEYS[1]) == 0
 end
 `
 
 /*
- * KEYS[1]: the bucket. ARGV: limit, window ms, want, holders.
- * Returns {granted, remaining, resetMs, windowStart}. The grant size is grantSize() of src/limiter/pool.ts.
+ * A fixed window: KEYS[1] a hash (w = window start, c = tokens granted in it, v = shape).
+ * Returns {granted, remaining, resetMs, windowStart, retryMs}.
  */
 const ACQUIRE_SCRIPT = ACQUIRE_HEAD + `
 local start = now - (now % win)
-local v = redis.call('HMGET', KEYS[1], 'w', 'c')
-local fresh = tonumber(v[1]) ~= start
-local c = 0
-if not fresh then c = tonumber(v[2]) or 0 end
+local c = carried
+if not fresh then
+  local v = redis.call('HMGET', KEYS[1], 'w', 'c')
+  if tonumber(v[1]) == start then c = tonumber(v[2]) or 0 else fresh = true end
+end
+c = c + charge
 local left = limit - c
 local grant = grantSize(left)
-if grant > 0 then
-  redis.call('HSET', KEYS[1], 'w', start, 'c', c + grant)
+if grant > 0 or carried > 0 or charge > 0 then
+  redis.call('HSET', KEYS[1], 'w', start, 'c', c + grant, 'v', shape)
   if fresh then redis.call('PEXPIRE', KEYS[1], start + win - now + 1000) end
 end
 local remaining = left - grant
 if remaining < 0 then remaining = 0 end
-return {grant, remaining, start + win - now, start}
+local retry = 0
+if grant == 0 then retry = start + win - now end
+return {grant, remaining, start + win - now, start, retry}
 `
 
 /*
- * A sliding window: KEYS[1] a hash of slot start -> tokens granted in that slot. ARGV: limit, window ms, want,
- * holders, slots. The current slot and the `slots` before it may hold at most `limit` (src/limiter/pool.ts).
+ * A sliding window: KEYS[1] a hash of slot start -> tokens granted in that slot (and v = shape). The current slot and
+ * the slots before it within a window may hold at most `limit` (src/limiter/pool.ts).
  */
 const SLIDING_SCRIPT = ACQUIRE_HEAD + `
-local slotMs = win / tonumber(ARGV[5])
 local slot = now - (now % slotMs)
 local oldest = slot - win
-local all = redis.call('HGETALL', KEYS[1])
+local starts = {}
+local counts = {}
 local used = 0
-for i = 1, #all, 2 do
-  local s = tonumber(all[i])
-  if s ~= nil then
-    if s < oldest then redis.call('HDEL', KEYS[1], all[i]) else used = used + tonumber(all[i + 1]) end
+if carried > 0 then
+  redis.call('HSET', KEYS[1], slot, carried, 'v', shape)
+  redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
+  starts[1] = slot
+  counts[slot] = carried
+  used = carried
+elseif not fresh then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    local s = tonumber(all[i])
+    if s ~= nil then
+      if s < oldest then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        local n = tonumber(all[i + 1])
+        used = used + n
+        if counts[s] == nil then starts[#starts + 1] = s end
+        counts[s] = n
+      end
+    end
   end
+end
+if charge > 0 then
+  if counts[slot] == nil then starts[#starts + 1] = slot end
+  counts[slot] = (counts[slot] or 0) + charge
+  used = used + charge
+  redis.call('HINCRBY', KEYS[1], slot, charge)
+  redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
 local left = limit - used
 local grant = grantSize(left)
 if grant > 0 then
   redis.call('HINCRBY', KEYS[1], slot, grant)
+  if old ~= shape then redis.call('HSET', KEYS[1], 'v', shape) end
   redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
 local remaining = left - grant
 if remaining < 0 then remaining = 0 end
 local reset = slot + slotMs - now
+local retry = 0
 if grant == 0 then
-  -- Full: room comes back when the oldest slots leave the window (a slot counts until a window after its end).
-  local starts = {}
-  local counts = {}
-  for i = 1, #all, 2 do
-    local s = tonumber(all[i])
-    if s ~= nil and s >= oldest then
-      starts[#starts + 1] = s
-      counts[s] = tonumber(all[i + 1])
-    end
-  end
+  -- Full: room for need comes back when enough of the oldest slots leave the window (a slot counts until a window
+  -- after its end).
+  retry = reset
   table.sort(starts)
-  local freed = used
+  local still = used
   for _, s in ipairs(starts) do
-    freed = freed - counts[s]
-    if freed < limit then
-      reset = math.max(reset, s + slotMs + win - now)
+    still = still - counts[s]
+    if limit - still >= need then
+      retry = math.max(retry, s + slotMs + win - now)
       break
     end
   end
 end
-return {grant, remaining, reset, slot}
+return {grant, remaining, reset, slot, retry}
 `
 
 /*
  * A token bucket, leased: KEYS[1] a hash (l = tokens in the bucket, t = when l was computed, s = the current lease
- * slot, h = tokens granted in it and not given back). ARGV: rate (tokens per window), window ms, want, holders,
- * burst, slot ms. The bucket refills only up to burst - h (src/limiter/pool.ts says why; MemoryPool does the same).
- * Returns {granted, remaining, resetMs, slot}.
+ * slot, h = tokens granted in it and not given back, m = the slot's length, v = shape). The bucket refills only up to
+ * burst - h while the slot lasts (src/limiter/pool.ts says why; MemoryPool does the same).
  */
 const TOKEN_BUCKET_SCRIPT = ACQUIRE_HEAD + `
 local perMs = limit / win
-local burst = tonumber(ARGV[5])
-local slotMs = tonumber(ARGV[6])
 local slot = now - (now % slotMs)
-local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h')
 local level = burst
 local held = 0
-if v[1] and v[2] and v[3] and v[4] then
-  level = tonumber(v[1])
-  local at = tonumber(v[2])
-  local oldSlot = tonumber(v[3])
-  held = tonumber(v[4])
-  if oldSlot ~= slot then
+local oldSlot = -1
+if fresh then
+  level = math.max(0, burst - carried)
+else
+  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h')
+  if v[1] and v[2] and v[3] and v[4] then
+    level = tonumber(v[1])
+    local at = tonumber(v[2])
+    oldSlot = tonumber(v[3])
+    held = tonumber(v[4])
     local slotEnd = oldSlot + slotMs
-    level = math.min(burst - held, level + (slotEnd - at) * perMs)
-    level = math.min(burst, level + (now - slotEnd) * perMs)
-    held = 0
-  else
-    level = math.min(burst - held, level + (now - at) * perMs)
+    if now <= slotEnd then level = fill(level, at, now, burst - held, perMs)
+    else level = fill(fill(level, at, slotEnd, burst - held, perMs), slotEnd, now, burst, perMs) end
   end
 end
-local left = math.floor(level)
-local grant = grantSize(left)
+if oldSlot ~= slot then held = 0 end
+level = level - charge
+local grant = grantSize(math.floor(level))
 level = level - grant
 held = held + grant
-redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / perMs) + slotMs + 1000)
+redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held, 'm', slotMs, 'v', shape)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + slotMs + 1000)
 local reset = slot + slotMs - now
+local retry = 0
 if grant == 0 then
-  local wait = math.ceil((1 - level) / perMs)
-  if burst - held >= 1 then reset = 0 end
-  reset = math.max(1, wait, reset)
+  -- When need tokens can be granted (bucketRetryMs of src/limiter/pool.ts).
+  if burst - held >= need then
+    retry = math.max(1, math.ceil((need - level) / perMs))
+  else
+    local atEnd = math.min(burst - held, level + reset * perMs)
+    retry = math.max(1, math.ceil(reset + math.max(0, need - atEnd) / perMs))
+  end
 end
-return {grant, math.floor(level), reset, slot}
+local remaining = math.floor(level)
+if remaining < 0 then remaining = 0 end
+return {grant, remaining, reset, slot, retry}
 `
 
-/* KEYS[1]: the bucket. ARGV: window start, tokens. Gives tokens back if the window is still the bucket's. */
+/*
+ * A give-back (or, negative, a charge), for every algorithm. KEYS[1]: the bucket. ARGV: window (or slot) start,
+ * tokens, algorithm, shape, holder, seq. Applied at most once per (holder, seq), and only to the window and shape the
+ * tokens came from.
+ */
 const RELEASE_SCRIPT = `
-local v = redis.call('HMGET', KEYS[1], 'w', 'c')
-if tonumber(v[1]) ~= tonumber(ARGV[1]) then return 0 end
-local c = (tonumber(v[2]) or 0) - tonumber(ARGV[2])
-if c < 0 then c = 0 end
-redis.call('HSET', KEYS[1], 'c', c)
+local v = redis.call('HMGET', KEYS[1], 'v', 'g:' .. ARGV[5])
+if v[1] ~= ARGV[4] then return 0 end
+local seq = tonumber(ARGV[6])
+if v[2] and tonumber(v[2]) >= seq then return 0 end
+redis.call('HSET', KEYS[1], 'g:' .. ARGV[5], seq)
+local ws = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+if ARGV[3] == 'token-bucket' then
+  local b = redis.call('HMGET', KEYS[1], 'l', 's', 'h')
+  if tonumber(b[2]) ~= ws then return 0 end
+  local back = math.min(n, tonumber(b[3]))
+  redis.call('HSET', KEYS[1], 'l', tostring(tonumber(b[1]) + back), 'h', tonumber(b[3]) - back)
+elseif ARGV[3] == 'sliding' then
+  local c = (tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0) - n
+  if c < 0 then c = 0 end
+  redis.call('HSET', KEYS[1], ARGV[1], c)
+else
+  local w = redis.call('HMGET', KEYS[1], 'w', 'c')
+  if tonumber(w[1]) ~= ws then return 0 end
+  local c = (tonumber(w[2]) or 0) - n
+  if c < 0 then c = 0 end
+  redis.call('HSET', KEYS[1], 'c', c)
+end
 return 1
 `
 
-/* A sliding window's release: KEYS[1], ARGV: slot start, tokens. Gives tokens back to the slot they came from. */
-const SLIDING_RELEASE_SCRIPT = `
-local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-if n == nil then return 0 end
-n = n - tonumber(ARGV[2])
-if n < 0 then n = 0 end
-redis.call('HSET', KEYS[1], ARGV[1], n)
-return 1
-`
-
-/* A token bucket's release: KEYS[1], ARGV: slot start, tokens. Held tokens of the current slot go back in the bucket. */
-const BUCKET_RELEASE_SCRIPT = `
-local v = redis.call('HMGET', KEYS[1], 'l', 's', 'h')
-if not v[1] or tonumber(v[2]) ~= tonumber(ARGV[1]) then return 0 end
-local back = math.min(tonumber(ARGV[2]), tonumber(v[3]))
-redis.call('HSET', KEYS[1], 'l', tostring(tonumber(v[1]) + back), 'h', tonumber(v[3]) - back)
-return 1
-`
-
-type Script = (key: string, ...args: number[]) => Promise<number[] | number>
+type Script = (key: string, ...args: (number | string)[]) => Promise<number[] | number>
 
 /** Counts Redis calls (the limiter's metrics). */
 export interface RedisCalls {
@@ -187,7 +268,7 @@ export interface RedisCalls {
 export class RedisPool implements LeasePool {
   readonly #redis: Redis
   readonly #acquire: Record<Algorithm, Script>
-  readonly #release: Record<Algorithm, Script>
+  readonly #release: Script
   readonly #calls: RedisCalls
 
   constructor(redis: Redis, calls: RedisCalls) {
@@ -202,11 +283,7 @@ export class RedisPool implements LeasePool {
       sliding: script('meliproxySlidingLease', SLIDING_SCRIPT),
       'token-bucket': script('meliproxyBucketTake', TOKEN_BUCKET_SCRIPT),
     }
-    this.#release = {
-      fixed: script('meliproxyRelease', RELEASE_SCRIPT),
-      sliding: script('meliproxySlidingRelease', SLIDING_RELEASE_SCRIPT),
-      'token-bucket': script('meliproxyBucketRelease', BUCKET_RELEASE_SCRIPT),
-    }
+    this.#release = script('meliproxyGiveback', RELEASE_SCRIPT)
   }
 
   /** True while the connection is up (commands are not queued while it is down: they fail at once). */
@@ -215,18 +292,14 @@ export class RedisPool implements LeasePool {
   }
 
   acquire(req: LeaseRequest): Promise<LeaseGrant> {
-    const key = BUCKET_PREFIX + req.key
-    const reply =
-      req.algorithm === 'sliding'
-        ? this.#acquire.sliding(key, req.limit, req.windowMs, req.want, req.holders, SLIDING_SLOTS)
-        : req.algorithm === 'token-bucket'
-          ? this.#acquire['token-bucket'](key, req.limit, req.windowMs, req.want, req.holders, req.burst, BUCKET_SLOT_MS)
-          : this.#acquire.fixed(key, req.limit, req.windowMs, req.want, req.holders)
-    return reply.then(
+    const slotMs =
+      req.algorithm === 'sliding' ? req.windowMs / SLIDING_SLOTS : req.algorithm === 'token-bucket' ? bucketSlotMs(req.limit, req.windowMs, req.burst) : 0
+    const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
+    return this.#acquire[req.algorithm](BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders, req.need, shape, req.burst, slotMs, req.charge ?? 0).then(
       (out) => {
         this.#calls.call('acquire', true)
         const o = out as number[]
-        return { granted: o[0]!, remaining: o[1]!, resetMs: o[2]!, windowStart: o[3]! }
+        return { granted: o[0]!, remaining: o[1]!, resetMs: o[2]!, windowStart: o[3]!, retryMs: o[4]! }
       },
       (err: Error) => {
         this.#calls.call('acquire', false)
@@ -236,12 +309,12 @@ export class RedisPool implements LeasePool {
   }
 
   /**
-   * Gives tokens back. Not retried when it fails: the command may still have applied (a timeout does not cancel
-   * it), and a token given back twice would be granted twice. A lost release only under-admits.
+   * Gives tokens back. Applied at most once per (holder, seq) however often it is
+   * delivered; not retried when it fails (a lost give-back only under-admits).
    */
-  release(key: string, windowStart: number, tokens: number, algorithm: Algorithm): void {
+  release(g: Giveback): void {
     if (!this.ready) return
-    this.#release[algorithm](BUCKET_PREFIX + key, windowStart, tokens).then(
+    this.#release(BUCKET_PREFIX + g.key, g.windowStart, g.tokens, g.algorithm, g.shape, g.holder, g.seq).then(
       () => this.#calls.call('release', true),
       () => this.#calls.call('release', false),
     )

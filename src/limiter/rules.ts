@@ -3,6 +3,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import { ConfigError } from '../errors.js'
 import { clientNetwork, IpSet, parseCidr, type Cidr } from '../net/ip.js'
 import { compilePathGlob, compileValueGlob } from './glob.js'
+import { shapeOf } from './pool.js'
 
 /**
  * Rate-limit rules: validation of the operator's text (config file, admin API) into plain RuleSpecs, and
@@ -325,6 +326,8 @@ export interface Bucket {
   readonly windowMs: number
   readonly algorithm: Algorithm
   readonly burst: number
+  /** The rule's shape (src/limiter/pool.ts shapeOf), made once per rule. */
+  readonly shape: string
   /** Units this request uses of it. */
   readonly cost: number
 }
@@ -344,6 +347,8 @@ export class CompiledRule {
   readonly limitedSeries: { readonly key: string; readonly labels: { rule: string; outcome: string } }
   readonly algorithm: Algorithm
   readonly burst: number
+  /** algorithm/limit/window/burst: a bucket's state made under another shape is carried over, not reused. */
+  readonly shape: string
   readonly shadow: boolean
   readonly delay: boolean
   readonly maxDelayMs: number
@@ -373,6 +378,7 @@ export class CompiledRule {
     // A rule stored before these fields existed (Redis, an older instance) reads as the defaults.
     this.algorithm = spec.algorithm ?? 'fixed'
     this.burst = spec.burst ?? spec.limit
+    this.shape = shapeOf(this.algorithm, spec.limit, spec.windowMs, this.burst)
     this.shadow = spec.mode === 'shadow'
     this.delay = spec.onExceed === 'delay'
     this.maxDelayMs = spec.maxDelayMs ?? 0
@@ -508,7 +514,7 @@ export class RuleSet {
     const out: Bucket[] = []
     for (const rule of rules) {
       if (!rule.matches(r)) continue
-      out.push({ rule, key: rule.bucketKey(r), limit: rule.limit, windowMs: rule.windowMs, algorithm: rule.algorithm, burst: rule.burst, cost: rule.cost(r) })
+      out.push({ rule, key: rule.bucketKey(r), limit: rule.limit, windowMs: rule.windowMs, algorithm: rule.algorithm, burst: rule.burst, shape: rule.shape, cost: rule.cost(r) })
     }
     return out
   }

@@ -14,6 +14,9 @@ import type { Pipeline, Stage } from './pipeline.js'
  * queue (src/limiter/delays.ts) until it fits or the rule's maxDelay passes; a rule that cannot be counted while
  * Redis is down and says `whenRedisDown: deny` answers 503 limiter_unavailable.
  */
+/** A waiting head asks again at least this often (room can come back early: tokens another worker gave back). */
+const RECHECK_MS = 200
+
 export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): Stage {
   function reject(x: Exchange, p: Pipeline, v: Verdict): void {
     x.limitedBy = v.rule.name
@@ -40,45 +43,57 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
   }
 
   /**
-   * Waits for room in the refusing bucket, deciding again each time the verdict says room comes back; admitted, it
-   * goes on; past maxDelay, refused by a rule that does not delay, or Redis gone for a deny rule, it is rejected.
+   * Waits for room in the refusing bucket, first come first served within this worker: refused at once when the pool
+   * says room cannot come within maxDelay for this request and those queued before it; otherwise it waits its turn,
+   * then asks again each time the pool says room comes back (at most every RECHECK_MS), and goes on once admitted.
+   * Past maxDelay, refused by a rule that does not delay, or Redis gone for a deny rule, it is rejected.
    */
   async function delay(x: Exchange, p: Pipeline, first: Verdict): Promise<void> {
-    const rule = first.rule.name
-    if (!queues.enter(first.bucket)) {
-      limiter.metrics.delayed.labels(rule, 'queue_full').inc()
+    const rule = first.rule
+    const started = performance.now()
+    // Each request queued ahead needs its cost to come back first: at the rate, for a token bucket; a window's room
+    // comes back all at once.
+    const perUnitMs = rule.algorithm === 'token-bucket' ? rule.windowMs / rule.limit : 0
+    const soonest = first.resetMs + queues.waiting(first.bucket) * rule.cost(x) * perUnitMs
+    if (soonest > rule.maxDelayMs) {
+      limiter.metrics.delayed.labels(rule.name, 'too_long').inc()
+      return reject(x, p, first)
+    }
+    const ticket = queues.enter(first.bucket)
+    if (ticket === null) {
+      limiter.metrics.delayed.labels(rule.name, 'queue_full').inc()
       return reject(x, p, first)
     }
     let v: Verdict | null
     try {
-      v = await waitForRoom(x, first)
+      v = await waitForRoom(x, ticket.turn, first, started + rule.maxDelayMs)
     } catch (err) {
       log.error('limiter failed while a request waited; request let through', { error: (err as Error).message })
       v = null
     } finally {
-      queues.leave(first.bucket)
+      ticket.leave()
     }
     if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
     if (v === null || v.allowed) {
-      if (v !== null) limiter.metrics.delayed.labels(rule, 'admitted').inc()
+      if (v !== null) limiter.metrics.delayed.labels(rule.name, 'admitted').inc()
       return v === null ? p.next(x) : decided(x, p, v)
     }
-    limiter.metrics.delayed.labels(rule, 'rejected').inc()
+    limiter.metrics.delayed.labels(rule.name, 'rejected').inc()
     reject(x, p, v)
   }
 
   /** The last verdict once it admits, or once waiting more is no use; null when no rule governs the request now. */
-  async function waitForRoom(x: Exchange, first: Verdict): Promise<Verdict | null> {
-    const deadline = performance.now() + first.rule.maxDelayMs
+  async function waitForRoom(x: Exchange, turn: Promise<void>, first: Verdict, deadline: number): Promise<Verdict | null> {
+    if (!(await DelayQueues.until(turn, deadline - performance.now(), x.res))) return first
     let v = first
     for (;;) {
-      const left = deadline - performance.now()
-      if (left <= 0) return v
-      if (!(await DelayQueues.wait(Math.min(Math.max(1, v.resetMs), left), x.res))) return v
       const again = limiter.check(x, true)
       if (again === null) return null // the rule went away meanwhile
       v = again instanceof Promise ? await again : again
       if (v.allowed || !v.rule.delay || v.unavailable) return v
+      const left = deadline - performance.now()
+      if (left <= 0) return v
+      if (!(await DelayQueues.wait(Math.min(Math.max(1, v.resetMs), RECHECK_MS, left), x.res))) return v
     }
   }
 

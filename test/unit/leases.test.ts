@@ -1,6 +1,6 @@
 import t from 'tap'
 import { IDLE_RETURN_MS, LeaseTable, SWEEP_MS, type TakeItem, type TakeResult } from '../../src/limiter/leases.js'
-import { grantSize, LocalPool, MemoryPool, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
+import { grantSize, LocalPool, MemoryPool, shapeOf, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
 
 /** Counts what a table reports. */
 function events() {
@@ -8,7 +8,7 @@ function events() {
   return { e, sink: { leased: (n: number) => (e.leased += n), returned: (n: number) => (e.returned += n) } }
 }
 
-const item = (key: string, limit: number, windowMs = 60_000): TakeItem => ({ key, limit, windowMs, algorithm: 'fixed', burst: limit, cost: 1 })
+const item = (key: string, limit: number, windowMs = 60_000): TakeItem => ({ key, limit, windowMs, algorithm: 'fixed', burst: limit, shape: shapeOf('fixed', limit, windowMs, limit), cost: 1 })
 
 t.test('grant sizes shrink to one request at a time as a bucket nears its limit', async (t) => {
   t.equal(grantSize(10, 100, 4), 1, 'a limit of 10 over 4 holders: one at a time')
@@ -22,7 +22,7 @@ t.test('grant sizes shrink to one request at a time as a bucket nears its limit'
 t.test('a request with tokens in hand is decided synchronously; the first one of a bucket waits for a lease', async (t) => {
   let now = 1_000_000
   const { e, sink } = events()
-  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, sink, () => now)
+  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, sink, { now: () => now })
   const first = table.take([item('a', 1_000)])
   t.ok(first instanceof Promise, 'no tokens yet: asks the pool')
   t.match(await first, { allowed: true })
@@ -35,7 +35,7 @@ t.test('a request with tokens in hand is decided synchronously; the first one of
 t.test('all-or-nothing: a request refused by one bucket takes no token of another', async (t) => {
   let now = 1_000_000
   const pool = new MemoryPool(() => now)
-  const table = new LeaseTable(new LocalPool(pool), 1, events().sink, () => now)
+  const table = new LeaseTable(new LocalPool(pool), 1, events().sink, { now: () => now })
   t.match(await table.take([item('wide', 100), item('narrow', 1)]), { allowed: true })
   t.match(await table.take([item('wide', 100), item('narrow', 1)]), { allowed: false, failed: 1 })
   // 99 more fit under "wide": the refused request used none of it.
@@ -48,8 +48,8 @@ t.test('tokens a worker stops using go back to the pool within a second', async 
   let now = 1_000_000
   const pool = new MemoryPool(() => now)
   const { e, sink } = events()
-  const a = new LeaseTable(new LocalPool(pool), 2, sink, () => now)
-  const b = new LeaseTable(new LocalPool(pool), 2, events().sink, () => now)
+  const a = new LeaseTable(new LocalPool(pool), 2, sink, { now: () => now })
+  const b = new LeaseTable(new LocalPool(pool), 2, events().sink, { now: () => now })
   // A takes 60 of 100 and then goes quiet holding the rest of its lease.
   for (let i = 0; i < 60; i++) t.ok((await a.take([item('k', 100)])).allowed)
   let bAdmitted = 0
@@ -68,7 +68,7 @@ t.test('tokens a worker stops using go back to the pool within a second', async 
 t.test('a lease is never used past its window: the next window starts from a fresh count', async (t) => {
   let now = 60_000 * 1_000 + 59_000 // one second before a window edge
   const pool = new MemoryPool(() => now)
-  const table = new LeaseTable(new LocalPool(pool), 1, events().sink, () => now)
+  const table = new LeaseTable(new LocalPool(pool), 1, events().sink, { now: () => now })
   t.match(await table.take([item('w', 5)]), { allowed: true })
   now += 1_000 // the next window
   const r = table.take([item('w', 5)])
@@ -120,9 +120,9 @@ class SimPool implements LeasePool {
     this.calls++
     return new Promise((resolve) => this.#due.push({ at: this.clock() + RTT_MS, req, resolve }))
   }
-  release(key: string, windowStart: number, tokens: number): void {
+  release(g: Giveback): void {
     this.calls++
-    this.memory.release(key, windowStart, tokens)
+    this.memory.release(g)
   }
   deliver(): void {
     const now = this.clock()
@@ -155,7 +155,7 @@ async function simulate(
   const start = now
   const clock = (): number => now
   const pool = new SimPool(new MemoryPool(clock), clock)
-  const tables = Array.from({ length: HOLDERS }, () => new LeaseTable(pool, HOLDERS, { leased() {}, returned() {} }, clock))
+  const tables = Array.from({ length: HOLDERS }, () => new LeaseTable(pool, HOLDERS, { leased() {}, returned() {} }, { now: clock }))
   const rnd = random(42)
   const admittedBy = new Map<string, number>()
   const offeredBy = new Map<string, number>()
@@ -245,7 +245,7 @@ t.test('simulation, 100 instances x 8 workers: no window ever admits more than t
 
 t.test('buckets nobody uses are forgotten, so per-client rules with long windows do not grow without bound', async (t) => {
   let now = 1_000_000
-  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, events().sink, () => now)
+  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, events().sink, { now: () => now })
   for (let i = 0; i < 50; i++) await table.take([item(`client-${i}`, 600, 3_600_000)])
   t.equal(table.size, 50)
   for (let ms = 0; ms <= 6_000; ms += SWEEP_MS) {
@@ -253,4 +253,120 @@ t.test('buckets nobody uses are forgotten, so per-client rules with long windows
     table.sweep()
   }
   t.equal(table.size, 0, 'idle leases gave their tokens back and were forgotten')
+})
+
+// ---------------------------------------------------------------------------------------------------------------
+// Edges: weighted requests, refusals by another bucket, a pool that stops answering, a rule that changes shape.
+
+/** A MemoryPool that can be told to fail, recording give-backs. */
+class SwitchPool implements LeasePool {
+  down = false
+  readonly givebacks: Giveback[] = []
+  constructor(readonly memory: MemoryPool) {}
+  acquire(req: LeaseRequest): Promise<LeaseGrant> {
+    return this.down ? Promise.reject(new Error('the pool did not answer')) : Promise.resolve(this.memory.acquire(req))
+  }
+  release(g: Giveback): void {
+    this.givebacks.push(g)
+    if (!this.down) this.memory.release(g)
+  }
+}
+
+const weighted = (key: string, limit: number, cost: number): TakeItem => ({ ...item(key, limit, 3_600_000), cost })
+
+t.test('concurrent weighted requests over four workers: exactly as many as the limit holds are admitted', async (t) => {
+  let now = 1_000_000
+  const pool = new LocalPool(new MemoryPool(() => now))
+  const tables = Array.from({ length: 4 }, () => new LeaseTable(pool, 4, events().sink, { now: () => now }))
+  const results = await Promise.all(tables.map((table) => table.take([weighted('c5', 10, 5)])))
+  t.same(results.map((r) => r.allowed).sort(), [false, false, true, true], 'cost 5 on a limit of 10: two of four')
+  const big = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 800, events().sink, { now: () => now })
+  t.match(await big.take([weighted('c70', 100, 70)]), { allowed: true }, 'a cost of 70 over 800 holders is admitted in one grant')
+})
+
+t.test('a request refused by one bucket gives back at once what it just leased of the others', async (t) => {
+  let now = 1_000_000
+  const memory = new MemoryPool(() => now)
+  const pool = new SwitchPool(memory)
+  const e = events()
+  const table = new LeaseTable(pool, 1, e.sink, { now: () => now })
+  const narrow = item('narrow-full', 1)
+  t.match(await table.take([narrow]), { allowed: true })
+  const r = await table.take([item('wide-fresh', 1_000), narrow])
+  t.match(r, { allowed: false, failed: 1 })
+  t.equal(e.e.returned, e.e.leased - 1, 'everything leased of "wide" for the refused request went back (the narrow token was used)')
+  t.ok(pool.givebacks.some((g) => g.key === 'wide-fresh' && g.tokens > 0), 'given back without waiting for a sweep')
+})
+
+t.test('a pool that stops answering: each worker admits at most its share of what was left, counted and charged later', async (t) => {
+  let now = 1_000_000
+  const memory = new MemoryPool(() => now)
+  const holders = 2
+  // One view of the pool per worker, logging its grants: the bound depends on how stale each worker's last answer is.
+  const log: { w: number; granted: number }[] = []
+  const pools = [0, 1].map((w) => {
+    const p = new SwitchPool(memory)
+    const acquire = p.acquire.bind(p)
+    p.acquire = async (req) => {
+      const g = await acquire(req)
+      log.push({ w, granted: g.granted })
+      return g
+    }
+    return p
+  })
+  const tables = pools.map((p, w) => new LeaseTable(p, holders, events().sink, { now: () => now, offline: true, holder: `w${w}` }))
+  const rule = item('stall', 50, 3_600_000)
+  let admitted = 0
+  for (let i = 0; i < 20; i++) if ((await tables[i % 2]!.take([rule])).allowed) admitted++
+  t.equal(admitted, 20)
+  for (const p of pools) p.down = true
+  for (let i = 0; i < 200; i++) {
+    now += 5
+    if ((await tables[i % 2]!.take([rule])).allowed) admitted++
+  }
+  // Each worker's share is 1/holders of what the pool last told it was left; grants to the other worker after that
+  // answer make its view stale by that much.
+  let stale = 0
+  for (const w of [0, 1]) {
+    const last = log.map((e) => e.w).lastIndexOf(w)
+    const after = log.slice(last + 1).filter((e) => e.w !== w).reduce((n, e) => n + e.granted, 0)
+    stale += Math.ceil(after / holders)
+  }
+  t.ok(admitted <= 50 + stale, `during the stall the workers admitted ${admitted - 20} more: ${admitted} in all, within the limit plus the stated staleness (${stale})`)
+  t.ok(admitted >= 40, `and they did admit from their shares (${admitted})`)
+  for (const p of pools) p.down = false
+  now += 1_000
+  let after = 0
+  for (let i = 0; i < 100; i++) if ((await tables[i % 2]!.take([rule])).allowed) after++
+  t.ok(admitted + after <= 50 + stale, `back online: ${after} more, still within the limit plus the staleness`)
+  const probe = memory.acquire({ key: 'stall', limit: 50, windowMs: 3_600_000, want: 1, need: 1, holders: 1, algorithm: 'fixed', burst: 50 })
+  t.equal(probe.granted, 0, 'every unit admitted offline was charged to the pool: the window is full')
+})
+
+t.test('without the offline option a pool failure rejects the take (the limiter falls back)', async (t) => {
+  const pool = new SwitchPool(new MemoryPool())
+  pool.down = true
+  const table = new LeaseTable(pool, 1, events().sink)
+  await t.rejects(Promise.resolve(table.take([item('no-offline', 10)])), /did not answer/)
+})
+
+t.test('tokens leased under a rule that changed shape are not used', async (t) => {
+  let now = 1_000_000
+  const table = new LeaseTable(new LocalPool(new MemoryPool(() => now)), 1, events().sink, { now: () => now })
+  const before = item('shape', 1_000)
+  t.match(await table.take([before]), { allowed: true })
+  const after: TakeItem = { ...before, limit: 1, burst: 1, shape: shapeOf('fixed', 1, 60_000, 1) }
+  const r = table.take([after])
+  t.ok(r instanceof Promise, 'the tokens in hand belong to the old rule: ask the pool')
+  t.match(await r, { allowed: false }, 'and the new limit of 1 is already used by the request before the change')
+})
+
+t.test('lease life runs on the table clock: a wall-clock step does not stretch a lease', async (t) => {
+  let wall = 1_000_000
+  let mono = 5_000
+  const table = new LeaseTable(new LocalPool(new MemoryPool(() => wall)), 1, events().sink, { now: () => mono })
+  t.match(await table.take([item('clock', 1_000, 1_000)]), { allowed: true })
+  wall -= 3_600_000 // NTP steps the wall clock back an hour
+  mono += 1_000
+  t.ok(table.take([item('clock', 1_000, 1_000)]) instanceof Promise, 'a second later by the monotonic clock the lease is over')
 })

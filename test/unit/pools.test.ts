@@ -1,7 +1,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
 import type { LeaseAcquireMessage, LeaseReleaseMessage } from '../../src/messages.js'
-import { BUCKET_SLOT_MS, LocalPool, MemoryPool, SLIDING_SLOTS, type LeaseGrant, type LeasePool } from '../../src/limiter/pool.js'
+import { bucketSlotMs, LocalPool, MemoryPool, shapeOf, SLIDING_SLOTS, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
 import { PrimaryPool } from '../../src/limiter/primary-pool.js'
 import { RedisPool } from '../../src/limiter/redis-pool.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
@@ -22,7 +22,7 @@ function primaryPool(): LeasePool {
       const grant = memory.acquire(msg.req)
       setImmediate(() => pool.deliver({ meliproxy: 'lease-grant', id: msg.id, grant }))
     } else {
-      memory.release(msg.key, msg.windowStart, msg.tokens, msg.algorithm ?? 'fixed')
+      memory.release(msg.giveback)
     }
   })
   return pool
@@ -39,7 +39,25 @@ t.teardown(async () => {
   await redis?.stop()
 })
 
-const FIXED = { algorithm: 'fixed', burst: 1 } as const
+const FIXED = { algorithm: 'fixed', burst: 1, need: 1 } as const
+
+let seq = 0
+
+/** Acquires until the pool grants nothing; returns the total and the last grant. */
+async function drain(pool: LeasePool, req: LeaseRequest): Promise<{ total: number; last: LeaseGrant }> {
+  let total = 0
+  for (let i = 0; i < 1_000; i++) {
+    const g = await pool.acquire(req)
+    if (g.granted === 0) return { total, last: g }
+    total += g.granted
+  }
+  throw new Error('the pool never ran out')
+}
+/** Gives back `tokens` of a request's bucket and window, as a holder does (a fresh sequence number unless given). */
+function giveBack(pool: LeasePool, req: LeaseRequest, windowStart: number, tokens: number, at = ++seq): void {
+  const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
+  pool.release({ key: req.key, windowStart, tokens, algorithm: req.algorithm as Algorithm, shape, holder: 'test', seq: at })
+}
 
 const pools: [string, () => LeasePool][] = [
   ['memory', () => new LocalPool(new MemoryPool())],
@@ -84,20 +102,50 @@ for (const [name, make] of pools) {
   t.test(`${name}: unused tokens go back to their window; a give-back for another window is ignored`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const g = await pool.acquire({ key, limit: 40, windowMs: 3_600_000, want: 10, holders: 1, ...FIXED })
+    const req = { key, limit: 40, windowMs: 3_600_000, want: 10, holders: 1, ...FIXED }
+    const g = await pool.acquire(req)
     t.equal(g.granted, 10)
-    pool.release(key, g.windowStart, 6, 'fixed')
-    pool.release(key, g.windowStart - 3_600_000, 30, 'fixed') // a window that is over: nothing happens
+    giveBack(pool, req, g.windowStart, 6)
+    giveBack(pool, req, g.windowStart - 3_600_000, 30) // a window that is over: nothing happens
     await new Promise((r) => setTimeout(r, 50)) // a release is fire-and-forget
     let more = 0
     for (let i = 0; i < 20; i++) more += (await pool.acquire({ key, limit: 40, windowMs: 3_600_000, want: 10, holders: 1, ...FIXED })).granted
     t.equal(more, 36, '40 - 10 + 6: the six came back, the stale give-back changed nothing')
   })
 
+  t.test(`${name}: a give-back delivered twice (same holder and sequence) is counted once`, async (t) => {
+    const pool = make()
+    const req = { key: `conf-${n++}`, limit: 10, windowMs: 3_600_000, want: 10, holders: 1, ...FIXED }
+    const { total, last } = await drain(pool, req)
+    t.equal(total, 10)
+    const at = ++seq
+    giveBack(pool, req, last.windowStart, 4, at)
+    giveBack(pool, req, last.windowStart, 4, at) // as a client re-sends a command after a dropped connection
+    await new Promise((r) => setTimeout(r, 50))
+    t.equal((await drain(pool, req)).total, 4, 'four came back, not eight')
+  })
+
+  t.test(`${name}: a weighted request gets its whole cost or nothing, and two of cost 5 fit a limit of 10`, async (t) => {
+    const pool = make()
+    const req = { key: `conf-${n++}`, limit: 10, windowMs: 3_600_000, want: 5, need: 5, holders: 4, algorithm: 'fixed', burst: 10 } as const
+    const grants = [(await pool.acquire(req)).granted, (await pool.acquire(req)).granted, (await pool.acquire(req)).granted]
+    t.same(grants, [5, 5, 0])
+  })
+
+  t.test(`${name}: a changed rule starts from what the old one counted (a longer window does not admit twice)`, async (t) => {
+    const pool = make()
+    const key = `conf-${n++}`
+    const one = { key, limit: 20, windowMs: 3_600_000, want: 20, holders: 1, ...FIXED, burst: 20 }
+    t.equal((await drain(pool, one)).total, 20)
+    t.equal((await pool.acquire({ ...one, windowMs: 7_200_000 })).granted, 0, 'the 20 count in the longer window')
+    t.equal((await pool.acquire({ ...one, windowMs: 7_200_000, algorithm: 'sliding' })).granted, 0, 'and in a sliding window')
+    t.equal((await drain(pool, { ...one, windowMs: 7_200_000, limit: 30, burst: 30 })).total, 10, 'a raised limit: the rest of it')
+  })
+
   t.test(`${name}: sliding: the current slot and the ${SLIDING_SLOTS} before it never hold more than the limit`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const req = { key, limit: 10, windowMs: 1_000, want: 4, holders: 1, algorithm: 'sliding', burst: 10 } as const
+    const req = { key, limit: 10, windowMs: 1_000, want: 4, need: 1, holders: 1, algorithm: 'sliding', burst: 10 } as const
     let granted = 0
     const first = await pool.acquire(req)
     granted += first.granted
@@ -108,7 +156,7 @@ for (const [name, make] of pools) {
     await new Promise((r) => setTimeout(r, 500))
     const full = await pool.acquire(req)
     t.equal(full.granted, 0, 'half a window later: still full')
-    t.ok(full.resetMs >= 350 && full.resetMs <= 750, `room in about half a window, when the first slot leaves (${full.resetMs} ms)`)
+    t.ok(full.retryMs >= 350 && full.retryMs <= 750, `room in about half a window, when the first slot leaves (${full.retryMs} ms)`)
     await new Promise((r) => setTimeout(r, 700))
     t.ok((await pool.acquire(req)).granted > 0, 'a window and a slot later: room again')
   })
@@ -116,10 +164,10 @@ for (const [name, make] of pools) {
   t.test(`${name}: sliding: tokens given back return to the slot they came from`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const req = { key, limit: 40, windowMs: 60_000, want: 10, holders: 1, algorithm: 'sliding', burst: 40 } as const
+    const req = { key, limit: 40, windowMs: 60_000, want: 10, need: 1, holders: 1, algorithm: 'sliding', burst: 40 } as const
     const g = await pool.acquire(req)
     t.equal(g.granted, 10)
-    pool.release(key, g.windowStart, 4, 'sliding')
+    giveBack(pool, req, g.windowStart, 4)
     await new Promise((r) => setTimeout(r, 50))
     let more = 0
     for (let i = 0; i < 20; i++) more += (await pool.acquire(req)).granted
@@ -129,18 +177,20 @@ for (const [name, make] of pools) {
   t.test(`${name}: token bucket: the burst at once, tokens given back in their slot, never more than burst after`, async (t) => {
     const pool = make()
     const key = `conf-${n++}`
-    const req = { key, limit: 10, windowMs: 1_000, want: 16, holders: 1, algorithm: 'token-bucket', burst: 8 } as const
-    while (Date.now() % BUCKET_SLOT_MS > 500) await new Promise((r) => setTimeout(r, 20)) // early in a lease slot
+    const req = { key, limit: 10, windowMs: 1_000, want: 16, need: 1, holders: 1, algorithm: 'token-bucket', burst: 8 } as const
+    const slotMs = bucketSlotMs(10, 1_000, 8)
+    t.equal(slotMs, 350, '(burst - 1) / 2 tokens at the rate')
+    while (Date.now() % slotMs > 50) await new Promise((r) => setTimeout(r, 5)) // early in a lease slot
     const grants: LeaseGrant[] = []
     for (let i = 0; i < 12; i++) grants.push(await pool.acquire(req))
     t.equal(grants.reduce((a, g) => a + g.granted, 0), 8, 'the burst of 8, in blocks, then nothing')
-    t.ok(grants[0]!.resetMs <= BUCKET_SLOT_MS, 'a lease lasts until its slot ends')
-    t.ok(grants[11]!.resetMs >= 1, 'a refusal says when to ask again')
-    pool.release(key, grants[0]!.windowStart, 3, 'token-bucket')
+    t.ok(grants[0]!.resetMs <= slotMs, 'a lease lasts until its slot ends')
+    t.ok(grants[11]!.retryMs >= 1, 'a refusal says when to ask again')
+    giveBack(pool, req, grants[0]!.windowStart, 3)
     await new Promise((r) => setTimeout(r, 50))
     let back = 0
     for (let i = 0; i < 6; i++) back += (await pool.acquire(req)).granted
-    t.equal(back, 3, 'the 3 given back in the same slot, no more: the rest is held')
+    t.ok(back >= 3 && back <= 4, `the 3 given back in the same slot, and at most one refilled meanwhile: the rest is held (${back})`)
     await new Promise((r) => setTimeout(r, 1_100))
     let later = 0
     for (let i = 0; i < 12; i++) later += (await pool.acquire(req)).granted
@@ -151,39 +201,97 @@ for (const [name, make] of pools) {
 t.test('token bucket with a clock: tokens in hand and in the bucket never exceed the burst', async (t) => {
   let now = 100
   const pool = new MemoryPool(() => now)
-  const req = { key: 'tb', limit: 10, windowMs: 1_000, want: 5, holders: 1, algorithm: 'token-bucket', burst: 5 } as const
+  const req = { key: 'tb', limit: 10, windowMs: 1_000, want: 5, need: 1, holders: 1, algorithm: 'token-bucket', burst: 5 } as const
+  t.equal(bucketSlotMs(10, 1_000, 5), 200, 'leases of this bucket last until the end of a 200 ms slot')
   let got = 0
   for (let i = 0; i < 5; i++) got += pool.acquire(req).granted
-  t.equal(got, 5, 'the burst, held until the slot ends at 1,000')
-  now = 900
-  t.equal(pool.acquire(req).granted, 0, '800 ms at 10/s would refill 8, but 5 are held: the bucket stays empty')
-  now = 1_000
+  t.equal(got, 5, 'the burst, held until the slot ends at 200')
+  now = 190
+  const capped = pool.acquire(req)
+  t.equal(capped.granted, 0, '90 ms at 10/s would refill almost one, but 5 are held: the bucket stays empty')
+  t.equal(capped.retryMs, 110, 'a token comes 100 ms after the held slot ends')
+  now = 200
   t.equal(pool.acquire(req).granted, 0, 'the held 5 count as used when their slot ends; the bucket starts refilling')
-  now = 1_500
+  now = 700
   let after = 0
   for (let i = 0; i < 10; i++) after += pool.acquire(req).granted
-  t.equal(after, 5, 'half a second at 10/s: 5, so 999-1,500 ms admits at most 5 + 5 = burst + rate x 0.5 s')
+  t.equal(after, 5, 'half a second at 10/s: 5, so 100-700 ms admits at most 5 + 5 = burst + rate x 0.6 s')
   now = 10_000
   let full = 0
   for (let i = 0; i < 10; i++) full += pool.acquire(req).granted
   t.equal(full, 5, 'a long idle bucket holds the burst, no more')
 })
 
+t.test('token bucket under steady demand above the rate: the rate is sustained, never more than burst + rate x T', async (t) => {
+  for (const [limit, windowMs, burst] of [[10, 1_000, 5], [2, 2_000, 1], [100, 1_000, 3], [1, 1_000, 1]] as const) {
+    let now = 1_000_000
+    const pool = new MemoryPool(() => now)
+    const req = { key: 'steady', limit, windowMs, want: 1, need: 1, holders: 4, algorithm: 'token-bucket', burst } as const
+    const times: number[] = []
+    const T = 20_000
+    // One request every ms, each using its token at once.
+    for (let ms = 0; ms <= T; ms++, now++) if (pool.acquire(req).granted > 0) times.push(ms)
+    const ideal = burst + (limit / windowMs) * T
+    t.ok(times.length >= 0.95 * ideal, `limit ${limit}/${windowMs} ms, burst ${burst}: ${times.length} in ${T} ms (burst + rate x T = ${ideal})`)
+    let worst = 0
+    for (let i = 0; i < times.length; i++) {
+      for (let j = i; j < times.length; j++) worst = Math.max(worst, j - i + 1 - (burst + ((times[j]! - times[i]!) * limit) / windowMs))
+    }
+    t.ok(worst <= 1e-9, `no span admits more than burst + rate x span (worst excess ${worst.toFixed(3)})`)
+  }
+})
+
+t.test('weighted requests: a grant is the cost or more, or nothing, whatever the number of holders', async (t) => {
+  const pool = new MemoryPool(() => 5_000)
+  const req = { key: 'w', limit: 10, windowMs: 3_600_000, want: 5, need: 5, holders: 800, algorithm: 'fixed', burst: 10 } as const
+  t.same([pool.acquire(req).granted, pool.acquire(req).granted, pool.acquire(req).granted], [5, 5, 0], 'two of cost 5 fit a limit of 10')
+  const tb = { key: 'wb', limit: 1, windowMs: 1_000, want: 70, need: 70, holders: 800, algorithm: 'token-bucket', burst: 100 } as const
+  t.equal(pool.acquire(tb).granted, 70, 'a cost of 70 from a bucket of 100 over 800 holders, in one grant')
+  const again = pool.acquire(tb)
+  t.equal(again.granted, 0, '30 left: nothing for another 70')
+  t.ok(again.retryMs > 0, `and it says when 70 may be there (${again.retryMs} ms)`)
+})
+
+t.test('a changed rule carries what the old one counted: lengthening a window does not admit twice', async (t) => {
+  let now = 120_000 // the start of an even minute
+  const pool = new MemoryPool(() => now)
+  const oneMinute = { key: 'chg', limit: 20, windowMs: 60_000, want: 20, need: 1, holders: 1, algorithm: 'fixed', burst: 20 } as const
+  let first = 0
+  for (let i = 0; i < 50; i++) first += pool.acquire(oneMinute).granted
+  t.equal(first, 20)
+  now += 1_000
+  const twoMinutes = { ...oneMinute, windowMs: 120_000, burst: 20 }
+  t.equal(pool.acquire(twoMinutes).granted, 0, 'the 20 of the 1-minute window count in the new 2-minute one')
+  now += 70_000
+  t.equal(pool.acquire(twoMinutes).granted, 0, '70 s in: still the same 2-minute window, still full (was 20 more)')
+  now = 240_000
+  let fresh = 0
+  for (let i = 0; i < 50; i++) fresh += pool.acquire(twoMinutes).granted
+  t.equal(fresh, 20, 'the next 2-minute window starts afresh')
+  const sliding = { ...twoMinutes, algorithm: 'sliding' } as const
+  t.equal(pool.acquire(sliding).granted, 0, 'switching algorithm: the 20 just used are carried into the sliding window')
+  const bucket = { ...oneMinute, key: 'chg2', algorithm: 'token-bucket', burst: 10 } as const
+  let used = 0
+  for (let i = 0; i < 6; i++) used += pool.acquire({ ...oneMinute, key: 'chg2' }).granted
+  t.ok(used >= 10, `${used} used under a fixed limit of 20`)
+  t.equal(pool.acquire({ ...bucket, want: 10 }).granted, 0, '10 or more used under the fixed rule: a token bucket of 10 starts empty')
+})
+
 t.test('the primary pool forgets a token bucket only once it is full again (a new one starts full)', async (t) => {
   let now = 0
   const pool = new MemoryPool(() => now)
   // 10 a minute, burst 50: empty, it takes 5 minutes to fill.
-  const req = { key: 'slow', limit: 10, windowMs: 60_000, want: 50, holders: 1, algorithm: 'token-bucket', burst: 50 } as const
+  const req = { key: 'slow', limit: 10, windowMs: 60_000, want: 50, need: 1, holders: 1, algorithm: 'token-bucket', burst: 50 } as const
   let got = 0
   for (let i = 0; i < 60; i++) got += pool.acquire(req).granted
   t.equal(got, 50)
   now = 120_000
-  pool.sweep(60_000)
+  pool.sweep()
   t.equal(pool.size, 1, 'two windows later it is not full yet: kept')
   let after = 0
   for (let i = 0; i < 60; i++) after += pool.acquire(req).granted
   t.ok(after >= 19 && after <= 20, `what two minutes refilled, not a fresh burst (${after})`)
   now = 1_000_000
-  pool.sweep(60_000)
+  pool.sweep()
   t.equal(pool.size, 0, 'full again: forgotten')
 })
