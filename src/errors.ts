@@ -143,3 +143,14 @@ export class BodyTooLargeError extends MeliproxyError {
     super(ErrorCodes.BODY_TOO_LARGE, `the request body is over ${max} bytes`)
   }
 }
+
+/**
+ * The client closed its connection (or its upload) before its answer was complete: an upstream request made for it is
+ * aborted with this, and nothing counts it against the upstream. Never sent to anyone (undici's RequestAbortedError).
+ */
+export class ClientAbortError extends Error {
+  constructor() {
+    super('the client closed its connection')
+    this.name = 'ClientAbortError'
+  }
+}
