@@ -1,10 +1,41 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Dispatcher } from 'undici'
+import type { MeliproxyError } from './errors.js'
 import type { RequestFacts } from './limiter/rules.js'
 import { clientIp } from './net/client-ip.js'
 import { normalizeIp, type IpSet } from './net/ip.js'
 
+/**
+ * What an exchange's answer was, whoever gave it (a refusal, a 429, a cache hit, the upstream): what recording reads
+ * once the response ended (src/pipeline/record.ts). The writes in src/proxy/reply.ts keep it.
+ */
+export interface ExchangeResult {
+  /** Status sent to the client; 0 when the client went away before its answer was complete. */
+  status: number
+  /** Body bytes written to the client. */
+  bytes: number
+  /** Milliseconds from sending upstream to the end of the upstream's answer; null when the upstream did not answer it. */
+  upstreamMs: number | null
+  /** The upstream failure (or open breaker) the answer reports, if any. */
+  error: MeliproxyError | null
+}
+
+/** Told when the client leaves while its exchange is upstream (src/proxy/relay.ts; the cache's fill may veto). */
+export interface Departure {
+  clientLeft(): void
+}
+
+/**
+ * A stage's wish for the upstream answer (the cache's fill, src/cache/fill.ts): a handler decorator around the one
+ * that relays the answer to the client, and the validators to send instead of the client's.
+ */
+export interface UpstreamTap {
+  wrap(client: Dispatcher.DispatchHandler): Dispatcher.DispatchHandler
+  readonly validators: string[] | null
+}
+
 /** One request as it moves through the worker. */
-export class Exchange implements RequestFacts {
+export class Exchange implements RequestFacts, ExchangeResult {
   readonly started = performance.now()
   readonly time = Date.now()
   readonly url: string
@@ -21,12 +52,19 @@ export class Exchange implements RequestFacts {
   shadowLimitedBy: string | undefined = undefined
   /** Index of the pipeline stage it goes to next (src/pipeline/pipeline.ts). */
   stage = 0
-  /** Set once the pipeline recorded it. */
-  finished = false
   /** The error code the proxy refused it with (guards), for the access log. */
   reason: string | undefined = undefined
-  /** X-Cache value it was answered with (HIT, MISS, STALE, BYPASS), for the access log. */
+  /** X-Cache value it was answered with (HIT, MISS, STALE, BYPASS), for the access log and the answer. */
   cache: string | undefined = undefined
+  /** Set by the cache stage for the upstream stage: what watches the upstream's answer. */
+  tap: UpstreamTap | null = null
+  /** What to tell while the exchange is upstream and its client leaves. */
+  departure: Departure | null = null
+  // ExchangeResult: kept by src/proxy/reply.ts and the relay.
+  status = 0
+  bytes = 0
+  upstreamMs: number | null = null
+  error: MeliproxyError | null = null
 
   constructor(
     readonly req: IncomingMessage,
@@ -42,4 +80,3 @@ export class Exchange implements RequestFacts {
     this.ip = clientIp(this.peer, req.headers['x-forwarded-for'], trusted)
   }
 }
-

@@ -23,18 +23,17 @@ import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
 import { cacheStage } from './pipeline/cache.js'
-import { forwardStage } from './pipeline/forward.js'
 import { guardStage } from './pipeline/guard.js'
 import { limitStage } from './pipeline/limit.js'
 import { Pipeline } from './pipeline/pipeline.js'
 import { recorder } from './pipeline/record.js'
-import { Upstream } from './pipeline/upstream.js'
+import { Upstream, upstreamStage } from './pipeline/upstream.js'
 import { CacheMetrics } from './cache/metrics.js'
 import { Tiers } from './cache/tiers.js'
-import { RetryBudget } from './proxy/breaker.js'
 import { breakerReporter, Breakers } from './proxy/breakers.js'
-import { Forwarder } from './proxy/forward.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
+import { RetryBudget } from './proxy/retry.js'
+import { upstreamDispatcher } from './proxy/upstream-dispatcher.js'
 import { ProxyServer } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
@@ -42,8 +41,8 @@ import { RouteNamer } from './stats/routes.js'
 
 /**
  * A worker process: builds its dependencies from the Config, composes the request path (`pipeline`: guard ->
- * limit -> cache -> forward, src/pipeline/) and serves it on the socket it shares with the other workers; the
- * pipeline records every request once (`record`).
+ * limit -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the other workers; every
+ * request is recorded once, when its response closes (`record`).
  */
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
@@ -105,7 +104,8 @@ export class Worker {
         if (process.connected) process.send!(msg)
       }),
     )
-    const forwarder = new Forwarder(
+    // The upstream: an undici pool composed with the breakers and the retries (src/proxy/upstream-dispatcher.ts).
+    const dispatcher = upstreamDispatcher(
       config.upstream,
       { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
       {
@@ -116,13 +116,11 @@ export class Worker {
         onRefused: () => upstreamMetrics.refused.inc(),
       },
     )
-
-    const upstream = new Upstream(config, forwarder, trusted, routes)
+    const upstream = new Upstream(config, dispatcher, trusted, routes)
 
     const cacheMetrics = new CacheMetrics(registry)
     const cacheIO: CacheIO = {
-      fetch: (x, opts, done) => upstream.fetch(x, opts, done),
-      finish: (x, result) => pipeline.finish(x, result),
+      upstream, // background refreshes
       // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
       publishPurge: (purge: Purge) => {
         const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
@@ -160,14 +158,14 @@ export class Worker {
       [
         ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
         ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), log)], // rate limits: 429, or RateLimit-* fields on the answer
-        ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; misses go upstream through `upstream`
-        ['forward', forwardStage(upstream)], // the upstream's answer, streamed
+        ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; hits answered, the rest handed on (absent with --no-cache)
+        ['upstream', upstreamStage(upstream)], // the upstream's answer, streamed (through the cache's fill, if any)
       ],
       {
-        // Every request, once it is answered: in-flight count, metrics, statistics, the access log.
-        record: (x, result) => {
+        // Every request, once its response closed: in-flight count, metrics, statistics, the access log.
+        record: (x) => {
           inFlight--
-          record(x, result)
+          record(x)
         },
         refused: (_x, err) => metrics.refused.labels(err.code).inc(),
         bug: (msg, x) => log.error(msg, { path: x.path }),
@@ -198,7 +196,7 @@ export class Worker {
       limiter.releaseAll() // tokens in hand go back before the connection closes
       closeRedis(redis)
       // The last statistics reach the primary before the worker goes.
-      const sent = Promise.all([forwarder.close(), new Promise<void>((r) => sendStats(r))])
+      const sent = Promise.all([dispatcher.close(), new Promise<void>((r) => sendStats(r))])
       void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => this.#resolveClosed())
     }
 

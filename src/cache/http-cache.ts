@@ -1,15 +1,21 @@
 import type { IncomingHttpHeaders } from 'node:http'
-import type { Exchange } from '../exchange.js'
+import type { Dispatcher } from 'undici'
+import type { Exchange, UpstreamTap } from '../exchange.js'
 import { compilePathGlob } from '../limiter/glob.js'
 import { MeliproxyError } from '../errors.js'
-import { answered, sendError, type ForwardDone, type ForwardResult, type ResponseTap } from '../proxy/forward.js'
-import { ageMs, ownBytes, variantId, type CacheEntry } from './entry.js'
+import type { Pipeline } from '../pipeline/pipeline.js'
+import { DecoratorHandler } from '../proxy/decorator.js'
+import { send, sendError } from '../proxy/reply.js'
+import { ageMs, variantId, type CacheEntry } from './entry.js'
+import { CacheFill, type FetchRole } from './fill.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
 import { allowsStale, initialAgeMs, parseHttpDate, requestDirectives, responsePolicy, usableFresh, type RequestDirectives, type StoreRules } from './policy.js'
 import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
 
 /**
- * The shared HTTP cache in front of the upstream (RFC 9111, RFC 5861), for GET and HEAD:
+ * The shared HTTP cache in front of the upstream (RFC 9111, RFC 5861), for GET and HEAD; the cache stage of the
+ * request path. Hits are answered here; misses, revalidations and bypasses are handed on to the upstream stage with a
+ * fill (src/cache/fill.ts) that watches the answer:
  * fresh -> served (HIT); stale within stale-while-revalidate -> served (STALE) and refreshed once in the background;
  * stale with a validator -> revalidated with a conditional request (a 304 refreshes the stored headers);
  * otherwise fetched, streamed to the client and stored when cacheable. Concurrent misses for one URL make one upstream
@@ -18,24 +24,15 @@ import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
  * safe invalidates the URL (and same-origin Location/Content-Location) in every tier, worker and instance.
  */
 
-/** What the cache asks of the worker. */
-/** How the cache asks for one upstream fetch. */
-export interface FetchOptions {
-  /** The cache's own validators, replacing the client's (a revalidation). */
-  readonly conditional: string[] | null
-  /** False for a background fetch: its answer does not go to the client. */
-  readonly toClient: boolean
-  /** Fields added to the client's response. */
-  readonly extraHeaders: readonly string[] | null
-  /** Sees the upstream's answer as it streams (the cache stores from it). */
-  readonly tap: ResponseTap | null
+/** Sends a request upstream with no client waiting (src/pipeline/upstream.ts): the background refresh. */
+export interface Refresher {
+  refresh(x: Exchange, handler: Dispatcher.DispatchHandler, validators: string[] | null): void
 }
 
+/** What the cache asks of the worker. */
 export interface CacheIO {
-  /** Sends the exchange upstream as `opts` say; `done` runs once with what happened. */
-  fetch(x: Exchange, opts: FetchOptions, done: ForwardDone): void
-  /** Records a finished exchange (metrics, access log). */
-  finish(x: Exchange, result: ForwardResult): void
+  /** Where background refreshes go. */
+  readonly upstream: Refresher
   /** Tells every worker of every instance to drop keys (or a path glob) from L1 and L2. */
   publishPurge(purge: Purge): void
 }
@@ -68,8 +65,6 @@ export interface CacheOptions {
 
 /** Methods known to be safe (RFC 9110 9.2.1); any other, known or not (M-SEARCH), invalidates (RFC 9111 4.4). */
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE'])
-const ERROR_STATUS = new Set([500, 502, 503, 504])
-const BYPASS_HEADERS: readonly string[] = ['x-cache', 'BYPASS']
 const MISS_HEADERS: readonly string[] = ['x-cache', 'MISS']
 /** Headers a 304 carries over to the client from the stored response (RFC 9110 15.4.5). */
 const NOT_MODIFIED_HEADERS = new Set(['cache-control', 'content-location', 'date', 'etag', 'expires', 'vary', 'via'])
@@ -130,7 +125,8 @@ export class HttpCache {
   readonly #options: CacheOptions
   readonly #metrics: CacheMetrics
   readonly #rules: CompiledRule[]
-  readonly #inflight = new Map<string, Promise<CacheEntry | null>>()
+  /** Misses this worker leads, by key: what the others wait on. */
+  readonly #inflight = new Map<string, Lead>()
   readonly #refreshing = new Set<string>()
 
   constructor(tiers: Tiers, io: CacheIO, options: CacheOptions, metrics: CacheMetrics) {
@@ -146,16 +142,16 @@ export class HttpCache {
     return this.#options.origin + url
   }
 
-  /** Answers the exchange: from the cache, or through it to the upstream. */
-  handle(x: Exchange): void {
-    if (x.method !== 'GET' && x.method !== 'HEAD') return this.#passThrough(x)
+  /** Answers the exchange from the cache, or hands it on to the upstream stage (`p.next`) with a fill to watch. */
+  handle(x: Exchange, p: Pipeline): void {
+    if (x.method !== 'GET' && x.method !== 'HEAD') return this.#passThrough(x, p)
     const rule = this.#ruleFor(x.path)
     const directives = requestDirectives(x.headers)
-    if (rule?.bypass || directives.noStore || x.headers.range !== undefined) return this.#bypass(x)
+    if (rule?.bypass || directives.noStore || x.headers.range !== undefined) return this.#bypass(x, p)
     const key = this.key(x.url)
     const found = this.#tiers.lookup(key, x.headers)
-    if (found === null || !('then' in found)) return this.#decide(x, key, found, directives)
-    found.then((f) => this.#decide(x, key, f, directives))
+    if (found === null || !('then' in found)) return this.#decide(x, p, key, found, directives)
+    found.then((f) => this.#decide(x, p, key, f, directives))
   }
 
   /** Drops keys or a glob from this worker's L1 (a purge message from any worker or instance). */
@@ -192,30 +188,17 @@ export class HttpCache {
   }
 
   /** Methods the cache does not serve: forwarded; a successful unsafe one invalidates what is stored. */
-  #passThrough(x: Exchange): void {
-    if (SAFE.has(x.method)) return this.#bypass(x)
+  #passThrough(x: Exchange, p: Pipeline): void {
+    if (SAFE.has(x.method)) return this.#bypass(x, p)
     x.cache = 'BYPASS'
-    const tap: ResponseTap = {
-      onHeaders: (status, _msg, headers) => {
-        // Again on success (RFC 9111 4.4), with Location / Content-Location, and for anything a concurrent GET
-        // stored while the request was upstream.
-        if (status >= 200 && status < 400) void this.purge({ keys: this.#invalidated(x.url, headers) })
-        return true
-      },
-      onData: () => {},
-      onEnd: () => {},
-      onError: () => false,
-      capturing: false,
-    }
+    x.tap = new Invalidation(this, x.url)
     // The URL is dropped everywhere before the request goes upstream (dropping is always safe), so a client that
     // reads right after its own write never gets the old version from another worker or from L2.
-    void this.purge({ keys: [this.key(x.url)] }).then(() =>
-      this.#io.fetch(x, { conditional: null, toClient: true, extraHeaders: BYPASS_HEADERS, tap }, (r) => this.#io.finish(x, r)),
-    )
+    void this.purge({ keys: [this.key(x.url)] }).then(() => p.next(x))
   }
 
   /** The keys a successful unsafe request invalidates: its URL, and same-origin Location / Content-Location. */
-  #invalidated(url: string, headers: IncomingHttpHeaders): string[] {
+  invalidated(url: string, headers: IncomingHttpHeaders): string[] {
     const keys = [this.key(url)]
     for (const name of ['location', 'content-location'] as const) {
       const v = headers[name]
@@ -230,14 +213,14 @@ export class HttpCache {
     return keys
   }
 
-  #bypass(x: Exchange): void {
+  #bypass(x: Exchange, p: Pipeline): void {
     x.cache = 'BYPASS'
     this.#metrics.request('bypass', 'none')
-    this.#io.fetch(x, { conditional: null, toClient: true, extraHeaders: BYPASS_HEADERS, tap: null }, (r) => this.#io.finish(x, r))
+    p.next(x)
   }
 
-  #decide(x: Exchange, key: string, found: Found | null, d: RequestDirectives): void {
-    if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
+  #decide(x: Exchange, p: Pipeline, key: string, found: Found | null, d: RequestDirectives): void {
+    if (x.res.destroyed) return // the client left (recorded when it left)
     if (found !== null) {
       const e = found.entry
       if (usableFresh(d, ageMs(e, x.time), e.freshnessMs)) return this.#serve(x, e, 'HIT', 'hit', found.tier)
@@ -245,40 +228,40 @@ export class HttpCache {
       // fleet, not one per worker).
       if (found.tier === 'l1' && this.#tiers.l2Ready) {
         void this.#tiers.lookupL2(key, x.headers).then((inL2) => {
-          if (x.res.destroyed) return this.#io.finish(x, answered(0, 0))
+          if (x.res.destroyed) return
           const fresher = inL2 !== null && inL2.entry.responseTime > e.responseTime ? inL2 : found
-          this.#decideStale(x, key, fresher, d)
+          this.#decideStale(x, p, key, fresher, d)
         })
         return
       }
-      return this.#decideStale(x, key, found, d)
+      return this.#decideStale(x, p, key, found, d)
     }
     if (d.onlyIfCached) return this.#notCached(x)
-    if (x.method === 'HEAD') return this.#fetch(x, key, null, null)
+    if (x.method === 'HEAD') return this.#fetch(x, p, key, null, 'own')
     const waiting = this.#inflight.get(key)
     if (waiting !== undefined) {
       this.#metrics.collapsed.inc()
-      waiting.then((entry) => this.#afterWait(x, key, entry))
+      waiting.entry.then((entry) => this.#afterWait(x, p, key, entry))
       return
     }
     // This worker leads the miss; across workers and instances the first to take the Redis lease fetches, and the
     // others wait for its answer to land in L2.
-    let settle!: (e: CacheEntry | null) => void
-    this.#inflight.set(key, new Promise((r) => (settle = r)))
+    const lead = new Lead()
+    this.#inflight.set(key, lead)
     const lease = this.#tiers.l2Ready ? this.#tiers.lease(key, this.#options.leaseMs) : Promise.resolve(true)
     lease
       .then((taken) => (taken ? null : this.#waitForPeer(key, x.headers)))
       .then((peer) => {
-        if (peer === null) return this.#fetch(x, key, null, settle)
+        if (peer === null) return this.#fetch(x, p, key, null, 'lead')
         this.#inflight.delete(key)
-        settle(peer)
+        lead.settle(peer)
         this.#metrics.collapsed.inc()
         this.#serve(x, peer, 'HIT', 'hit', 'l2')
       })
   }
 
   /** A stored entry that is not fresh (or a client asked to revalidate): serve stale and refresh, or fetch. */
-  #decideStale(x: Exchange, key: string, found: Found, d: RequestDirectives): void {
+  #decideStale(x: Exchange, p: Pipeline, key: string, found: Found, d: RequestDirectives): void {
     const e = found.entry
     const age = ageMs(e, x.time)
     if (usableFresh(d, age, e.freshnessMs)) return this.#serve(x, e, 'HIT', 'hit', found.tier)
@@ -287,20 +270,19 @@ export class HttpCache {
       return this.#refreshInBackground(x, key, e)
     }
     if (d.onlyIfCached) return this.#notCached(x)
-    this.#fetch(x, key, e, null)
+    this.#fetch(x, p, key, e, 'own')
   }
 
   /** only-if-cached and nothing usable is stored: 504, the upstream is not asked (RFC 9111 5.2.1.7). */
   #notCached(x: Exchange): void {
     x.cache = 'MISS'
     this.#metrics.request('miss', 'none')
-    const err = new MeliproxyError('not_cached', 'only-if-cached: no usable stored response')
-    this.#io.finish(x, answered(err.status, sendError(x.res, err, MISS_HEADERS)))
+    sendError(x, new MeliproxyError('not_cached', 'only-if-cached: no usable stored response'), MISS_HEADERS)
   }
 
-  #afterWait(x: Exchange, key: string, entry: CacheEntry | null): void {
+  #afterWait(x: Exchange, p: Pipeline, key: string, entry: CacheEntry | null): void {
     if (entry !== null && entry.variant === variantId(entry.vary, x.headers)) return this.#serve(x, entry, 'HIT', 'hit', 'upstream')
-    this.#fetch(x, key, null, null)
+    this.#fetch(x, p, key, null, 'own')
   }
 
   /** Polls L2 for the entry a peer is fetching, until the lease would have expired. */
@@ -315,28 +297,14 @@ export class HttpCache {
   }
 
   /**
-   * Fetches from the upstream for a client: conditionally when `stale` has a validator, streaming to the client,
-   * storing a cacheable answer, and falling back to `stale` on an upstream error where stale-if-error allows.
-   * `settle` is given when this fetch leads a miss that others wait for.
+   * Hands the exchange on to the upstream: conditionally when `stale` has a validator, with a fill that stores a
+   * cacheable answer and falls back to `stale` on an upstream error where stale-if-error allows (src/cache/fill.ts).
    */
-  #fetch(x: Exchange, key: string, stale: CacheEntry | null, settle: ((e: CacheEntry | null) => void) | null): void {
-    const conditional = stale !== null && x.method === 'GET' ? this.#validators(stale) : null
-    const tap = new StoreTap(this, x, key, stale, conditional !== null, settle ?? (() => {}))
+  #fetch(x: Exchange, p: Pipeline, key: string, stale: CacheEntry | null, role: FetchRole): void {
+    const validators = stale !== null && x.method === 'GET' ? this.#validators(stale) : null
     x.cache = 'MISS'
-    this.#io.fetch(x, { conditional, toClient: true, extraHeaders: MISS_HEADERS, tap }, (result) => {
-      if (settle !== null) {
-        this.#inflight.delete(key)
-        this.#tiers.release(key)
-        settle(tap.stored)
-      }
-      if (result.forwarded || x.res.headersSent) {
-        this.#metrics.request('miss', 'upstream')
-        return this.#io.finish(x, result)
-      }
-      if (tap.refreshed !== null) return this.#serve(x, tap.refreshed, 'HIT', 'revalidated', 'upstream')
-      if (stale !== null && tap.useStale) return this.#serve(x, stale, 'STALE', 'stale', 'upstream')
-      this.#io.finish(x, result)
-    })
+    x.tap = new CacheFill(this, x, key, stale, validators, role)
+    p.next(x)
   }
 
   /** stale-while-revalidate: one background refresh per key per worker (and one across instances, by lease). */
@@ -348,13 +316,32 @@ export class HttpCache {
         this.#refreshing.delete(key)
         return
       }
-      const conditional = this.#validators(stale)
-      const tap = new StoreTap(this, x, key, stale, conditional !== null, () => {})
-      this.#io.fetch(x, { conditional, toClient: false, extraHeaders: null, tap }, () => {
-        this.#refreshing.delete(key)
-        this.#tiers.release(key)
-      })
+      const validators = this.#validators(stale)
+      this.#io.upstream.refresh(x, new CacheFill(this, x, key, stale, validators, 'refresh'), validators)
     })
+  }
+
+  /** A fetch of `key` is over (src/cache/fill.ts): the waiters of a miss it led get `stored`, and the lease goes. */
+  fetched(key: string, role: FetchRole, stored: CacheEntry | null): void {
+    if (role === 'own') return
+    if (role === 'refresh') this.#refreshing.delete(key)
+    else {
+      const lead = this.#inflight.get(key)
+      this.#inflight.delete(key)
+      lead?.settle(stored)
+    }
+    this.#tiers.release(key)
+  }
+
+  /** A fetched answer went on to the client. */
+  relayed(): void {
+    this.#metrics.request('miss', 'upstream')
+  }
+
+  /** Answers the client of a fetch from an entry instead of the upstream's answer: refreshed by a 304, or stale. */
+  answerFetched(x: Exchange, e: CacheEntry, revalidated: boolean): void {
+    if (revalidated) this.#serve(x, e, 'HIT', 'revalidated', 'upstream')
+    else this.#serve(x, e, 'STALE', 'stale', 'upstream')
   }
 
   #validators(e: CacheEntry): string[] | null {
@@ -365,10 +352,9 @@ export class HttpCache {
 
   /** Answers from a stored entry: 304 when the client's validators match, else the stored response. */
   #serve(x: Exchange, e: CacheEntry, label: string, result: CacheResult, tier: CacheTier): void {
-    const res = x.res
     x.cache = label
     this.#metrics.request(result, tier)
-    if (res.destroyed) return this.#io.finish(x, answered(0, 0))
+    if (x.res.destroyed) return // the client left (recorded when it left)
     const age = String(Math.floor(ageMs(e, x.time) / 1000))
     if (this.#notModified(x.headers, e)) {
       const headers: string[] = []
@@ -377,9 +363,7 @@ export class HttpCache {
       }
       headers.push('age', age, 'x-cache', label)
       if (x.rateHeaders !== null) headers.push(...x.rateHeaders)
-      res.writeHead(304, headers)
-      res.end()
-      return this.#io.finish(x, answered(304, 0))
+      return send(x, 304, undefined, headers, undefined)
     }
     let headers: string[]
     if (x.rateHeaders === null) {
@@ -390,10 +374,7 @@ export class HttpCache {
     } else {
       headers = e.headers.concat('age', age, 'x-cache', label, x.rateHeaders)
     }
-    res.writeHead(e.status, e.statusMessage, headers)
-    const head = x.method === 'HEAD'
-    res.end(head ? undefined : e.body)
-    this.#io.finish(x, answered(e.status, head ? 0 : e.body.length))
+    send(x, e.status, e.statusMessage, headers, x.method === 'HEAD' ? undefined : e.body)
   }
 
   #notModified(h: IncomingHttpHeaders, e: CacheEntry): boolean {
@@ -479,98 +460,36 @@ export class HttpCache {
   }
 }
 
-/** Watches one upstream response for the cache: collects a storable body, refreshes on 304, spots errors. */
-class StoreTap implements ResponseTap {
+/** A miss this worker leads: the others wait on `entry`, settled once with what the fetch stored (or null). */
+class Lead {
+  settle!: (e: CacheEntry | null) => void
+  readonly entry = new Promise<CacheEntry | null>((resolve) => (this.settle = resolve))
+}
+
+/**
+ * Watches the answer to an unsafe request (a POST, a DELETE) for the cache: on success it invalidates the URL again
+ * (RFC 9111 4.4), with Location / Content-Location, and anything a concurrent GET stored while it was upstream.
+ */
+class Invalidation extends DecoratorHandler implements UpstreamTap {
+  readonly validators = null
   readonly #cache: HttpCache
-  readonly #x: Exchange
-  readonly #key: string
-  readonly #stale: CacheEntry | null
-  readonly #conditional: boolean
-  readonly #settle: (e: CacheEntry | null) => void
-  readonly #requestTime = Date.now()
-  #chunks: Buffer[] | null = null
-  #bytes = 0
-  #status = 0
-  #statusMessage = ''
-  #clientHeaders: readonly string[] = []
-  /** The entry stored from this response, if any. */
-  stored: CacheEntry | null = null
-  /** The stale entry refreshed by a 304, if any. */
-  refreshed: CacheEntry | null = null
-  /** True when the client should get the stale entry (stale-if-error). */
-  useStale = false
+  readonly #url: string
 
-  constructor(cache: HttpCache, x: Exchange, key: string, stale: CacheEntry | null, conditional: boolean, settle: (e: CacheEntry | null) => void) {
+  constructor(cache: HttpCache, url: string) {
+    super(NONE)
     this.#cache = cache
-    this.#x = x
-    this.#key = key
-    this.#stale = stale
-    this.#conditional = conditional
-    this.#settle = settle
+    this.#url = url
   }
 
-  get capturing(): boolean {
-    return this.#chunks !== null
+  wrap(client: Dispatcher.DispatchHandler): Dispatcher.DispatchHandler {
+    this.inner = client
+    return this
   }
 
-  #staleIfError(): boolean {
-    const s = this.#stale
-    return s !== null && ageMs(s, Date.now()) < s.freshnessMs + s.sieMs
-  }
-
-  onHeaders(status: number, statusMessage: string, headers: IncomingHttpHeaders, clientHeaders: readonly string[]): boolean {
-    this.#status = status
-    this.#statusMessage = statusMessage
-    this.#clientHeaders = clientHeaders
-    if (status === 304 && this.#conditional && this.#stale !== null) {
-      this.refreshed = this.#cache.refreshed(this.#x, this.#stale, clientHeaders, this.#requestTime, Date.now())
-      return false
-    }
-    if (ERROR_STATUS.has(status) && this.#staleIfError()) {
-      this.useStale = true
-      return false
-    }
-    if (this.#x.method !== 'GET' || !this.#cache.storable(this.#x, status, headers)) return true
-    const length = Number(headers['content-length'] ?? 0)
-    if (length <= this.#cache.maxObjectBytes) this.#chunks = []
-    return true
-  }
-
-  onData(chunk: Buffer): void {
-    if (this.#chunks === null) return
-    this.#bytes += chunk.length
-    if (this.#bytes > this.#cache.maxObjectBytes) this.#chunks = null // too big: streams through uncached
-    else this.#chunks.push(chunk)
-  }
-
-  onEnd(): void {
-    if (this.refreshed !== null) {
-      this.#cache.store(this.#key, this.refreshed)
-      this.stored = this.refreshed
-    } else if (this.#chunks !== null) {
-      const entry = this.#cache.entryFrom(
-        this.#x,
-        this.#status,
-        this.#statusMessage,
-        this.#clientHeaders,
-        ownBytes(this.#chunks),
-        this.#requestTime,
-        Date.now(),
-      )
-      if (entry !== null) {
-        this.#cache.store(this.#key, entry)
-        this.stored = entry
-      }
-    }
-    this.#settle(this.stored)
-  }
-
-  onError(): boolean {
-    this.#settle(null)
-    if (this.#staleIfError()) {
-      this.useStale = true
-      return true
-    }
-    return false
+  override onResponseStart(controller: Dispatcher.DispatchController, status: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
+    if (status >= 200 && status < 400) void this.#cache.purge({ keys: this.#cache.invalidated(this.#url, headers) })
+    this.inner.onResponseStart?.(controller, status, headers, statusMessage)
   }
 }
+
+const NONE: Dispatcher.DispatchHandler = {}

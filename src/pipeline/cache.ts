@@ -2,11 +2,11 @@ import type { HttpCache } from '../cache/http-cache.js'
 import type { Stage } from './pipeline.js'
 
 /**
- * The HTTP cache (src/cache/http-cache.ts): it answers hits itself, and sends misses, revalidations and bypasses
- * upstream through the Upstream it was built with, finishing through the pipeline. Without a cache, the request
- * goes on to the forward stage.
+ * The HTTP cache (src/cache/http-cache.ts): it answers hits itself and hands misses, revalidations and bypasses on
+ * to the upstream stage, with its fill (src/cache/fill.ts) on the exchange to watch the answer. Null without a cache:
+ * the stage is left out.
  */
-export function cacheStage(cache: HttpCache | null): Stage {
-  if (cache === null) return (x, p) => p.next(x)
-  return (x) => cache.handle(x)
+export function cacheStage(cache: HttpCache | null): Stage | null {
+  if (cache === null) return null
+  return (x, p) => cache.handle(x, p)
 }

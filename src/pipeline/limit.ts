@@ -4,7 +4,7 @@ import { DelayQueues } from '../limiter/delays.js'
 import type { Limiter, Verdict } from '../limiter/limiter.js'
 import { rateLimitHeaders, rejectionBody, retryAfterSeconds } from '../limiter/response.js'
 import type { Logger } from '../log.js'
-import { answered } from '../proxy/forward.js'
+import { send } from '../proxy/reply.js'
 import type { Pipeline, Stage } from './pipeline.js'
 
 /**
@@ -27,13 +27,11 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     const headers = rateLimitHeaders(v)
     headers.push('retry-after', String(retryAfterSeconds(v)), 'content-type', 'application/json')
     headers.push('content-length', String(Buffer.byteLength(body)))
-    x.res.writeHead(429, headers)
-    x.res.end(body)
-    p.finish(x, answered(429, Buffer.byteLength(body)))
+    send(x, 429, undefined, headers, body)
   }
 
   function decided(x: Exchange, p: Pipeline, v: Verdict): void {
-    if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
+    if (x.res.destroyed) return // the client left while it waited (recorded when it left)
     if (v.allowed) {
       x.rateHeaders = rateLimitHeaders(v)
       return p.next(x)
@@ -73,7 +71,7 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     } finally {
       ticket.leave()
     }
-    if (x.res.destroyed) return p.finish(x, answered(0, 0)) // the client left while it waited
+    if (x.res.destroyed) return // the client left while it waited (recorded when it left)
     if (v === null || v.allowed) {
       if (v !== null) limiter.metrics.delayed.labels(rule.name, 'admitted').inc()
       return v === null ? p.next(x) : decided(x, p, v)

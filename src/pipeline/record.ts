@@ -2,7 +2,6 @@ import { CircuitOpenError } from '../errors.js'
 import type { Exchange } from '../exchange.js'
 import type { AccessLog, Logger } from '../log.js'
 import type { WorkerMetrics } from '../metrics.js'
-import type { ForwardResult } from '../proxy/forward.js'
 import type { StatsRecorder } from '../stats/recorder.js'
 import type { Recorder } from './pipeline.js'
 
@@ -15,21 +14,23 @@ export interface RecordSinks {
 }
 
 /**
- * What the pipeline does with every exchange once it is answered (it calls this exactly once per exchange):
- * request metrics, statistics, upstream error counts and logs, the access log line.
+ * What happens to every exchange once its response closed (the pipeline runs it exactly once, from the response's
+ * 'close'): request metrics, statistics, upstream error counts and logs, the access log line. It reads what the
+ * exchange says was sent (src/exchange.ts ExchangeResult).
  */
 export function recorder({ metrics, stats, accessLog, log }: RecordSinks): Recorder {
-  return (x: Exchange, result: ForwardResult): void => {
+  return (x: Exchange): void => {
     const durationMs = performance.now() - x.started
-    metrics.observe(x.method, result.status, metrics.route(x.url), durationMs / 1000)
-    stats?.record(x, result.status, durationMs)
-    if (result.upstreamMs !== null) metrics.upstreamDuration.observe(result.upstreamMs / 1000)
+    metrics.observe(x.method, x.status, metrics.route(x.url), durationMs / 1000)
+    stats?.record(x, x.status, durationMs)
+    if (x.upstreamMs !== null) metrics.upstreamDuration.observe(x.upstreamMs / 1000)
     // A 4xx error here is the client's (a body over the limit), not the upstream's.
-    if (result.error !== null && result.error.status >= 500) {
-      metrics.upstreamErrors.labels(result.error.code).inc()
+    const error = x.error
+    if (error !== null && error.status >= 500) {
+      metrics.upstreamErrors.labels(error.code).inc()
       // An open breaker is logged once when it opens, not per refused request.
-      if (!(result.error instanceof CircuitOpenError)) {
-        log.warn('upstream error', { code: result.error.code, detail: result.error.message, path: x.path })
+      if (!(error instanceof CircuitOpenError)) {
+        log.warn('upstream error', { code: error.code, detail: error.message, path: x.path })
       }
     }
     accessLog?.write({
@@ -37,10 +38,10 @@ export function recorder({ metrics, stats, accessLog, log }: RecordSinks): Recor
       ip: x.ip,
       method: x.method,
       path: x.url,
-      status: result.status,
-      bytes: result.bytes,
+      status: x.status,
+      bytes: x.bytes,
       durationMs,
-      upstreamMs: result.upstreamMs,
+      upstreamMs: x.upstreamMs,
       limited: x.limitedBy,
       shadowLimited: x.shadowLimitedBy,
       cache: x.cache,

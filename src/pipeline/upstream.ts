@@ -1,34 +1,52 @@
+import type { Dispatcher } from 'undici'
 import type { Config } from '../config.js'
-import type { FetchOptions } from '../cache/http-cache.js'
 import type { Exchange } from '../exchange.js'
 import type { IpSet } from '../net/ip.js'
-import type { ForwardDone, Forwarder } from '../proxy/forward.js'
+import type { RoutedRequest } from '../proxy/breaker-interceptor.js'
 import { limitedBody } from '../proxy/guard.js'
 import { upstreamRequestHeaders } from '../proxy/headers.js'
+import { Relay } from '../proxy/relay.js'
 import type { RouteNamer } from '../stats/routes.js'
+import type { Stage } from './pipeline.js'
 
 /**
- * Sending an exchange upstream: the forwarded request's headers (RFC 9110 rewriting, the cache's validators in place
- * of the client's on a revalidation), its body (counted against --max-body-size as it streams when it has no
- * declared length) and the route name the breakers use. The forward stage and the cache both fetch through it.
+ * Sending an exchange upstream through the composed dispatcher (src/proxy/upstream-dispatcher.ts: pool, breakers,
+ * retries): the forwarded request's headers (RFC 9110 rewriting, a cache's validators in place of the client's), its
+ * body (counted against --max-body-size as it streams when it has no declared length) and the route name the breakers
+ * use. The upstream stage forwards the client's request; the cache refreshes in the background through it too.
  */
 export class Upstream {
   readonly #config: Config
-  readonly #forwarder: Forwarder
+  readonly #dispatch: Dispatcher.Dispatch
   readonly #trusted: IpSet
   readonly #routes: RouteNamer
   readonly #host: string
+  readonly #origin: string
 
-  constructor(config: Config, forwarder: Forwarder, trusted: IpSet, routes: RouteNamer) {
+  constructor(config: Config, dispatcher: Dispatcher, trusted: IpSet, routes: RouteNamer) {
     this.#config = config
-    this.#forwarder = forwarder
+    // Taken once: the composed dispatcher's dispatch needs no `this` (and is a property lookup through undici's proxy).
+    this.#dispatch = dispatcher.dispatch
     this.#trusted = trusted
     this.#routes = routes
+    this.#origin = config.upstream
     this.#host = new URL(config.upstream).host
   }
 
-  /** Sends `x` upstream as `opts` say; `done` runs once. */
-  fetch(x: Exchange, opts: FetchOptions, done: ForwardDone): void {
+  /** Sends the client's request upstream, its body included; `validators` (if any) replace the client's. */
+  forward(x: Exchange, handler: Dispatcher.DispatchHandler, validators: string[] | null): void {
+    const hasBody = x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined
+    // A body without a declared length is counted as it streams (one with a length was checked by the guard).
+    const body = !hasBody ? null : x.headers['content-length'] === undefined ? limitedBody(x.req, this.#config.maxBodySize) : x.req
+    this.#send(x, handler, validators, body)
+  }
+
+  /** Sends the request again without its body, for the cache's background refresh. */
+  refresh(x: Exchange, handler: Dispatcher.DispatchHandler, validators: string[] | null): void {
+    this.#send(x, handler, validators, null)
+  }
+
+  #send(x: Exchange, handler: Dispatcher.DispatchHandler, validators: string[] | null, body: RoutedRequest['body']): void {
     let headers = upstreamRequestHeaders({
       rawHeaders: x.req.rawHeaders,
       headers: x.headers,
@@ -37,25 +55,35 @@ export class Upstream {
       upstreamHost: this.#host,
       dropUnderscored: this.#config.headersWithUnderscores === 'drop',
     })
-    if (opts.conditional !== null) {
+    if (validators !== null) {
       const kept: string[] = []
       for (let i = 0; i < headers.length; i += 2) {
         const n = headers[i]!.toLowerCase()
         if (n !== 'if-none-match' && n !== 'if-modified-since') kept.push(headers[i]!, headers[i + 1]!)
       }
-      headers = kept.concat(opts.conditional)
+      headers = kept.concat(validators)
     }
-    const hasBody = opts.toClient && (x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined)
-    // A body without a declared length is counted as it streams (one with a length was checked by the guard).
-    const body = !hasBody ? null : x.headers['content-length'] === undefined ? limitedBody(x.req, this.#config.maxBodySize) : x.req
-    let extra: readonly string[] | null = x.rateHeaders
-    if (opts.extraHeaders !== null) extra = extra === null ? opts.extraHeaders : extra.concat(opts.extraHeaders)
-    this.#forwarder.forward(
-      { method: x.method, path: x.url, route: this.#routes.name(x.path), headers, body },
-      opts.toClient ? x.res : null,
-      extra,
-      opts.tap,
-      done,
-    )
+    const request: RoutedRequest = {
+      origin: this.#origin,
+      path: x.url,
+      method: x.method as Dispatcher.HttpMethod,
+      headers,
+      body,
+      route: this.#routes.name(x.path),
+    }
+    this.#dispatch(request, handler)
+  }
+}
+
+/**
+ * The last stage: the request goes upstream and the answer to the client (src/proxy/relay.ts), through what an
+ * earlier stage hung on the exchange to watch it (the cache's fill).
+ */
+export function upstreamStage(upstream: Upstream): Stage {
+  return (x) => {
+    const relay = new Relay(x)
+    const tap = x.tap
+    if (tap === null) upstream.forward(x, relay, null)
+    else upstream.forward(x, tap.wrap(relay), tap.validators)
   }
 }

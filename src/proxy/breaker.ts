@@ -128,31 +128,3 @@ export class CircuitBreaker {
     this.#onChange(state)
   }
 }
-
-/**
- * How many retries the upstream may get: each request deposits `ratio` of a retry (up to `cap`), each retry takes
- * one, so retries stay near `ratio` of traffic when the upstream fails and cannot multiply an outage.
- */
-export class RetryBudget {
-  #tokens: number
-  readonly #ratio: number
-  readonly #cap: number
-
-  constructor(ratio: number, cap = 10) {
-    this.#ratio = ratio
-    this.#cap = cap
-    this.#tokens = cap
-  }
-
-  /** A request was sent. */
-  deposit(): void {
-    this.#tokens = Math.min(this.#cap, this.#tokens + this.#ratio)
-  }
-
-  /** Takes one retry if the budget has it. */
-  withdraw(): boolean {
-    if (this.#tokens < 1) return false
-    this.#tokens--
-    return true
-  }
-}

@@ -43,6 +43,11 @@ export class Breakers {
     this.upstream = new CircuitBreaker(options, (s) => onChange(null, s), now)
   }
 
+  /** False when the breakers are off (`failures` 0): then they are not asked at all. */
+  get enabled(): boolean {
+    return this.#options.failures !== 0
+  }
+
   /** Null when a request to `route` may go upstream; otherwise the breaker that refuses it. */
   admit(route: string): CircuitBreaker | null {
     if (this.#options.failures === 0) return null

@@ -1,5 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
+import { endRaw } from './reply.js'
 
 /**
  * HTTP/1.1 pipelining, per client connection (RFC 9112 9.3 and 9.6). Node parses every request a client pipelines
@@ -34,13 +35,8 @@ function answered(this: Tagged<ServerResponse>): void {
   if (s.pending === 0 && s.finalAnswer !== null) {
     const answer = s.finalAnswer
     s.finalAnswer = null
-    end(s.socket, answer)
+    endRaw(s.socket, answer)
   }
-}
-
-function end(socket: Socket, answer: string): void {
-  if (socket.writable && !socket.destroyed) socket.end(answer)
-  else socket.destroy()
 }
 
 export class Connections {
@@ -80,7 +76,7 @@ export class Connections {
   refuse(socket: Socket, answer: string): void {
     const s = this.#state(socket)
     s.closing = true
-    if (s.pending === 0 || (s.last !== null && !s.last.complete)) end(socket, answer)
+    if (s.pending === 0 || (s.last !== null && !s.last.complete)) endRaw(socket, answer)
     else s.finalAnswer = answer
   }
 }

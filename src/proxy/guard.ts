@@ -1,11 +1,11 @@
 import type { IncomingMessage } from 'node:http'
 import { Transform, type Readable } from 'node:stream'
-import { BodyTooLargeError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
+import { BodyTooLargeError, ClientAbortError, ErrorCodes, MeliproxyError } from '../errors.js'
 
 /**
  * What the proxy refuses before anything reaches the upstream. Node's HTTP parser (llhttp, strict mode) already
  * rejects request smuggling (Content-Length with Transfer-Encoding, differing Content-Lengths, bad chunk sizes),
- * obs-folded lines and CR/LF inside header values; those arrive here as parse errors (`clientErrorResponse`). The
+ * obs-folded lines and CR/LF inside header values; those arrive as parse errors (answered by src/proxy/reply.ts `parserRefusal`). The
  * rest is checked on the request target and the body.
  */
 
@@ -29,31 +29,6 @@ export function targetProblem(url: string, maxLength: number): MeliproxyError | 
     }
   }
   return null
-}
-
-/** What the proxy answers to bytes the parser refused: the status, our error code, and the raw response. */
-export interface ParserRefusal {
-  readonly status: number
-  readonly code: string
-  /** The whole response, with Connection: close. */
-  readonly text: string
-}
-
-const REASON_PHRASE: Record<number, string> = { 400: 'Bad Request', 408: 'Request Timeout', 431: 'Request Header Fields Too Large' }
-
-/** The answer to a request the parser refused (`clientError`, with Node's error code). */
-export function clientErrorResponse(parserCode: string | undefined): ParserRefusal {
-  const err =
-    parserCode === 'HPE_HEADER_OVERFLOW'
-      ? new MeliproxyError(ErrorCodes.HEADERS_TOO_LARGE, 'the request line and headers are too large')
-      : parserCode === 'ERR_HTTP_REQUEST_TIMEOUT'
-        ? new MeliproxyError(ErrorCodes.REQUEST_TIMEOUT, 'the request did not arrive in time')
-        : new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed request')
-  const json = errorBody(err)
-  const text =
-    `HTTP/1.1 ${err.status} ${REASON_PHRASE[err.status]}\r\ncontent-type: application/json\r\n` +
-    `content-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`
-  return { status: err.status, code: err.code, text }
 }
 
 /** What `--headers-with-underscores` does with a field name containing `_`. */
@@ -89,6 +64,6 @@ export function limitedBody(req: IncomingMessage, max: number): Readable {
     },
   })
   req.on('error', (err) => limited.destroy(err))
-  req.on('aborted', () => limited.destroy(new Error('client aborted the upload')))
+  req.on('aborted', () => limited.destroy(new ClientAbortError()))
   return req.pipe(limited)
 }

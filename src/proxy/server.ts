@@ -1,11 +1,10 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { Server as NetServer, type Socket } from 'node:net'
 import type { Config } from '../config.js'
-import { ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import { normalizeIp } from '../net/ip.js'
 import { Connections } from './connections.js'
-import { clientErrorResponse } from './guard.js'
+import { parserRefusal, refuseConnect } from './reply.js'
 
 /**
  * The proxy's HTTP/1.1 server in a worker: Node's server with our limits (header size and timeouts, a per-worker
@@ -128,7 +127,7 @@ export class ProxyServer {
     // Bytes after a request that asked to close: nothing is answered (the connection closes after that request's
     // answer), as for a request pipelined after any closing answer.
     const afterClose = err.code === 'HPE_CLOSED_CONNECTION'
-    const refusal = afterClose ? null : clientErrorResponse(err.code)
+    const refusal = afterClose ? null : parserRefusal(err.code)
     if (refusal === null) this.#connections.closeAfter(socket)
     else this.#connections.refuse(socket, refusal.text)
     this.#hooks.refused({
@@ -140,8 +139,7 @@ export class ProxyServer {
 
   /** CONNECT (a tunnel to somewhere else) is not something this proxy does. */
   readonly #connect = (_req: IncomingMessage, socket: Socket): void => {
-    const body = errorBody(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))
-    socket.end(`HTTP/1.1 405 Method Not Allowed\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`)
+    refuseConnect(socket)
   }
 
   /** True once a drain began. */

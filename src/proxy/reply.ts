@@ -1,0 +1,140 @@
+import type { ServerResponse } from 'node:http'
+import type { Socket } from 'node:net'
+import { BodyTooLargeError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
+import type { Exchange } from '../exchange.js'
+
+/**
+ * Every write to a client: whole answers (a cache hit, a 304, a 429), error bodies, the upstream's answer as it
+ * streams, early hints, and the raw refusals written on a socket before any request was parsed. Each write keeps what
+ * was sent on the exchange (`status`, `bytes`); what happens after the answer (recording) runs once, from the
+ * response's own 'close' (`onResponseEnd`), as fastify's lib/reply.js does, not from each place that answered.
+ */
+
+/** Answers whole: the status line, the fields (a flat name/value list) and the body. */
+export function send(x: Exchange, status: number, statusMessage: string | undefined, headers: string[], body: Buffer | string | undefined): void {
+  const res = x.res
+  if (res.destroyed) return // the client left: nothing is sent, and it is recorded as such
+  if (statusMessage === undefined) res.writeHead(status, headers)
+  else res.writeHead(status, statusMessage, headers)
+  res.end(body)
+  x.status = status
+  x.bytes = body === undefined ? 0 : typeof body === 'string' ? Buffer.byteLength(body) : body.length
+}
+
+/** Answers with a JSON error body (`{"error", "message"}`), adding `extraHeaders` (Retry-After, X-Cache). */
+export function sendError(x: Exchange, err: MeliproxyError, extraHeaders?: readonly string[]): void {
+  const body = errorBody(err)
+  const headers = ['content-type', 'application/json', 'content-length', String(Buffer.byteLength(body))]
+  if (extraHeaders !== undefined) for (const h of extraHeaders) headers.push(h)
+  // The rest of a body over the limit is never read: the connection cannot carry another request.
+  if (err instanceof BodyTooLargeError) x.res.shouldKeepAlive = false
+  send(x, err.status, undefined, headers, body)
+}
+
+/** Starts a streamed answer (the upstream's): the status line and fields. */
+export function sendHead(x: Exchange, status: number, statusMessage: string | undefined, headers: string[]): void {
+  const res = x.res
+  if (res.destroyed) return
+  if (statusMessage === undefined) res.writeHead(status, headers)
+  else res.writeHead(status, statusMessage, headers)
+  x.status = status
+}
+
+/** One chunk of a streamed answer; false when the client's socket is full (wait for its 'drain'). */
+export function sendData(x: Exchange, chunk: Buffer): boolean {
+  const res = x.res
+  if (res.destroyed) return true
+  x.bytes += chunk.length
+  return res.write(chunk)
+}
+
+/** Ends a streamed answer. */
+export function sendEnd(x: Exchange): void {
+  x.res.end()
+}
+
+/** A streamed answer the upstream broke off: the status line went out, so cutting is the only honest signal. */
+export function cut(x: Exchange, err: Error): void {
+  x.res.destroy(err)
+}
+
+/** 103 Early Hints ahead of the answer (the upstream's Link fields). */
+export function sendEarlyHints(x: Exchange, link: string | string[]): void {
+  const res = x.res
+  if (res.headersSent || res.destroyed) return
+  try {
+    res.writeEarlyHints({ link })
+  } catch {
+    // a Link value Node refuses to send: the hints are only hints
+  }
+}
+
+const EXCHANGE = Symbol('meliproxy.exchange')
+type Tagged = ServerResponse & { [EXCHANGE]?: Exchange }
+
+/** The one 'close' listener of every response of a worker (no closure per request). */
+export type EndListener = (this: ServerResponse) => void
+
+/**
+ * Makes the listener that runs once per exchange when its response closes (sent, cut, or its client gone): an
+ * upstream request still running for it hears that the client left, an answer not completely sent is recorded with
+ * status 0 (unless we cut it ourselves), then `record`.
+ */
+export function onResponseEnd(record: (x: Exchange) => void): EndListener {
+  return function ended(this: Tagged): void {
+    const x = this[EXCHANGE]!
+    if (!this.writableEnded) {
+      x.departure?.clientLeft()
+      if (x.error === null) x.status = 0
+    }
+    record(x)
+  }
+}
+
+/** Hangs `ended` (from `onResponseEnd`) on the exchange's response. */
+export function track(x: Exchange, ended: EndListener): void {
+  ;(x.res as Tagged)[EXCHANGE] = x
+  x.res.on('close', ended)
+}
+
+/** What the proxy answers to bytes the parser refused: the status, our error code, and the raw response. */
+export interface ParserRefusal {
+  readonly status: number
+  readonly code: string
+  /** The whole response, with Connection: close. */
+  readonly text: string
+}
+
+const REASON_PHRASE: Record<number, string> = { 400: 'Bad Request', 405: 'Method Not Allowed', 408: 'Request Timeout', 431: 'Request Header Fields Too Large' }
+
+function rawAnswer(err: MeliproxyError): string {
+  const json = errorBody(err)
+  return (
+    `HTTP/1.1 ${err.status} ${REASON_PHRASE[err.status]}\r\ncontent-type: application/json\r\n` +
+    `content-length: ${Buffer.byteLength(json)}\r\nconnection: close\r\n\r\n${json}`
+  )
+}
+
+/** The answer to a request the parser refused (`clientError`, with Node's error code). */
+export function parserRefusal(parserCode: string | undefined): ParserRefusal {
+  const err =
+    parserCode === 'HPE_HEADER_OVERFLOW'
+      ? new MeliproxyError(ErrorCodes.HEADERS_TOO_LARGE, 'the request line and headers are too large')
+      : parserCode === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? new MeliproxyError(ErrorCodes.REQUEST_TIMEOUT, 'the request did not arrive in time')
+        : new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed request')
+  return { status: err.status, code: err.code, text: rawAnswer(err) }
+}
+
+const CONNECT_REFUSAL = rawAnswer(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))
+
+/** CONNECT (a tunnel to somewhere else) is refused with 405, and the connection closed. */
+export function refuseConnect(socket: Socket): void {
+  socket.end(CONNECT_REFUSAL)
+}
+
+/** Writes a raw answer (a parser refusal) and closes the socket; a socket that cannot take it is closed. */
+export function endRaw(socket: Socket, answer: string): void {
+  if (socket.writable && !socket.destroyed) socket.end(answer)
+  else socket.destroy()
+}
