@@ -15,8 +15,10 @@ import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
  * - Tokens not needed go back at the next sweep (every SWEEP_MS): all of a lease unused for IDLE_RETURN_MS, and of one
  *   in use, whatever exceeds what it used in the last MAX_HOLD_MS. A give-back carries this table's holder id and a
  *   sequence number, so a pool applies it once however often it is delivered.
- * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS, halves when it lasted longer
- *   than MAX_HOLD_MS; the pool caps it by what is left and how many holders share it (see grantSize).
+ * - The block asked for adapts to demand: it doubles when a lease ran out within FAST_MS and half its life, halves when
+ *   it lasted longer
+ *   than MAX_HOLD_MS or ended with tokens unused; the pool caps it by what is left and how many holders share it (see
+ *   grantSize).
  * - Never open (the `offline` option, for the primary's pool): when the pool fails or does not answer, the table
  *   admits against an offline share per bucket: 1/holders of what the pool last said was left in the current window,
  *   or of the limit (the burst) for a bucket it has not seen lately; it counts what it admits that way and the next
@@ -125,6 +127,23 @@ export interface LeaseEvents {
 
 let tables = 0
 
+/**
+ * The first block to ask for: a token bucket's leases last a few milliseconds (src/limiter/pool.ts bucketSlotMs), so
+ * it starts at one token and grows with use; a window's lease lasts its window.
+ */
+function firstWant(it: TakeItem): number {
+  return it.algorithm === 'token-bucket' ? 1 : FIRST_WANT
+}
+
+/**
+ * A lease is over: what was left of it is worth nothing (and counted nowhere new). Tokens left unused mean the block
+ * was bigger than this worker's use within a lease: it asks for half as many next time.
+ */
+function expire(l: Lease): void {
+  if (l.tokens > 0) l.want = Math.max(1, l.want >> 1)
+  l.tokens = 0
+}
+
 /** A worker's leases from one pool. */
 export class LeaseTable {
   readonly #pool: LeasePool
@@ -164,14 +183,10 @@ export class LeaseTable {
     for (let i = 0; i < items.length; i++) {
       const it = items[i]!
       const l = this.#leases.get(it.key)
-      if (l === undefined || l.expiresAt <= now || l.shape !== it.shape) {
-        missing = true
-      } else if (l.tokens < it.cost) {
-        if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: Math.max(1, l.retryAt - now) }
-        missing = true
-      } else {
-        found[i] = l
-      }
+      if (l === undefined || l.shape !== it.shape) missing = true
+      else if (l.tokens >= it.cost && l.expiresAt > now) found[i] = l
+      else if (l.exhaustedUntil > now) return { allowed: false, failed: i, resetMs: Math.max(1, l.retryAt - now) }
+      else missing = true
     }
     if (missing) return null
     // Every bucket holds enough: each gives up the request's cost.
@@ -283,11 +298,13 @@ export class LeaseTable {
 
   /**
    * The bucket's offline share: 1/holders of what the pool last said was left, for the rest of that lease's window;
-   * for a bucket not seen in its current window, 1/holders of the limit (the burst) for one window.
+   * for a bucket not seen in its current window, 1/holders of the limit (a token bucket: of the smaller of limit and
+   * burst) for one window. An outage that outlasts the share opens a new one.
    */
   #openShare(l: Lease, it: TakeItem, now: number): void {
     const known = l.windowStart >= 0 && l.expiresAt > now && l.shape === it.shape
-    const of = known ? l.poolRemaining : it.algorithm === 'token-bucket' ? it.burst : it.limit
+    // A token bucket's share per window is at most its rate (limit) and its burst.
+    const of = known ? l.poolRemaining : it.algorithm === 'token-bucket' ? Math.min(it.burst, it.limit) : it.limit
     l.offlineLeft = Math.floor(of / this.#holders)
     l.offlineUntil = known && it.algorithm === 'fixed' ? l.expiresAt : now + it.windowMs
     this.#scheduleForget(l)
@@ -319,7 +336,7 @@ export class LeaseTable {
         lastUsed: now,
         periodStart: now,
         periodUsed: 0,
-        want: FIRST_WANT,
+        want: firstWant(it),
         exhaustedUntil: 0,
         retryAt: 0,
         refill: null,
@@ -341,13 +358,12 @@ export class LeaseTable {
       l.algorithm = it.algorithm
       l.expiresAt = 0
       l.exhaustedUntil = 0
-      l.want = FIRST_WANT
+      l.want = firstWant(it)
       l.offlineLeft = 0
       l.offlineUntil = 0
       l.offlineUsed = 0
     } else if (l.expiresAt <= now) {
-      l.tokens = 0 // the window is over: what was left of it is worth nothing (and counted nowhere new)
-      l.exhaustedUntil = 0
+      expire(l)
     }
     return l
   }
@@ -357,8 +373,9 @@ export class LeaseTable {
     l.waiting += it.cost
     if (l.refill !== null) return l.refill
     if (l.windowStart >= 0 && l.expiresAt > now) {
+      // It ran out before its end: within half its life (and a second), more would have been used.
       const lasted = now - l.grantedAt
-      if (lasted < FAST_MS) l.want = Math.min(MAX_WANT, l.want * 2)
+      if (lasted < Math.min(FAST_MS, (l.expiresAt - l.grantedAt) / 2)) l.want = Math.min(MAX_WANT, l.want * 2)
       else if (lasted > MAX_HOLD_MS) l.want = Math.max(1, l.want >> 1)
     }
     const sent = now
@@ -384,7 +401,7 @@ export class LeaseTable {
     l.waiting = 0
     l.poolDownUntil = 0
     // Tokens of an earlier window are no use in this one.
-    if (g.windowStart !== l.windowStart) l.tokens = 0
+    if (g.windowStart !== l.windowStart) expire(l)
     // Nothing granted: resetMs says when to ask again, which must not stretch the life of tokens still in hand.
     const expiresAt = sent + g.resetMs
     l.expiresAt = g.granted === 0 && l.tokens > 0 ? Math.min(l.expiresAt, expiresAt) : expiresAt
@@ -419,7 +436,7 @@ export class LeaseTable {
     const now = this.#now()
     for (const l of this.#holding) {
       if (l.refill !== null) continue
-      if (l.expiresAt <= now) l.tokens = 0
+      if (l.expiresAt <= now) expire(l)
       else if (now - l.lastUsed >= IDLE_RETURN_MS) this.#release(l, l.tokens)
       else if (now - l.periodStart >= MAX_HOLD_MS) {
         // Still in use, but holding more than a hold period's worth: the excess goes back, the rest is needed.

@@ -15,15 +15,18 @@ import { ExpiryWheel } from './expiry.js'
  *   the current slot plus the SLIDING_SLOTS before it hold at most `limit`. Any span of W ms lies within such
  *   SLIDING_SLOTS + 1 consecutive slots, and a slot's tokens are used only in that slot, so no span of W ever admits
  *   more than `limit` (conservative: after a burst, room comes back up to one slot, W / SLIDING_SLOTS, later).
- * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W, leased in short slots (bucketSlotMs). The pool
- *   counts what it granted in the current slot as held (a lease ends with its slot) and refills the bucket only up to
- *   `burst - held`: tokens in the bucket plus tokens in hand never exceed `burst`, so no span of T ms admits more than
- *   burst + rate x T. The slot is short enough that this cap costs little of the rate (bucketSlotMs says how much).
+ * - token-bucket: a bucket of `burst` tokens refilled at `limit` per W, leased in short slots (bucketSlotMs). A lease
+ *   granted in a slot lasts until the end of the next one (so a lease is never shorter than a slot, whatever the round
+ *   trip); the pool counts what it granted in the current and the previous slot as held and refills the bucket only up
+ *   to `burst - held`: tokens in the bucket plus tokens in hand never exceed `burst`, so no span of T ms admits more
+ *   than burst + rate x T. The slot is short enough that this cap costs little of the rate (bucketSlotMs says how much).
  *
  * A bucket's state remembers the shape of the rule that made it (algorithm, limit, window, burst). When a request
- * comes with another shape (the rule changed), what the old shape counted now is carried into the new one's current
- * window (fixed: its count; sliding: the current slot; token bucket: taken from the level), so a changed rule starts
- * from a state that cannot admit more than the new rule allows.
+ * comes with another shape (the rule changed), what the old shape counted within the new rule's reach (its current
+ * fixed window, its sliding window, the time its bucket takes to fill) is carried into the new one (fixed: its count;
+ * sliding: the current slot; token bucket: taken from the level), so a changed rule starts from a state that cannot
+ * admit more than the new rule allows. For SHAPE_SETTLE_MS after a change, a request still under the shape before it
+ * (a holder that has not heard of the change yet) is refused rather than converting the bucket back.
  *
  * Give-backs carry the holder's id and a sequence number and are applied at most once per (holder, sequence): a
  * give-back delivered twice (a client that re-sends after a dropped connection) is counted once. A lease request may
@@ -37,20 +40,33 @@ export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 /** Slots of a sliding window (src/limiter/redis-pool.ts uses the same number). */
 export const SLIDING_SLOTS = 10
 /** Bounds of a token bucket's lease slot. */
-export const MIN_BUCKET_SLOT_MS = 2
-export const MAX_BUCKET_SLOT_MS = 1_000
+export const MIN_BUCKET_SLOT_MS = 5
+export const MAX_BUCKET_SLOT_MS = 500
 
 /**
- * A token bucket's lease slot: its tokens granted in a slot are held until the slot ends, and the bucket refills only
- * up to burst - held meanwhile. Under steady demand above the rate about rate x slot + 1 tokens are held per slot, so
- * a slot of (burst - 1) / 2 token intervals keeps that within the burst: the cap never binds and the full rate is
- * sustained. A bucket of burst 1 loses up to a slot of refill per token, so its slot is a hundredth of a token's
- * interval (at least MIN_BUCKET_SLOT_MS). In every case the sustained rate is at least rate / (1 + rate x slot).
+ * A token bucket's lease slot. A lease granted in a slot lasts until the next slot ends, and the bucket refills only
+ * up to burst - (tokens granted in the current and previous slot) meanwhile, so a grant can hold the refill back for
+ * up to two slots: a hundredth of a token's interval keeps that loss at 2% of the rate, between MIN_BUCKET_SLOT_MS
+ * (a lease must outlast its round trip) and MAX_BUCKET_SLOT_MS. The sustained rate is at least
+ * rate / (1 + 2 x rate x slot) (less the gaps between requests and the round trip), and while fewer than
+ * burst - 2 x rate x slot - 1 tokens are taken per two slots the cap does not bind at all.
  */
 export function bucketSlotMs(limit: number, windowMs: number, burst: number): number {
-  const msPerToken = windowMs / limit
-  const slot = Math.max(((burst - 1) * msPerToken) / 2, msPerToken / 100)
-  return Math.min(MAX_BUCKET_SLOT_MS, Math.max(MIN_BUCKET_SLOT_MS, Math.floor(slot)))
+  void burst
+  return Math.min(MAX_BUCKET_SLOT_MS, Math.max(MIN_BUCKET_SLOT_MS, Math.floor(windowMs / limit / 100)))
+}
+
+/** After a rule changes shape, requests under the shape before it are refused this long (the change reaching holders). */
+export const SHAPE_SETTLE_MS = 10_000
+
+/** Where a rule's counting reaches back from `now`: what an earlier rule counted after this still matters. */
+export function horizonOf(algorithm: Algorithm, limit: number, windowMs: number, burst: number, now: number): number {
+  if (algorithm === 'fixed') return now - (now % windowMs)
+  if (algorithm === 'sliding') {
+    const slotMs = windowMs / SLIDING_SLOTS
+    return now - (now % slotMs) - windowMs
+  }
+  return now - Math.ceil((burst * windowMs) / limit)
 }
 
 /** The shape of a rule as a bucket's state records it: a changed shape carries the old count over. */
@@ -121,6 +137,9 @@ export function grantSize(left: number, want: number, holders: number, need = 1)
 
 interface Entry {
   shape: string
+  /** The shape before the last change, and when the change came. */
+  prevShape: string | null
+  shapeSince: number
   algorithm: Algorithm
   limit: number
   windowMs: number
@@ -130,16 +149,21 @@ interface Entry {
   count: number
   /** sliding: tokens granted per slot start. */
   slots: Map<number, number> | null
-  /** token-bucket: tokens in the bucket (`level`, as of `at`), the current slot and the tokens held in it. */
+  /** token-bucket: tokens in the bucket (`level`, as of `at`), the current slot, and the tokens granted in it and in
+   * the slot before (their leases have not ended). */
   level: number
   at: number
   slot: number
   held: number
+  prev: number
   /** The last give-back sequence applied, per holder. */
   seqs: Map<string, number> | null
   /** When forgetting the entry changes nothing (a new one would start the same). */
   idleAt: number
 }
+
+/** How soon a holder under a superseded rule shape may ask again. */
+export const STALE_RETRY_MS = 200
 
 /** The pool in this process's memory (the primary's): synchronous, so every grant is atomic. */
 export class MemoryPool {
@@ -161,8 +185,12 @@ export class MemoryPool {
       this.#entries.set(req.key, e)
       this.#wheel.schedule(req.key, now + req.windowMs)
     } else if (e.shape !== shape) {
-      const carried = used(e, now)
-      Object.assign(e, fresh(req, shape, now, carried), { seqs: e.seqs })
+      if (shape === e.prevShape && now - e.shapeSince < SHAPE_SETTLE_MS) {
+        // A holder still under the rule before the last change: refused until it hears of the new one.
+        return { granted: 0, remaining: 0, resetMs: STALE_RETRY_MS, windowStart: -1, retryMs: STALE_RETRY_MS }
+      }
+      const carried = used(e, now, horizonOf(req.algorithm, req.limit, req.windowMs, req.burst, now))
+      Object.assign(e, fresh(req, shape, now, carried), { seqs: e.seqs, prevShape: e.shape, shapeSince: now })
     }
     const g = req.algorithm === 'sliding' ? sliding(e, req, now) : req.algorithm === 'token-bucket' ? tokenBucket(e, req, now) : fixed(e, req, now)
     e.idleAt = idleAt(e, now)
@@ -178,10 +206,17 @@ export class MemoryPool {
     seqs.set(g.holder, g.seq)
     const now = this.#now()
     if (e.algorithm === 'token-bucket') {
-      if (e.slot !== g.windowStart) return // its lease ended: the tokens count as used
-      const back = Math.min(g.tokens, e.held)
-      e.held -= back
-      e.level += back
+      // Tokens of a lease that has not ended go back (granted in the current slot, or the one before); after that
+      // they count as used.
+      if (e.slot === g.windowStart) {
+        const back = Math.min(g.tokens, e.held)
+        e.held -= back
+        e.level += back
+      } else if (e.slot - bucketSlotMs(e.limit, e.windowMs, e.burst) === g.windowStart) {
+        const back = Math.min(g.tokens, e.prev)
+        e.prev -= back
+        e.level += back
+      }
     } else if (e.algorithm === 'sliding') {
       const slots = (e.slots ??= new Map())
       slots.set(g.windowStart, Math.max(0, (slots.get(g.windowStart) ?? 0) - g.tokens))
@@ -229,6 +264,8 @@ export class MemoryPool {
 function fresh(req: LeaseRequest, shape: string, now: number, carried: number): Entry {
   const e: Entry = {
     shape,
+    prevShape: null,
+    shapeSince: now,
     algorithm: req.algorithm,
     limit: req.limit,
     windowMs: req.windowMs,
@@ -240,6 +277,7 @@ function fresh(req: LeaseRequest, shape: string, now: number, carried: number): 
     at: now,
     slot: -1,
     held: 0,
+    prev: 0,
     seqs: null,
     idleAt: now,
   }
@@ -255,27 +293,38 @@ function fresh(req: LeaseRequest, shape: string, now: number, carried: number): 
   return e
 }
 
-/** What the entry's own shape counts against a request now (what a changed rule carries over). */
-function used(e: Entry, now: number): number {
-  if (e.algorithm === 'fixed') return e.start >= 0 && now < e.start + e.windowMs ? e.count : 0
+/**
+ * What the entry's own shape counted after `horizon` (where the new rule's counting reaches back to): a fixed window
+ * that ends after it counts whole, a sliding window the slots that end after it, a token bucket what it lacks now.
+ */
+function used(e: Entry, now: number, horizon: number): number {
+  if (e.algorithm === 'fixed') return e.start >= 0 && e.start + e.windowMs > horizon ? e.count : 0
   if (e.algorithm === 'sliding') {
     const slotMs = e.windowMs / SLIDING_SLOTS
-    const oldest = now - (now % slotMs) - e.windowMs
     let n = 0
-    for (const [start, c] of e.slots ?? []) if (start >= oldest) n += c
+    for (const [start, c] of e.slots ?? []) if (start + slotMs > horizon) n += c
     return n
   }
   return Math.max(0, e.burst - refilled(e, now))
 }
 
-/** A token bucket's level now (up to the end of the held slot it refills only to burst - held, then to burst). */
+/**
+ * A token bucket's level now: while the leases of the current and previous slot last it refills only to
+ * burst - held - prev; once the previous slot's leases end (the current slot's end), to burst - held; once those end
+ * too (the next slot's end), to burst.
+ */
 function refilled(e: Entry, now: number): number {
   if (e.slot < 0) return e.level
   const perMs = e.limit / e.windowMs
   const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + (to - from) * perMs))
-  const slotEnd = e.slot + bucketSlotMs(e.limit, e.windowMs, e.burst)
-  if (now <= slotEnd) return fill(e.level, e.at, now, e.burst - e.held)
-  return fill(fill(e.level, e.at, slotEnd, e.burst - e.held), slotEnd, now, e.burst)
+  const slotMs = bucketSlotMs(e.limit, e.windowMs, e.burst)
+  const end1 = e.slot + slotMs
+  const end2 = end1 + slotMs
+  let level = fill(e.level, e.at, Math.min(now, end1), e.burst - e.held - e.prev)
+  if (now <= end1) return level
+  level = fill(level, end1, Math.min(now, end2), e.burst - e.held)
+  if (now <= end2) return level
+  return fill(level, end2, now, e.burst)
 }
 
 /** When forgetting the entry changes nothing. */
@@ -287,8 +336,8 @@ function idleAt(e: Entry, now: number): number {
     for (const start of e.slots?.keys() ?? []) last = Math.max(last, start + slotMs + e.windowMs)
     return last
   }
-  const slotEnd = e.slot + bucketSlotMs(e.limit, e.windowMs, e.burst)
-  return Math.max(slotEnd, now + Math.ceil((e.burst - e.level) * (e.windowMs / e.limit)))
+  const leasesEnd = e.slot + 2 * bucketSlotMs(e.limit, e.windowMs, e.burst)
+  return Math.max(leasesEnd, now) + Math.ceil((e.burst - e.level) * (e.windowMs / e.limit))
 }
 
 function fixed(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
@@ -341,26 +390,41 @@ function tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
   const slot = now - (now % slotMs)
   e.level = refilled(e, now)
   if (e.slot !== slot) {
-    e.slot = slot
+    // The leases of the slot before the current one have ended; those of the current one become the previous ones.
+    e.prev = e.slot >= 0 && e.slot + slotMs === slot ? e.held : 0
     e.held = 0
+    e.slot = slot
   }
   e.at = now
   e.level -= req.charge ?? 0
   const granted = grantSize(Math.floor(e.level), req.want, req.holders, req.need)
   e.level -= granted
   e.held += granted
-  const resetMs = slot + slotMs - now
-  return { granted, remaining: Math.max(0, Math.floor(e.level)), resetMs, windowStart: slot, retryMs: granted > 0 ? 0 : bucketRetryMs(e.level, e.held, req.need, req.burst, perMs, resetMs) }
+  // A lease lasts until the next slot ends.
+  const resetMs = slot + 2 * slotMs - now
+  const retryMs = granted > 0 ? 0 : bucketRetryMs(e.level, e.held, e.prev, req.need, req.burst, perMs, slot + slotMs - now, slotMs)
+  return { granted, remaining: Math.max(0, Math.floor(e.level)), resetMs, windowStart: slot, retryMs }
 }
 
 /**
- * When `need` tokens can be granted, if nobody takes any meanwhile: while the slot lasts the bucket fills only to
- * burst - held; after it ends, to burst.
+ * When `need` tokens can be granted, if nobody takes any meanwhile: the bucket fills to burst - held - prev until the
+ * current slot ends, to burst - held until the next one ends, then to burst.
  */
-export function bucketRetryMs(level: number, held: number, need: number, burst: number, perMs: number, slotLeftMs: number): number {
-  if (burst - held >= need) return Math.max(1, Math.ceil((need - level) / perMs))
-  const atSlotEnd = Math.min(burst - held, level + slotLeftMs * perMs)
-  return Math.max(1, Math.ceil(slotLeftMs + Math.max(0, need - atSlotEnd) / perMs))
+export function bucketRetryMs(level: number, held: number, prev: number, need: number, burst: number, perMs: number, slotLeftMs: number, slotMs: number): number {
+  const segments: [number, number][] = [
+    [slotLeftMs, burst - held - prev],
+    [slotMs, burst - held],
+  ]
+  let t = 0
+  for (const [length, cap] of segments) {
+    if (cap >= need) {
+      const wait = Math.max(0, (need - level) / perMs)
+      if (wait <= length) return Math.max(1, Math.ceil(t + wait))
+    }
+    level = level >= cap ? level : Math.min(cap, level + length * perMs)
+    t += length
+  }
+  return Math.max(1, Math.ceil(t + Math.max(0, (need - level) / perMs)))
 }
 
 /** A MemoryPool behind the asynchronous LeasePool contract (tests, and the simulation). */

@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import { BUCKET_PREFIX } from '../redis/keys.js'
-import { bucketSlotMs, shapeOf, SLIDING_SLOTS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
+import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
 /**
  * The lease pool in Redis, shared by every worker of every instance. Each bucket is one hash (`w` = window start,
@@ -43,42 +43,65 @@ local function fill(level, from, to, cap, perMs)
   if level >= cap then return level end
   return math.min(cap, level + (to - from) * perMs)
 end
+-- A token bucket's level now (refilled() of src/limiter/pool.ts): to b - h - k until its slot ends, to b - h until
+-- the next one ends, then to b.
+local function refill(lv, at, s, h, k, m, b, pm)
+  if s < 0 then return lv end
+  local e1 = s + m
+  local e2 = e1 + m
+  lv = fill(lv, at, math.min(now, e1), b - h - k, pm)
+  if now <= e1 then return lv end
+  lv = fill(lv, e1, math.min(now, e2), b - h, pm)
+  if now <= e2 then return lv end
+  return fill(lv, e2, now, b, pm)
+end
+-- Where the new rule's counting reaches back to (horizonOf() of src/limiter/pool.ts).
+local alg = string.match(shape, '^([%a%-]+)/')
+local horizon
+if alg == 'fixed' then horizon = now - (now % win)
+elseif alg == 'sliding' then horizon = now - (now % slotMs) - win
+else horizon = now - math.ceil(burst * win / limit) end
+-- What the old shape counted after the horizon (used() of src/limiter/pool.ts).
 local function usedBy(old)
-  local alg, l, w, b = string.match(old, '^([%a%-]+)/([%d%.]+)/([%d%.]+)/([%d%.]+)$')
-  if not alg then return 0 end
+  local oa, l, w, b = string.match(old, '^([%a%-]+)/([%d%.]+)/([%d%.]+)/([%d%.]+)$')
+  if not oa then return 0 end
   l = tonumber(l)
   w = tonumber(w)
   b = tonumber(b)
-  if alg == 'fixed' then
+  if oa == 'fixed' then
     local v = redis.call('HMGET', KEYS[1], 'w', 'c')
     local ws = tonumber(v[1])
-    if ws and now < ws + w then return tonumber(v[2]) or 0 end
+    if ws and ws + w > horizon then return tonumber(v[2]) or 0 end
     return 0
   end
-  if alg == 'sliding' then
+  if oa == 'sliding' then
     local sm = w / ${SLIDING_SLOTS}
-    local oldest = now - (now % sm) - w
     local all = redis.call('HGETALL', KEYS[1])
     local n = 0
     for i = 1, #all, 2 do
       local s = tonumber(all[i])
-      if s and s >= oldest then n = n + tonumber(all[i + 1]) end
+      if s and s + sm > horizon then n = n + tonumber(all[i + 1]) end
     end
     return n
   end
-  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'm')
-  local lv, at, s, h, m = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), tonumber(v[5])
+  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'k', 'm')
+  local lv, at, s, h, m = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), tonumber(v[6])
   if not (lv and at and s and h and m) then return 0 end
-  local se = s + m
-  if now <= se then lv = fill(lv, at, now, b - h, l / w) else lv = fill(fill(lv, at, se, b - h, l / w), se, now, b, l / w) end
-  return math.max(0, b - lv)
+  return math.max(0, b - refill(lv, at, s, h, tonumber(v[5]) or 0, m, b, l / w))
 end
 local fresh = false
 local carried = 0
-local old = redis.call('HGET', KEYS[1], 'v')
+local seen = redis.call('HMGET', KEYS[1], 'v', 'vp', 'vs')
+local old = seen[1]
+-- A holder still under the rule before the last change is refused until it hears of the new one.
+if old ~= shape and shape == seen[2] and now - (tonumber(seen[3]) or 0) < ${SHAPE_SETTLE_MS} then
+  return {0, 0, ${STALE_RETRY_MS}, -1, ${STALE_RETRY_MS}}
+end
 if old and old ~= shape then
   carried = usedBy(old)
   redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'vp', old, 'vs', now)
+  redis.call('PEXPIRE', KEYS[1], ${SHAPE_SETTLE_MS} + 1000)
   fresh = true
 elseif not old then
   fresh = redis.call('EXISTS', KEYS[1]) == 0
@@ -179,46 +202,57 @@ return {grant, remaining, reset, slot, retry}
 
 /*
  * A token bucket, leased: KEYS[1] a hash (l = tokens in the bucket, t = when l was computed, s = the current lease
- * slot, h = tokens granted in it and not given back, m = the slot's length, v = shape). The bucket refills only up to
- * burst - h while the slot lasts (src/limiter/pool.ts says why; MemoryPool does the same).
+ * slot, h = tokens granted in it, k = tokens granted in the slot before, m = the slot's length, v = shape). A lease
+ * lasts until the next slot ends; the bucket refills only up to burst - h - k meanwhile (src/limiter/pool.ts says why;
+ * MemoryPool does the same).
  */
 const TOKEN_BUCKET_SCRIPT = ACQUIRE_HEAD + `
 local perMs = limit / win
 local slot = now - (now % slotMs)
 local level = burst
 local held = 0
+local prev = 0
 local oldSlot = -1
 if fresh then
   level = math.max(0, burst - carried)
 else
-  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h')
+  local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'k')
   if v[1] and v[2] and v[3] and v[4] then
-    level = tonumber(v[1])
-    local at = tonumber(v[2])
     oldSlot = tonumber(v[3])
     held = tonumber(v[4])
-    local slotEnd = oldSlot + slotMs
-    if now <= slotEnd then level = fill(level, at, now, burst - held, perMs)
-    else level = fill(fill(level, at, slotEnd, burst - held, perMs), slotEnd, now, burst, perMs) end
+    prev = tonumber(v[5]) or 0
+    level = refill(tonumber(v[1]), tonumber(v[2]), oldSlot, held, prev, slotMs, burst, perMs)
   end
 end
-if oldSlot ~= slot then held = 0 end
+if oldSlot ~= slot then
+  if oldSlot >= 0 and oldSlot + slotMs == slot then prev = held else prev = 0 end
+  held = 0
+end
 level = level - charge
 local grant = grantSize(math.floor(level))
 level = level - grant
 held = held + grant
-redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held, 'm', slotMs, 'v', shape)
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + slotMs + 1000)
-local reset = slot + slotMs - now
+redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held, 'k', prev, 'm', slotMs, 'v', shape)
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + 2 * slotMs + 1000)
+local reset = slot + 2 * slotMs - now
 local retry = 0
 if grant == 0 then
   -- When need tokens can be granted (bucketRetryMs of src/limiter/pool.ts).
-  if burst - held >= need then
-    retry = math.max(1, math.ceil((need - level) / perMs))
-  else
-    local atEnd = math.min(burst - held, level + reset * perMs)
-    retry = math.max(1, math.ceil(reset + math.max(0, need - atEnd) / perMs))
+  local lengths = {slot + slotMs - now, slotMs}
+  local caps = {burst - held - prev, burst - held}
+  local t = 0
+  local lv = level
+  for i = 1, 2 do
+    if retry == 0 and caps[i] >= need then
+      local wait = math.max(0, (need - lv) / perMs)
+      if wait <= lengths[i] then retry = math.max(1, math.ceil(t + wait)) end
+    end
+    if retry == 0 then
+      if lv < caps[i] then lv = math.min(caps[i], lv + lengths[i] * perMs) end
+      t = t + lengths[i]
+    end
   end
+  if retry == 0 then retry = math.max(1, math.ceil(t + math.max(0, (need - lv) / perMs))) end
 end
 local remaining = math.floor(level)
 if remaining < 0 then remaining = 0 end
@@ -239,10 +273,18 @@ redis.call('HSET', KEYS[1], 'g:' .. ARGV[5], seq)
 local ws = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
 if ARGV[3] == 'token-bucket' then
-  local b = redis.call('HMGET', KEYS[1], 'l', 's', 'h')
-  if tonumber(b[2]) ~= ws then return 0 end
-  local back = math.min(n, tonumber(b[3]))
-  redis.call('HSET', KEYS[1], 'l', tostring(tonumber(b[1]) + back), 'h', tonumber(b[3]) - back)
+  -- Tokens of a lease that has not ended: granted in the current slot (h) or the one before (k).
+  local b = redis.call('HMGET', KEYS[1], 'l', 's', 'h', 'k', 'm')
+  local s = tonumber(b[2])
+  if s == ws then
+    local back = math.min(n, tonumber(b[3]))
+    redis.call('HSET', KEYS[1], 'l', tostring(tonumber(b[1]) + back), 'h', tonumber(b[3]) - back)
+  elseif s and s - tonumber(b[5]) == ws then
+    local back = math.min(n, tonumber(b[4]) or 0)
+    redis.call('HSET', KEYS[1], 'l', tostring(tonumber(b[1]) + back), 'k', (tonumber(b[4]) or 0) - back)
+  else
+    return 0
+  end
 elseif ARGV[3] == 'sliding' then
   local c = (tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0) - n
   if c < 0 then c = 0 end

@@ -134,24 +134,27 @@ class Epoch {
   #windows = new Map<number, number>()
   #excessSum = 0
   readonly #stamps: Stamp[] = []
+  /** Every admission of the epoch, fixed windows included. */
+  readonly #all: Stamp[] = []
 
   constructor(rule: Rule) {
     this.rule = rule
   }
 
-  /** Units this epoch admitted in its window (fixed) or span (sliding: the last W) ending at wall time w. */
-  current(w: number): number {
-    if (this.rule.algorithm === 'fixed') return this.#windows.get(Math.floor(w / this.rule.windowMs)) ?? 0
-    if (this.rule.algorithm === 'sliding') {
-      let n = 0
-      for (const s of this.#stamps) if (s.t > w - this.rule.windowMs && s.t <= w) n += s.u
-      return n
+  /** The admissions of this epoch in its window (fixed) or span (sliding: the last W) current at wall time w. */
+  current(w: number): Stamp[] {
+    const r = this.rule
+    if (r.algorithm === 'fixed') {
+      const k = Math.floor(w / r.windowMs)
+      return this.#all.filter((s) => Math.floor(s.t / r.windowMs) === k && s.t <= w)
     }
-    return 0 // a token bucket's carried state is not derived from admissions (a weaker check, stated)
+    if (r.algorithm === 'sliding') return this.#all.filter((s) => s.t > w - r.windowMs && s.t <= w)
+    return [] // a token bucket's carried state is not derived from admissions (a weaker check, stated)
   }
 
   /** Adds units at wall time t; returns the epoch's excess (fixed: summed over windows; else the worst span's). */
   add(t: number, u: number): number {
+    this.#all.push({ t, u })
     const r = this.rule
     if (r.algorithm === 'fixed') {
       const k = Math.floor(t / r.windowMs)
@@ -195,8 +198,8 @@ class Epoch {
 /**
  * Bounds of one bucket. Admissions are stamped with the pool's wall clock (the frame its windows live in) and checked
  * against the rule they were taken under: each rule change starts an epoch, and what the old rule admitted in its
- * window or span current at the change is carried in as a virtual admission at the change (capped at the new limit
- * or burst). `allowance` sums what the faults so far may add (stall shares, clock steps).
+ * window or span current at the change is carried in at the times it was admitted (capped at the new limit or
+ * burst). `allowance` sums what the faults so far may add (stall shares, clock steps).
  */
 class BucketCheck {
   allowance = 0
@@ -211,10 +214,22 @@ class BucketCheck {
     return this.epochs.at(-1)!.rule
   }
 
+  /**
+   * The rule changes at wall time w: what the old rule admitted in its window or span current at the change is
+   * carried into the new epoch at the times it was admitted (the latest first, up to the new limit or burst), so the
+   * new rule's windows and spans count it where it happened.
+   */
   change(rule: Rule, w: number): void {
-    const carried = Math.min(this.epochs.at(-1)!.current(w), rule.algorithm === 'token-bucket' ? rule.burst : rule.limit)
+    const cap = rule.algorithm === 'token-bucket' ? rule.burst : rule.limit
+    const old = this.epochs.at(-1)!.current(w).sort((a, b) => b.t - a.t)
     const e = new Epoch(rule)
-    if (carried > 0) e.add(w, carried)
+    let carried = 0
+    for (const st of old) {
+      if (carried >= cap) break
+      const u = Math.min(st.u, cap - carried)
+      e.add(st.t, u)
+      carried += u
+    }
     this.epochs.push(e)
   }
 

@@ -1,7 +1,7 @@
 import fc from 'fast-check'
 import t, { type Test } from 'tap'
 import { LeaseTable } from '../../src/limiter/leases.js'
-import { LocalPool, MemoryPool, shapeOf, type Giveback, type LeaseRequest } from '../../src/limiter/pool.js'
+import { bucketSlotMs, LocalPool, MemoryPool, shapeOf, type Giveback, type LeaseRequest } from '../../src/limiter/pool.js'
 import { checkerFor, itemOf, runScenario, type Burst, type Fault, type ModelPool, type Rule, type Scenario } from '../helpers/fleet-model.js'
 
 /*
@@ -30,10 +30,13 @@ import { checkerFor, itemOf, runScenario, type Burst, type Fault, type ModelPool
  *   windows, a step forward lets tokens in hand be used in the next); sliding: limit (2 x limit back); token bucket:
  *   burst (2 x burst back). The tables' leases live by their monotonic clock, so only the pool sees the step.
  * Lower, no faults, every worker sending on every route every 1-10 ms (at least twice the rule):
- * - fixed: every whole window admits at least limit - (holders + 1) x (cost - 1), so none refuses below that.
+ * - fixed (round trip at most 1/16 of the window): every whole window admits at least
+ *   limit - (holders + 1) x (cost - 1), so none refuses below that.
  * - sliding (W >= 1 s): every span of W + 2 slots admits at least floor(3/4 x limit) - holders x cost.
- * - token bucket (burst >= rate x 20 ms): from the start, every span T admits at least 0.95 x (burst + rate x T) -
- *   cost, and no request is refused (after 500 ms) before that much was admitted.
+ * - token bucket (burst >= rate x 20 ms, lease round trip below the lease slot s = bucketSlotMs): from the start,
+ *   every span T admits at least 0.95 x (burst + r' x T) - cost with r' = rate / (1 + rate x (2 s + round trip +
+ *   the gap between requests)) (the stated sustained rate: the full rate where burst >= 2 keeps the held cap from
+ *   binding, as README says), and no request is refused (after 500 ms) before that much was admitted.
  */
 
 const RUNS = Number(process.env.FLEET_RUNS ?? 1)
@@ -135,8 +138,9 @@ t.test('upper bound with every kind of fault mixed', (t) => holds(t, scenarioArb
  * - fixed: each whole window admits at least limit - (holders + 1) x (cost - 1) (at the window's end each worker
  *   may hold less than one request's cost, and the pool may keep less than one), and a request refused in a window
  *   means that window reaches it.
- * - token bucket (burst >= rate x 20 ms): from the start of the load, every span T admits at least
- *   0.95 x (burst + rate x T) - cost, and a request is refused only once that much was admitted (after 500 ms).
+ * - token bucket (burst >= rate x 20 ms, round trip below the slot): from the start of the load, every span T admits
+ *   at least 0.95 x (burst + r' x T) - cost (r' the sustained rate above), and a request is refused only once that
+ *   much was admitted (after 500 ms).
  */
 const steadyArb = (algorithm: Rule['algorithm']): fc.Arbitrary<Scenario> =>
   fc
@@ -207,7 +211,13 @@ const lowerBucket = async (s: Scenario): Promise<string | null> => {
   const r = s.rules[0]!
   const rate = r.limit / r.windowMs
   const admittedBy = (t: number): number => o.stamps[0]!.reduce((n, st) => (st.t <= t ? n + st.u : n), 0)
-  const floorAt = (t: number): number => 0.95 * (r.burst + rate * (t - o.wallStart)) - r.cost
+  // The rate a leased bucket sustains (src/limiter/pool.ts): a grant can hold the refill back for up to two lease
+  // slots, and a token that comes back waits for the next request and its round trip.
+  const lag = 2 * bucketSlotMs(r.limit, r.windowMs, r.burst) + s.rttMs + s.jitterMs + s.steadyEveryMs
+  const sustained = rate / (1 + rate * lag)
+  // Never more than was asked for: requests come every few ms, so a big burst takes a while to ask for.
+  const offeredBy = (t: number): number => admittedBy(t) + o.refusals[0]!.filter((at) => at <= t).length * r.cost
+  const floorAt = (t: number): number => Math.min(offeredBy(t), 0.95 * (r.burst + sustained * (t - o.wallStart))) - r.cost
   const total = admittedBy(o.wallEnd)
   if (total < floorAt(o.wallEnd)) return `${total} admitted over ${o.wallEnd - o.wallStart} ms < ${floorAt(o.wallEnd).toFixed(1)} (burst ${r.burst}, ${r.limit}/${r.windowMs} ms, cost ${r.cost})`
   for (const at of o.refusals[0]!) {
@@ -219,10 +229,13 @@ const lowerBucket = async (s: Scenario): Promise<string | null> => {
 }
 
 t.test('lower bound, fixed windows under steady load above the limit: each window admits the limit less what is stranded', (t) =>
-  holds(t, steadyArb('fixed'), 300, lowerFixed),
+  // The bound holds while the round trip is short next to the window: near its end a window is leased a token or two
+  // per round trip, one round trip in flight per bucket and worker.
+  holds(t, steadyArb('fixed').filter((s) => (s.rttMs + s.jitterMs) * 16 <= s.rules[0]!.windowMs), 300, lowerFixed),
 )
-t.test('lower bound, token buckets under steady load above the rate: 0.95 x (burst + rate x T)', (t) =>
-  holds(t, steadyArb('token-bucket'), 300, lowerBucket),
+t.test('lower bound, token buckets under steady load above the rate: 0.95 x (burst + sustained rate x T)', (t) =>
+  // The bound holds while a lease's round trip is shorter than its slot (a lease that arrives ended is lost).
+  holds(t, steadyArb('token-bucket').filter((s) => s.rttMs + s.jitterMs < bucketSlotMs(s.rules[0]!.limit, s.rules[0]!.windowMs, s.rules[0]!.burst)), 300, lowerBucket),
 )
 
 /*
