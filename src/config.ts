@@ -3,6 +3,8 @@ import { availableParallelism } from 'node:os'
 import { extname } from 'node:path'
 import { parse as parseYaml } from 'yaml'
 import { ConfigError } from './errors.js'
+import { LOG_LEVELS, type LogLevel } from './log.js'
+import { BadValue, bool, bytes, duration, headerName, list, oneOf, ratio, RETENTION, text, TIMEOUT, wholeNumber } from './values.js'
 import type { CacheRule } from './cache/http-cache.js'
 import { compilePathGlob } from './limiter/glob.js'
 import { parseIpList, parseRules, type RuleSpec } from './limiter/rules.js'
@@ -14,11 +16,6 @@ import { parseRoutePatterns } from './stats/routes.js'
  * The one place that turns flags, environment and the config file into a validated, frozen Config.
  * Precedence: flag > environment (MELIPROXY_*) > config file > default.
  */
-
-/** Log levels, least to most severe. */
-export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
-/** One of LOG_LEVELS. */
-export type LogLevel = (typeof LOG_LEVELS)[number]
 
 /** A Redis Sentinel address. */
 export interface HostPort {
@@ -99,72 +96,18 @@ export interface OptionSpec {
   readonly fileKey: boolean
 }
 
-/** A parser's complaint: the caller adds which field and which source. */
-class BadValue extends Error {}
-
-function text(raw: unknown): string {
-  if (typeof raw === 'string') return raw.trim()
-  if (typeof raw === 'number' || typeof raw === 'boolean') return String(raw)
-  throw new BadValue(`expected a string, got ${JSON.stringify(raw)}`)
-}
-
-function integer(min: number, max: number, what: string): Parser<number> {
-  return (raw) => {
-    const s = text(raw)
-    if (!/^\d+$/.test(s) || Number(s) < min || Number(s) > max) {
-      throw new BadValue(`"${s}" is not ${what} (${min}-${max})`)
-    }
-    return Number(s)
-  }
-}
-
-/** A ratio from 0 to 1 (`0.5`). */
-function ratio(raw: unknown): number {
-  const s = text(raw)
-  if (!/^(0(\.\d+)?|1(\.0+)?)$/.test(s)) throw new BadValue(`"${s}" is not a ratio from 0 to 1 (e.g. 0.5)`)
-  return Number(s)
-}
-
+const integer =
+  (min: number, max: number, what: string): Parser<number> =>
+  (raw) =>
+    wholeNumber(raw, min, max, what)
 const port = integer(1, 65535, 'a port')
 const portOrZero = integer(0, 65535, 'a port')
-
-const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
-
-/** Parses `250`, `250ms`, `5s`, `1m`, `1h` into milliseconds. */
-export function parseDuration(raw: unknown): number {
-  const s = text(raw)
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h)?$/.exec(s)
-  if (!m) throw new BadValue(`"${s}" is not a duration (e.g. 500ms, 5s, 1m, 1h)`)
-  const ms = Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!
-  if (ms <= 0 || ms > 86_400_000) throw new BadValue(`"${s}" is out of range (above 0, at most 24h)`)
-  return Math.round(ms)
-}
-
-const RETENTION_UNITS: Record<string, number> = { m: 60_000, h: 3_600_000, d: 86_400_000 }
-
-/** Parses a retention such as `90m`, `48h`, `30d` into milliseconds (1 minute to 400 days). */
-export function parseRetention(raw: unknown): number {
-  const s = text(raw)
-  const m = /^(\d+)(m|h|d)$/.exec(s)
-  if (!m) throw new BadValue(`"${s}" is not a retention (e.g. 48h, 30d)`)
-  const ms = Number(m[1]) * RETENTION_UNITS[m[2]!]!
-  if (ms < 60_000 || ms > 400 * 86_400_000) throw new BadValue(`"${s}" is out of range (1m to 400d)`)
-  return ms
-}
+const timeout: Parser<number> = (raw) => duration(raw, TIMEOUT)
+const retention: Parser<number> = (raw) => duration(raw, RETENTION)
 
 /** A duration that may be 0 (`0` turns the thing off). */
 function durationOrZero(raw: unknown): number {
-  return text(raw) === '0' ? 0 : parseDuration(raw)
-}
-
-const BYTE_UNITS: Record<string, number> = { b: 1, kb: 1024, kib: 1024, mb: 1024 ** 2, mib: 1024 ** 2, gb: 1024 ** 3, gib: 1024 ** 3 }
-
-/** Parses `1048576`, `512kb`, `64mb`, `1gb` (binary units) into bytes. */
-export function parseBytes(raw: unknown): number {
-  const s = text(raw).toLowerCase()
-  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?$/.exec(s)
-  if (!m) throw new BadValue(`"${s}" is not a size (e.g. 512kb, 64mb)`)
-  return Math.round(Number(m[1]) * BYTE_UNITS[m[2] ?? 'b']!)
+  return text(raw) === '0' ? 0 : duration(raw, TIMEOUT)
 }
 
 function cacheRules(raw: unknown): CacheRule[] {
@@ -185,7 +128,7 @@ function cacheRules(raw: unknown): CacheRule[] {
     let ttlMs: number | undefined
     if (rule.ttl !== undefined) {
       try {
-        ttlMs = parseDuration(rule.ttl)
+        ttlMs = duration(rule.ttl, TIMEOUT)
       } catch (err) {
         throw new ConfigError(`${at}.ttl`, (err as Error).message)
       }
@@ -222,14 +165,6 @@ function redisUrl(raw: unknown): string | null {
   return s
 }
 
-function list(raw: unknown): string[] {
-  if (Array.isArray(raw)) return raw.map(text).filter((s) => s !== '')
-  return text(raw)
-    .split(',')
-    .map((s) => s.trim())
-    .filter((s) => s !== '')
-}
-
 function hostPorts(raw: unknown): HostPort[] {
   return list(raw).map((item) => {
     const m = /^(.+):(\d+)$/.exec(item)
@@ -252,11 +187,9 @@ function nonEmpty(raw: unknown): string {
   return s
 }
 
-function headerName(raw: unknown): string | null {
-  const s = text(raw)
-  if (s === '') return null
-  if (!/^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/.test(s)) throw new BadValue(`"${s}" is not a header field name`)
-  return s.toLowerCase()
+/** A header field name, or none (empty). */
+function optionalHeaderName(raw: unknown): string | null {
+  return text(raw) === '' ? null : headerName(raw)
 }
 
 function optionalSecret(raw: unknown): string | null {
@@ -264,27 +197,9 @@ function optionalSecret(raw: unknown): string | null {
   return s === '' ? null : s
 }
 
-function bool(raw: unknown): boolean {
-  if (typeof raw === 'boolean') return raw
-  const s = text(raw).toLowerCase()
-  if (['1', 'true', 'yes', 'on'].includes(s)) return true
-  if (['0', 'false', 'no', 'off'].includes(s)) return false
-  throw new BadValue(`"${s}" is not a boolean (true/false)`)
-}
-
-function logLevel(raw: unknown): LogLevel {
-  const s = text(raw).toLowerCase()
-  if (!(LOG_LEVELS as readonly string[]).includes(s)) throw new BadValue(`"${s}" is not one of ${LOG_LEVELS.join(', ')}`)
-  return s as LogLevel
-}
-
+const logLevel: Parser<LogLevel> = (raw) => oneOf(raw, LOG_LEVELS)
 const UNDERSCORE_ACTIONS: readonly UnderscoreAction[] = ['allow', 'drop', 'reject']
-
-function underscoreAction(raw: unknown): UnderscoreAction {
-  const s = text(raw).toLowerCase()
-  if (!(UNDERSCORE_ACTIONS as readonly string[]).includes(s)) throw new BadValue(`"${s}" is not one of ${UNDERSCORE_ACTIONS.join(', ')}`)
-  return s as UnderscoreAction
-}
+const underscoreAction: Parser<UnderscoreAction> = (raw) => oneOf(raw, UNDERSCORE_ACTIONS)
 
 interface Option<T> extends OptionSpec {
   readonly parse: Parser<T>
@@ -320,36 +235,36 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('trustProxy', '--trust-proxy <cidr,...>', 'peers whose X-Forwarded-For is believed', cidrs, [], 'none'),
   opt('logLevel', '--log-level <level>', `log level: ${LOG_LEVELS.join(', ')}`, logLevel, 'info'),
   opt('accessLog', '--no-access-log', 'turn off the JSON access log on stdout', bool, true),
-  opt('connectTimeout', '--connect-timeout <duration>', 'upstream connect timeout', parseDuration, 5000, '5s'),
-  opt('headersTimeout', '--headers-timeout <duration>', 'upstream response headers timeout (504 after)', parseDuration, 30_000, '30s'),
-  opt('bodyTimeout', '--body-timeout <duration>', 'upstream body idle timeout', parseDuration, 30_000, '30s'),
-  opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', parseDuration, 30_000, '30s'),
+  opt('connectTimeout', '--connect-timeout <duration>', 'upstream connect timeout', timeout, 5000, '5s'),
+  opt('headersTimeout', '--headers-timeout <duration>', 'upstream response headers timeout (504 after)', timeout, 30_000, '30s'),
+  opt('bodyTimeout', '--body-timeout <duration>', 'upstream body idle timeout', timeout, 30_000, '30s'),
+  opt('drainTimeout', '--drain-timeout <duration>', 'how long in-flight requests may run on shutdown', timeout, 30_000, '30s'),
   opt('shutdownDelay', '--shutdown-delay <duration>', 'on SIGTERM, keep serving this long with /readyz failing before draining', durationOrZero, 0, '0'),
   opt('instances', '--instances <n>', 'instances sharing the limits: while Redis is down each enforces limit/n', integer(1, 10_000, 'an instance count'), 1),
-  opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', parseDuration, 100, '100ms'),
+  opt('limiterTimeout', '--limiter-timeout <duration>', 'how long a limiter call to Redis may take before the local fallback decides', timeout, 100, '100ms'),
   opt('limitIpv6Prefix', '--limit-ipv6-prefix <bits>', 'per: ip counts an IPv6 client by its network of this many bits (IPv4: the address)', integer(1, 128, 'a prefix length'), 64),
   opt('cache', '--no-cache', 'turn off the HTTP cache', bool, true),
-  opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', parseBytes, 1024 ** 2, '1mb'),
-  opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', parseBytes, 64 * 1024 ** 2, '64mb'),
-  opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', parseDuration, 3_600_000, '1h'),
-  opt('cacheTargetedField', '--cache-targeted-field <name>', 'a targeted cache-control field of yours (e.g. Meliproxy-Cache-Control), honoured before CDN-Cache-Control and Cache-Control (RFC 9213)', headerName, null),
-  opt('maxBodySize', '--max-body-size <bytes>', 'largest request body accepted (413 above)', parseBytes, 10 * 1024 ** 2, '10mb'),
+  opt('cacheMaxObject', '--cache-max-object <bytes>', 'largest response body stored; larger ones stream through', bytes, 1024 ** 2, '1mb'),
+  opt('cacheL1Size', '--cache-l1-size <bytes>', 'in-process L1 cache size per worker (0 turns L1 off)', bytes, 64 * 1024 ** 2, '64mb'),
+  opt('cacheL2TtlCap', '--cache-l2-ttl-cap <duration>', 'longest time an entry lives in L2 (Redis)', timeout, 3_600_000, '1h'),
+  opt('cacheTargetedField', '--cache-targeted-field <name>', 'a targeted cache-control field of yours (e.g. Meliproxy-Cache-Control), honoured before CDN-Cache-Control and Cache-Control (RFC 9213)', optionalHeaderName, null),
+  opt('maxBodySize', '--max-body-size <bytes>', 'largest request body accepted (413 above)', bytes, 10 * 1024 ** 2, '10mb'),
   opt('maxUrlLength', '--max-url-length <n>', 'longest request target accepted (414 above)', integer(64, 65_536, 'a length'), 8192),
-  opt('maxHeaderSize', '--max-header-size <bytes>', 'largest request line plus headers accepted (431 above)', parseBytes, 16 * 1024, '16kb'),
-  opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', parseDuration, 10_000, '10s'),
-  opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', parseDuration, 120_000, '2m'),
+  opt('maxHeaderSize', '--max-header-size <bytes>', 'largest request line plus headers accepted (431 above)', bytes, 16 * 1024, '16kb'),
+  opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', timeout, 10_000, '10s'),
+  opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', timeout, 120_000, '2m'),
   opt('maxConnections', '--max-connections <n>', 'open client connections per worker; more are closed at once', integer(1, 1_000_000, 'a count'), 10_000),
   opt('headersWithUnderscores', '--headers-with-underscores <action>', 'request header names with "_": allow (forward), drop, or reject (400)', underscoreAction, 'allow'),
   opt('breakerFailures', '--breaker-failures <n>', 'consecutive upstream failures that open the circuit breaker (0: no breaker)', integer(0, 10_000, 'a count'), 5),
   opt('breakerErrorRatio', '--breaker-error-ratio <r>', 'failure ratio over the breaker window that opens it', ratio, 0.5),
-  opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', parseDuration, 10_000, '10s'),
+  opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', timeout, 10_000, '10s'),
   opt('breakerMinRequests', '--breaker-min-requests <n>', 'requests in the window before the ratio counts', integer(1, 1_000_000, 'a count'), 20),
-  opt('breakerOpenTime', '--breaker-open-time <duration>', 'how long the breaker stays open before a probe', parseDuration, 5_000, '5s'),
+  opt('breakerOpenTime', '--breaker-open-time <duration>', 'how long the breaker stays open before a probe', timeout, 5_000, '5s'),
   opt('retries', '--retries <n>', 'retries of an idempotent body-less request after a connection failure', integer(0, 5, 'a count'), 1),
   opt('retryBudget', '--retry-budget <r>', 'retries as a share of requests, at most', ratio, 0.2),
   opt('stats', '--no-stats', 'turn off usage statistics (the /api/stats store)', bool, true),
-  opt('statsRetention', '--stats-retention <duration>', 'how long per-minute statistics are kept', parseRetention, 48 * 3_600_000, '48h'),
-  opt('statsRollupRetention', '--stats-rollup-retention <duration>', 'how long hourly statistics are kept', parseRetention, 30 * 86_400_000, '30d'),
+  opt('statsRetention', '--stats-retention <duration>', 'how long per-minute statistics are kept', retention, 48 * 3_600_000, '48h'),
+  opt('statsRollupRetention', '--stats-rollup-retention <duration>', 'how long hourly statistics are kept', retention, 30 * 86_400_000, '30d'),
 ]
 
 /** Config-file sections that have no flag: validated by their own parsers. */

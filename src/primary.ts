@@ -6,6 +6,7 @@ import { createAdminServer } from './admin/server.js'
 import { adminSources } from './admin/sources.js'
 import type { Purge } from './cache/http-cache.js'
 import { PurgeHub } from './cache/purge-hub.js'
+import { broadcast, toWorker } from './cluster/ipc.js'
 import { Supervisor, type WorkerState } from './cluster/supervisor.js'
 import { createLogger, type Logger } from './log.js'
 import { MemoryPool } from './limiter/pool.js'
@@ -96,7 +97,7 @@ export class Primary {
       },
       dropLeases: (rule, bucket, generation) => {
         const msg: LimitsResetMessage = { meliproxy: 'limits-reset', rule, bucket, generation }
-        for (const w of this.#supervisor.all()) if (w.worker.isConnected()) w.worker.send(msg)
+        broadcast(this.#workers(), msg)
       },
     })
     this.#purges = new PurgeHub(this.#redis, this.#subscriber, (purge, except) => this.#deliverPurge(purge, except), log)
@@ -129,7 +130,7 @@ export class Primary {
     const fromWorkers: Handlers<ToPrimary, [Worker]> = {
       'lease-acquire': (msg, worker) => {
         const reply: LeaseGrantMessage = { meliproxy: 'lease-grant', id: msg.id, grant: this.#pool.acquire(msg.req) }
-        if (worker.isConnected()) worker.send(reply)
+        toWorker(worker, reply)
       },
       'lease-release': (msg) => this.#pool.release(msg.giveback),
       breaker: (msg, worker) => this.#breakers.report(worker.id, msg),
@@ -238,7 +239,7 @@ export class Primary {
 
   /** Tells a listening worker to enforce the current rule set (one still starting hears it once it listens). */
   #sendRules(state: WorkerState): void {
-    if (!state.listening || !state.worker.isConnected()) return
+    if (!state.listening) return
     const rules = this.#rules.current
     const msg: SetRulesMessage = {
       meliproxy: 'set-rules',
@@ -248,13 +249,18 @@ export class Primary {
       deny: rules.deny,
       generations: this.#rules.generations,
     }
-    state.worker.send(msg)
+    toWorker(state.worker, msg)
     state.rulesVersion = rules.version.version
   }
 
   /** Hands a purge to each worker of this instance but `except` (the one it came from). */
   #deliverPurge(purge: Purge, except: number | null): void {
     const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
-    for (const w of this.#supervisor.all()) if (w.worker.id !== except && w.worker.isConnected()) w.worker.send(msg)
+    broadcast(this.#workers(), msg, except)
+  }
+
+  /** Every worker of this instance. */
+  *#workers(): Iterable<Worker> {
+    for (const state of this.#supervisor.all()) yield state.worker
   }
 }

@@ -1,5 +1,6 @@
 import cluster from 'node:cluster'
 import { AggregatorRegistry, Registry } from 'prom-client'
+import { toPrimary } from './cluster/ipc.js'
 import type { Config } from './config.js'
 import { DelayQueues } from './limiter/delays.js'
 import { Limiter } from './limiter/limiter.js'
@@ -13,10 +14,8 @@ import {
   dispatch,
   type Handlers,
   type ToWorker,
-  type CachePurgeMessage,
   type LeaseAcquireMessage,
   type LeaseReleaseMessage,
-  type StatsMessage,
 } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
@@ -71,9 +70,7 @@ export class Worker {
     // No automatic re-send of commands left unanswered by a dropped connection: a cache read simply misses, and the
     // limiter's give-backs are idempotent anyway (src/limiter/pool.ts).
     const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
-    const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => {
-      if (process.connected) process.send!(msg)
-    })
+    const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => toPrimary(msg))
     const limiterMetrics = new LimiterMetrics(registry)
     const limiter = new Limiter(
       new RuleSet(config.limits, config.allow, config.deny, 1, { ipv6Prefix: config.limitIpv6Prefix }),
@@ -100,9 +97,7 @@ export class Worker {
         minRequests: config.breakerMinRequests,
         openMs: config.breakerOpenTime,
       },
-      breakerReporter(upstreamMetrics, log, config.breakerOpenTime, () => breakers.openRoutes().length, (msg) => {
-        if (process.connected) process.send!(msg)
-      }),
+      breakerReporter(upstreamMetrics, log, config.breakerOpenTime, () => breakers.openRoutes().length, (msg) => toPrimary(msg)),
     )
     // The upstream: an undici pool composed with the breakers and the retries (src/proxy/upstream-dispatcher.ts).
     const dispatcher = upstreamDispatcher(
@@ -122,10 +117,7 @@ export class Worker {
     const cacheIO: CacheIO = {
       upstream, // background refreshes
       // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
-      publishPurge: (purge: Purge) => {
-        const msg: CachePurgeMessage = { meliproxy: 'cache-purge', purge }
-        if (process.connected) process.send!(msg)
-      },
+      publishPurge: (purge: Purge) => toPrimary({ meliproxy: 'cache-purge', purge }),
     }
     const cache = config.cache
       ? new HttpCache(
@@ -146,9 +138,8 @@ export class Worker {
     /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
     function sendStats(then?: () => void): void {
       const batches = stats?.take() ?? []
-      if (batches.length === 0 || !process.connected) return then?.()
-      const msg: StatsMessage = { meliproxy: 'stats', batches }
-      process.send!(msg, undefined, {}, () => then?.())
+      if (batches.length === 0) return then?.()
+      toPrimary({ meliproxy: 'stats', batches }, then)
     }
     setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
 

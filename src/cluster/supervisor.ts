@@ -2,6 +2,7 @@ import cluster, { type Worker } from 'node:cluster'
 import { encodeConfig, WORKER_CONFIG_ENV, type Config } from '../config.js'
 import type { Logger } from '../log.js'
 import type { DrainMessage } from '../messages.js'
+import { toWorker } from './ipc.js'
 
 /**
  * The worker supervisor of the primary: forks the workers (they share the proxy socket), replaces any that die (with
@@ -186,6 +187,6 @@ export class Supervisor {
   #drain(state: WorkerState): void {
     state.retiring = true
     const msg: DrainMessage = { meliproxy: 'drain' }
-    if (state.worker.isConnected()) state.worker.send(msg)
+    toWorker(state.worker, msg)
   }
 }

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto'
 import type { IncomingHttpHeaders } from 'node:http'
 import { ConfigError } from '../errors.js'
 import { clientNetwork, IpSet, parseCidr, type Cidr } from '../net/ip.js'
+import { BadValue, duration, isHeaderName, MAX_DELAY, WINDOW } from '../values.js'
 import { compilePathGlob, compileValueGlob } from './glob.js'
 import { shapeOf } from './pool.js'
 
@@ -52,16 +53,10 @@ export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 const RULE_KEYS = new Set(['name', 'match', 'per', 'limit', 'window', 'algorithm', 'burst', 'mode', 'cost', 'onExceed', 'maxDelay', 'whenRedisDown'])
 const ALGORITHMS: readonly Algorithm[] = ['fixed', 'sliding', 'token-bucket']
 /** The longest a delayed request may wait: each one holds a socket. */
-const MAX_DELAY_CAP_MS = 60_000
 const DEFAULT_MAX_DELAY = '1s'
-const DELAY = /^(\d+)(ms|s|m)$/
-const DELAY_UNIT_MS: Record<string, number> = { ms: 1, s: 1_000, m: 60_000 }
 const MATCH_KEYS = new Set(['ip', 'path', 'method', 'header'])
 const NAME = /^[A-Za-z0-9_.-]{1,64}$/
 const METHOD = /^[A-Z]{1,16}$/
-const HEADER_NAME = /^[A-Za-z0-9!#$%&'*+.^_`|~-]+$/
-const WINDOW = /^(\d+)(s|m|h)$/
-const WINDOW_UNIT_MS: Record<string, number> = { s: 1_000, m: 60_000, h: 3_600_000 }
 
 function strings(value: unknown, field: string): string[] {
   const list = Array.isArray(value) ? value : [value]
@@ -82,12 +77,14 @@ function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v)
 }
 
-/** Parses a window such as `30s`, `1m`, `1h` into milliseconds. */
-export function parseWindow(value: unknown, field: string): number {
-  const text = typeof value === 'number' ? String(value) : value
-  const m = typeof text === 'string' ? WINDOW.exec(text.trim()) : null
-  if (!m || Number(m[1]) <= 0) throw new ConfigError(field, `${JSON.stringify(value)} is not a window (e.g. 30s, 1m, 1h)`)
-  return Number(m[1]) * WINDOW_UNIT_MS[m[2]!]!
+/** A value in one of the grammars of src/values.ts, or a ConfigError naming the field. */
+function parsed<T>(field: string, parse: () => T): T {
+  try {
+    return parse()
+  } catch (err) {
+    if (err instanceof BadValue) throw new ConfigError(field, err.message)
+    throw err
+  }
 }
 
 function parseRule(raw: unknown, index: number): RuleSpec {
@@ -105,7 +102,7 @@ function parseRule(raw: unknown, index: number): RuleSpec {
     throw new ConfigError(`${field}.limit`, `${JSON.stringify(limit)} is not a whole number above 0`)
   }
   if (raw.window === undefined) throw new ConfigError(`${field}.window`, 'is required (e.g. 1m)')
-  const windowMs = parseWindow(raw.window, `${field}.window`)
+  const windowMs = parsed(`${field}.window`, () => duration(raw.window, WINDOW))
 
   const match: { ip?: string[]; path?: string[]; method?: string[]; header?: Record<string, string> } = {}
   if (raw.match !== undefined) {
@@ -135,7 +132,7 @@ function parseRule(raw: unknown, index: number): RuleSpec {
       if (!isObject(raw.match.header)) throw new ConfigError(`${field}.match.header`, 'must be a mapping of header name to glob')
       match.header = {}
       for (const [h, g] of Object.entries(raw.match.header)) {
-        if (!HEADER_NAME.test(h)) throw new ConfigError(`${field}.match.header`, `"${h}" is not a header name`)
+        if (!isHeaderName(h)) throw new ConfigError(`${field}.match.header`, `"${h}" is not a header name`)
         if (typeof g !== 'string') throw new ConfigError(`${field}.match.header.${h}`, `${JSON.stringify(g)} is not a glob string`)
         match.header[h.toLowerCase()] = g
       }
@@ -146,7 +143,7 @@ function parseRule(raw: unknown, index: number): RuleSpec {
   if (raw.per !== undefined) {
     per = strings(raw.per, `${field}.per`).map((p) => {
       if (p === 'ip' || p === 'path' || p === 'method') return p
-      if (p.startsWith('header:') && HEADER_NAME.test(p.slice(7))) return `header:${p.slice(7).toLowerCase()}` as PerKey
+      if (p.startsWith('header:') && isHeaderName(p.slice(7))) return `header:${p.slice(7).toLowerCase()}` as PerKey
       throw new ConfigError(`${field}.per`, `"${p}" is not one of ip, path, method, header:<name>`)
     })
   }
@@ -186,7 +183,7 @@ function parseBehaviour(raw: Record<string, unknown>, field: string, limit: numb
     if (isObject(raw.cost)) {
       checkKeys(raw.cost, new Set(['header', 'max']), `${field}.cost`)
       const header = raw.cost.header
-      if (typeof header !== 'string' || !HEADER_NAME.test(header)) {
+      if (typeof header !== 'string' || !isHeaderName(header)) {
         throw new ConfigError(`${field}.cost.header`, `${JSON.stringify(header)} is not a header name`)
       }
       if (raw.cost.max === undefined) throw new ConfigError(`${field}.cost.max`, 'is required with cost.header (the most one request may use)')
@@ -206,11 +203,8 @@ function parseBehaviour(raw: Record<string, unknown>, field: string, limit: numb
   let maxDelayMs = 0
   if (onExceed === 'delay') {
     maxDelay = raw.maxDelay === undefined ? DEFAULT_MAX_DELAY : String(raw.maxDelay).trim()
-    const m = DELAY.exec(maxDelay)
-    maxDelayMs = m === null ? NaN : Number(m[1]) * DELAY_UNIT_MS[m[2]!]!
-    if (!(maxDelayMs > 0 && maxDelayMs <= MAX_DELAY_CAP_MS)) {
-      throw new ConfigError(`${field}.maxDelay`, `${JSON.stringify(raw.maxDelay)} is not a delay from 1ms to 60s (e.g. 500ms, 3s)`)
-    }
+    const written = maxDelay
+    maxDelayMs = parsed(`${field}.maxDelay`, () => duration(written, MAX_DELAY))
   }
   const whenRedisDown = oneOf(raw.whenRedisDown, ['local', 'allow', 'deny'] as const, 'local', `${field}.whenRedisDown`)
   return { algorithm, burst, mode, cost, onExceed, maxDelay, maxDelayMs, whenRedisDown }

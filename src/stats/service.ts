@@ -1,6 +1,6 @@
 import type { Redis } from 'ioredis'
 import type { Config } from '../config.js'
-import { AdminError } from '../admin/server.js'
+import { MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import type { StatsBatch } from './batch.js'
 import { StatsCollector } from './collector.js'
@@ -37,11 +37,11 @@ export class StatsService {
 
   /** Answers the admin API: stats_disabled with --no-stats, redis_unavailable when the store cannot be read. */
   async query(q: StatsQuery): Promise<StatsAnswer> {
-    if (this.#collector === null) throw new AdminError('stats_disabled', 'statistics are off (--no-stats)')
+    if (this.#collector === null) throw new MeliproxyError('stats_disabled', 'statistics are off (--no-stats)')
     try {
       return await this.#collector.query(q)
     } catch (err) {
-      throw new AdminError('redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
+      throw new MeliproxyError('redis_unavailable', `statistics could not be read: ${(err as Error).message}`)
     }
   }
 

@@ -2,7 +2,10 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { loadConfig, OPTIONS, parseDuration } from '../../src/config.js'
+import { loadConfig, OPTIONS } from '../../src/config.js'
+import { duration, TIMEOUT } from '../../src/values.js'
+
+const parseDuration = (raw: unknown): number => duration(raw, TIMEOUT)
 import { ConfigError } from '../../src/errors.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'meliproxy-config-'))

@@ -71,7 +71,7 @@ t.test('the rule features validate every field with one line naming it', async (
     [{ cost: { header: 'x-cost', max: 3, min: 1 } }, /\.cost\.min: unknown field/],
     [{ onExceed: 'queue' }, /\.onExceed: "queue" is not one of reject, delay/],
     [{ maxDelay: '3s' }, /\.maxDelay: is only for onExceed: delay/],
-    [{ onExceed: 'delay', maxDelay: '2m' }, /\.maxDelay: "2m" is not a delay from 1ms to 60s/],
+    [{ onExceed: 'delay', maxDelay: '2m' }, /\.maxDelay: "2m" is out of range \(1ms to 60s\)/],
     [{ onExceed: 'delay', mode: 'shadow' }, /\.onExceed: a shadow rule never holds a request/],
     [{ whenRedisDown: 'fail' }, /\.whenRedisDown: "fail" is not one of local, allow, deny/],
   ]
