@@ -11,7 +11,8 @@ import { soak } from './soak.js'
  * a fixed time with one load generator (wrk when installed, else autocannon), and prints req/s, p50/p99 latency and
  * errors with meliproxy's ratios to the baselines. Options: --duration S (default 5), --connections N (default 64),
  * --workers N (default 2), --rounds N (default 5). `--soak` instead runs the memory soak (bench/soak.ts): --duration S
- * (default 60), --urls N (100000), --l1-mb N (64).
+ * (default 60), --urls N (100000), --l1-mb N (64). --only REGEX runs only the scenarios whose name matches (e.g.
+ * `--only 'bare node|cache hit \(L1(, no log)?\)'`: the access log's cost on cache hits).
  */
 
 interface Figures {
@@ -31,6 +32,7 @@ const DURATION = flag('--duration', 5)
 const CONNECTIONS = flag('--connections', 64)
 const WORKERS = flag('--workers', 2)
 const ROUNDS = flag('--rounds', 5)
+const ONLY = args.includes('--only') ? new RegExp(args[args.indexOf('--only') + 1]!) : null
 
 const here = (p: string): string => fileURLToPath(new URL(p, import.meta.url))
 const SERVERS = here('./servers.js')
@@ -55,7 +57,7 @@ function launch(cmd: string, argv: string[]): ChildProcess {
 }
 
 async function waitUp(url: string): Promise<void> {
-  const deadline = Date.now() + 15_000
+  const deadline = Date.now() + 60_000
   while (Date.now() < deadline) {
     try {
       const r = await fetch(url)
@@ -187,7 +189,7 @@ async function main(): Promise<void> {
     ['meliproxy + 4 limit rules (Redis)', targets.limits],
   ]
   if (!hasRedis) console.log('redis-server not found: the Redis scenarios are skipped')
-  const active = scenarios.filter((s): s is [string, string] => s[1] !== null)
+  const active = scenarios.filter((s): s is [string, string] => s[1] !== null && (ONLY === null || ONLY.test(s[0])))
   for (const [name, url] of active) load(name, url, 2) // warm-up: JIT, keep-alive pools
   const runs = new Map<string, Figures[]>(active.map(([name]) => [name, []]))
   // The limiter's Redis work: every script it runs is an EVALSHA (the statistics use MULTI/EXEC, not scripts).
@@ -244,6 +246,7 @@ async function main(): Promise<void> {
   }
   ratio('meliproxy cache hit (L1) / bare node (memory)', 'meliproxy cache hit (L1)', 'bare node (memory)', ' (target >= 0.85x)')
   ratio('statistics on / off (cache hit, L1)', 'meliproxy cache hit (L1)', 'meliproxy cache hit (L1, no stats)', ' (target >= 0.95x)')
+  ratio('access log on / off (cache hit, L1)', 'meliproxy cache hit (L1)', 'meliproxy cache hit (L1, no log)', '')
   ratio('meliproxy cache hit (L1, no access log) / bare node', 'meliproxy cache hit (L1, no log)', 'bare node (memory)', '')
   ratio('meliproxy cache hit (L2, L1 off) / bare node', 'meliproxy cache hit (L2, L1 off)', 'bare node (memory)', '')
 }

@@ -1,7 +1,13 @@
-import { LOG_LEVELS, type LogLevel } from './config.js'
+/** Log levels, least to most severe. */
+export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
+/** One of LOG_LEVELS. */
+export type LogLevel = (typeof LOG_LEVELS)[number]
 
 /**
- * JSON-lines logging: access lines on stdout, everything else on stderr.
+ * JSON-lines logging: access lines on stdout, everything else on stderr. Built the way pino builds lines (pino was
+ * measured slower on cache hits with the access log on, `npm run bench --only ...`; figures in git log): a disabled level is a no-op
+ * function (pino lib/levels.js) and a logger's bindings are serialised once, when it is made (lib/proto.js child()),
+ * so a line costs only its own fields.
  * Access lines are batched and written every ACCESS_FLUSH_MS (or at ACCESS_FLUSH_BYTES), so a busy worker makes
  * a few write() calls a second instead of one per request. A worker that is SIGKILLed loses at most that window.
  */
@@ -20,20 +26,58 @@ export interface Logger {
   info(msg: string, fields?: Record<string, unknown>): void
   warn(msg: string, fields?: Record<string, unknown>): void
   error(msg: string, fields?: Record<string, unknown>): void
+  /** A logger whose every line also carries `bindings` (serialised once, here). */
+  child(bindings: Record<string, unknown>): Logger
 }
 
-/** Creates a Logger writing one JSON object per line to `sink`, dropping lines below `level`. */
-export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>): Logger {
-  const min = LOG_LEVELS.indexOf(level)
-  const make =
-    (lvl: LogLevel) =>
-    (msg: string, fields?: Record<string, unknown>): void => {
-      if (LOG_LEVELS.indexOf(lvl) < min) return
-      sink.write(JSON.stringify({ time: new Date().toISOString(), level: lvl, msg, ...base, ...fields }) + '\n')
+const noop = (): void => {}
+
+/** URL user information (`redis://:secret@host`, `http://user:pass@host`), wherever it appears in a string. */
+const USERINFO = /(\/\/)[^/@\s"]*@/g
+/** Fields that can carry a URL or a message quoting one (a config error echoes the bad value): userinfo removed. */
+const URL_FIELDS = new Set(['error', 'detail', 'upstream', 'url', 'redisUrl'])
+/** Fields that are secrets as a whole. */
+const SECRET_FIELDS = new Set(['authorization', 'cookie', 'password', 'token'])
+
+/** JSON.stringify's replacer: strips URL credentials from URL_FIELDS and hides SECRET_FIELDS, at any depth. */
+function redact(key: string, value: unknown): unknown {
+  if (SECRET_FIELDS.has(key.toLowerCase())) return '[redacted]'
+  if (typeof value === 'string' && URL_FIELDS.has(key)) return value.replace(USERINFO, '$1[redacted]@')
+  return value
+}
+
+/** An object's members as JSON text after a comma (`,"a":1,"b":2`), or '' for none: a line's bindings or fields. */
+function members(fields: Record<string, unknown>): string {
+  const json = JSON.stringify(fields, redact)
+  return json.length > 2 ? ',' + json.slice(1, -1) : ''
+}
+
+/** A Logger at level index `min` whose lines carry `bindings` (already serialised by members()). */
+function logger(min: number, sink: Sink, bindings: string): Logger {
+  const level = (name: LogLevel): Logger[LogLevel] => {
+    if (LOG_LEVELS.indexOf(name) < min) return noop
+    const head = `","level":"${name}","msg":`
+    return (msg, fields) => {
+      sink.write(`{"time":"${new Date().toISOString()}${head}${JSON.stringify(msg)}${bindings}${fields ? members(fields) : ''}}\n`)
     }
-  return { debug: make('debug'), info: make('info'), warn: make('warn'), error: make('error') }
+  }
+  return {
+    debug: level('debug'),
+    info: level('info'),
+    warn: level('warn'),
+    error: level('error'),
+    child: (more) => logger(min, sink, bindings + members(more)),
+  }
 }
 
+/**
+ * Creates a Logger writing one JSON object per line to `sink`, dropping lines below `level`: `time`, `level`, `msg`,
+ * the `base` bindings, then the fields (a field named like a binding wins, as JSON.parse keeps the last). Credentials
+ * in the fields are redacted (see URL_FIELDS, SECRET_FIELDS).
+ */
+export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>): Logger {
+  return logger(LOG_LEVELS.indexOf(level), sink, members(base))
+}
 /** Characters that need escaping inside a JSON string. */
 const NEEDS_ESCAPE = /["\\\u0000-\u001f\u007f-\uffff]/
 
@@ -68,7 +112,8 @@ export interface AccessEntry {
 /** Batches access-log lines and flushes them every ACCESS_FLUSH_MS or ACCESS_FLUSH_BYTES. */
 export class AccessLog {
   readonly #sink: Sink
-  readonly #worker: number
+  /** The line's last member, serialised once: `"worker":N}` and the newline. */
+  readonly #tail: string
   #buffer = ''
   #scheduled = false
   #lastTime = -1
@@ -76,7 +121,7 @@ export class AccessLog {
 
   constructor(sink: Sink, worker: number) {
     this.#sink = sink
-    this.#worker = worker
+    this.#tail = `"worker":${worker}}\n`
   }
 
   /** Queues one line. */
@@ -94,7 +139,7 @@ export class AccessLog {
       (e.limited ? `"limited":${JSON.stringify(e.limited)},` : '') +
       (e.shadowLimited ? `"shadowLimited":${JSON.stringify(e.shadowLimited)},` : '') +
       (e.reason ? `"reason":${quote(e.reason)},` : '') +
-      `"worker":${this.#worker}}\n`
+      this.#tail
     if (this.#buffer.length >= ACCESS_FLUSH_BYTES) this.flush()
     else if (!this.#scheduled) {
       this.#scheduled = true

@@ -1,11 +1,12 @@
 import t from 'tap'
-import { AccessLog } from '../../src/log.js'
+import { AccessLog, createLogger } from '../../src/log.js'
 
 /** A sink that keeps what is written (the access log writes to process.stdout in production). */
-function collector(): { lines: () => Record<string, unknown>[]; write: (s: string) => void } {
+function collector(): { lines: () => Record<string, unknown>[]; text: () => string; write: (s: string) => void } {
   let text = ''
   return {
     write: (s: string) => (text += s),
+    text: () => text,
     lines: () => text.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>),
   }
 }
@@ -23,4 +24,58 @@ t.test('access-log lines are valid JSON, escaping quotes, backslashes, control a
   t.equal(lines[0]!.worker, 3)
   t.equal(lines[0]!.upstreamMs, null)
   t.equal(lines[0]!.time, '1970-01-01T00:00:00.000Z')
+})
+
+t.test('an access-log line starts with its time, rounds durations to 3 decimals and leaves out absent members', async (t) => {
+  const sink = collector()
+  const log = new AccessLog(sink, 1)
+  log.write({ time: 1, ip: '::1', method: 'GET', path: '/a', status: 429, bytes: 2, durationMs: 1.23456, upstreamMs: 2.0004, limited: 'per-"ip"' })
+  log.write({ time: 2, ip: '::1', method: 'GET', path: '/b', status: 200, bytes: 3, durationMs: 0, upstreamMs: null, cache: 'HIT' })
+  t.equal(sink.text(), '', 'nothing is written before the flush')
+  log.flush()
+  t.match(sink.text(), /^\{"time":"1970-01-01T00:00:00\.001Z",/)
+  const [a, b] = sink.lines()
+  t.same(a, {
+    time: '1970-01-01T00:00:00.001Z', worker: 1, ip: '::1', method: 'GET', path: '/a', status: 429, bytes: 2,
+    durationMs: 1.235, upstreamMs: 2, limited: 'per-"ip"',
+  })
+  t.same(b, { time: '1970-01-01T00:00:00.002Z', worker: 1, ip: '::1', method: 'GET', path: '/b', status: 200, bytes: 3, durationMs: 0, upstreamMs: null, cache: 'HIT' })
+})
+
+t.test('an event line has level, time, the base fields, the fields and msg; lower levels are dropped', async (t) => {
+  const sink = collector()
+  const log = createLogger('info', sink, { worker: 2 })
+  log.debug('not shown', { a: 1 })
+  log.info('started')
+  log.warn('slow', { ms: 5 })
+  const [started, slow, ...rest] = sink.lines()
+  t.same(rest, [], 'the debug line is dropped')
+  t.same(Object.keys(started!).sort(), ['level', 'msg', 'time', 'worker'], 'only the members asked for')
+  t.equal(started!.level, 'info')
+  t.match(started!.time, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/)
+  t.same({ ...slow, time: 0 }, { level: 'warn', time: 0, worker: 2, ms: 5, msg: 'slow' })
+})
+
+t.test('a child logger adds its bindings to every line of its own', async (t) => {
+  const sink = collector()
+  const log = createLogger('debug', sink, { role: 'primary' })
+  const child = log.child({ component: 'supervisor' })
+  child.debug('worker listening', { worker: 1 })
+  log.info('parent')
+  const [a, b] = sink.lines()
+  t.match(a, { level: 'debug', role: 'primary', component: 'supervisor', worker: 1, msg: 'worker listening' })
+  t.notOk('component' in b!, 'the parent is unchanged')
+})
+
+t.test('credentials in logged fields are redacted', async (t) => {
+  const sink = collector()
+  const log = createLogger('info', sink, {})
+  log.error('reload rejected', { error: '--redis-url: "redis://:s3cret@cache:6379" is not valid', authorization: 'Bearer s3cret' })
+  log.info('meliproxy started', { upstream: 'http://user:s3cret@api.internal:8080', workers: 2 })
+  t.notMatch(sink.text(), /s3cret/, 'no secret is written')
+  const [a, b] = sink.lines()
+  t.equal(a!.error, '--redis-url: "redis://[redacted]@cache:6379" is not valid')
+  t.equal(a!.authorization, '[redacted]')
+  t.equal(b!.upstream, 'http://[redacted]@api.internal:8080')
+  t.equal(b!.workers, 2)
 })
