@@ -4,8 +4,8 @@ export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
 export type LogLevel = (typeof LOG_LEVELS)[number]
 
 /**
- * JSON-lines logging: access lines on stdout, everything else on stderr. Built the way pino builds lines (pino was
- * measured slower on cache hits with the access log on, `npm run bench --only ...`; figures in git log): a disabled level is a no-op
+ * JSON-lines logging: access lines on stdout, everything else on stderr. Built the way pino builds lines (pino
+ * itself measured slower on cache hits with the access log on; figures in git log): a disabled level is a no-op
  * function (pino lib/levels.js) and a logger's bindings are serialised once, when it is made (lib/proto.js child()),
  * so a line costs only its own fields.
  * Access lines are batched and written every ACCESS_FLUSH_MS (or at ACCESS_FLUSH_BYTES), so a busy worker makes
@@ -52,32 +52,43 @@ function members(fields: Record<string, unknown>): string {
   return json.length > 2 ? ',' + json.slice(1, -1) : ''
 }
 
-/** A Logger at level index `min` whose lines carry `bindings` (already serialised by members()). */
-function logger(min: number, sink: Sink, bindings: string): Logger {
+/**
+ * A Logger at level index `min` whose lines carry `bound`, serialised once as `bindings`. A field named like a
+ * binding replaces it (one member per name, as the object spread did), at the cost of serialising both on that line.
+ */
+function logger(min: number, sink: Sink, bound: Record<string, unknown>, bindings: string): Logger {
+  const rest = (fields: Record<string, unknown> | undefined): string => {
+    if (fields === undefined) return bindings
+    for (const k in fields) if (k in bound) return members({ ...bound, ...fields })
+    return bindings + members(fields)
+  }
   const level = (name: LogLevel): Logger[LogLevel] => {
     if (LOG_LEVELS.indexOf(name) < min) return noop
     const head = `","level":"${name}","msg":`
-    return (msg, fields) => {
-      sink.write(`{"time":"${new Date().toISOString()}${head}${JSON.stringify(msg)}${bindings}${fields ? members(fields) : ''}}\n`)
-    }
+    return (msg, fields) =>
+      sink.write(`{"time":"${new Date().toISOString()}${head}${JSON.stringify(msg)}${rest(fields)}}\n`)
   }
   return {
     debug: level('debug'),
     info: level('info'),
     warn: level('warn'),
     error: level('error'),
-    child: (more) => logger(min, sink, bindings + members(more)),
+    child: (more) => {
+      const all = { ...bound, ...more }
+      return logger(min, sink, all, members(all))
+    },
   }
 }
 
 /**
  * Creates a Logger writing one JSON object per line to `sink`, dropping lines below `level`: `time`, `level`, `msg`,
- * the `base` bindings, then the fields (a field named like a binding wins, as JSON.parse keeps the last). Credentials
- * in the fields are redacted (see URL_FIELDS, SECRET_FIELDS).
+ * the `base` bindings, then the fields (a field named like a binding replaces it). Credentials in the fields are
+ * redacted (see URL_FIELDS, SECRET_FIELDS).
  */
 export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>): Logger {
-  return logger(LOG_LEVELS.indexOf(level), sink, members(base))
+  return logger(LOG_LEVELS.indexOf(level), sink, base, members(base))
 }
+
 /** Characters that need escaping inside a JSON string. */
 const NEEDS_ESCAPE = /["\\\u0000-\u001f\u007f-\uffff]/
 

@@ -67,6 +67,14 @@ t.test('a child logger adds its bindings to every line of its own', async (t) =>
   t.notOk('component' in b!, 'the parent is unchanged')
 })
 
+t.test('a field named like a binding replaces it: one member per name', async (t) => {
+  const sink = collector()
+  const log = createLogger('info', sink, { role: 'primary', pid: 1 }).child({ component: 'supervisor' })
+  log.info('worker died', { worker: 2, pid: 42 })
+  t.equal((sink.text().match(/"pid"/g) ?? []).length, 1)
+  t.match(sink.lines()[0], { role: 'primary', component: 'supervisor', worker: 2, pid: 42 })
+})
+
 t.test('credentials in logged fields are redacted', async (t) => {
   const sink = collector()
   const log = createLogger('info', sink, {})
