@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import { ExpiryWheel } from './expiry.js'
 import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
 
@@ -125,8 +126,6 @@ export interface LeaseEvents {
   offline?(units: number): void
 }
 
-let tables = 0
-
 /**
  * The first block to ask for: a token bucket's leases last a few milliseconds (src/limiter/pool.ts bucketSlotMs), so
  * it starts at one token and grows with use; a window's lease lasts its window.
@@ -167,7 +166,8 @@ export class LeaseTable {
     this.#events = events
     this.#now = options.now ?? (() => performance.now())
     this.#offline = options.offline === true
-    this.#holder = options.holder ?? `${process.pid}.${++tables}`
+    // Random: pids repeat across hosts and containers, and a restarted worker starts its sequence again.
+    this.#holder = options.holder ?? randomUUID()
   }
 
   /** Decides a request: synchronously when every bucket has its cost in hand (or one is known full). */
@@ -383,8 +383,9 @@ export class LeaseTable {
     // Back from an outage: what was admitted offline in a share still running is counted before anything is granted.
     const charge = l.offlineUntil > now ? l.offlineUsed : 0
     const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, need: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst, charge }
+    const shape = it.shape
     l.refill = this.#pool.acquire(req).then(
-      (g) => this.#granted(l, g, sent, charge),
+      (g) => this.#granted(l, g, sent, charge, shape),
       (err: unknown) => {
         l.refill = null
         l.waiting = 0
@@ -395,11 +396,13 @@ export class LeaseTable {
     return l.refill
   }
 
-  #granted(l: Lease, g: LeaseGrant, sent: number, charged: number): void {
+  #granted(l: Lease, g: LeaseGrant, sent: number, charged: number, shape: string): void {
     const now = this.#now()
     l.refill = null
     l.waiting = 0
     l.poolDownUntil = 0
+    // The rule changed while the request was out: its tokens belong to the old rule and are not used here.
+    if (shape !== l.shape) return
     // Tokens of an earlier window are no use in this one.
     if (g.windowStart !== l.windowStart) expire(l)
     // Nothing granted: resetMs says when to ask again, which must not stretch the life of tokens still in hand.
@@ -453,7 +456,7 @@ export class LeaseTable {
         this.#holding.delete(l)
       }
     }
-    this.#forget.sweep(now, 10_000, (key) => {
+    this.#forget.sweep(now, 10_000, 2, (key) => {
       const l = this.#leases.get(key)
       if (l === undefined) return null
       // Kept while it holds tokens, waits on the pool, remembers a refusal or an offline share, or was used lately.

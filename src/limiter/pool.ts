@@ -225,12 +225,12 @@ export class MemoryPool {
   }
 
   /**
-   * Forgets buckets whose state no longer matters, visiting at most `max` of those due (call every second or so: each
-   * call's work is bounded, and only buckets due to expire are looked at).
+   * Forgets buckets whose state no longer matters, visiting at most `max` of those due and stopping after `budgetMs`
+   * (call every second or so: each call's work is bounded, and only buckets due to expire are looked at).
    */
-  sweep(max = 20_000): number {
+  sweep(max = 20_000, budgetMs = 3): number {
     const now = this.#now()
-    return this.#wheel.sweep(now, max, (key) => {
+    return this.#wheel.sweep(now, max, budgetMs, (key) => {
       const e = this.#entries.get(key)
       if (e === undefined) return null
       if (e.idleAt <= now) {
@@ -300,12 +300,14 @@ function fresh(req: LeaseRequest, shape: string, now: number, carried: number): 
 function used(e: Entry, now: number, horizon: number): number {
   if (e.algorithm === 'fixed') return e.start >= 0 && e.start + e.windowMs > horizon ? e.count : 0
   if (e.algorithm === 'sliding') {
+    // The slots the old rule still counts (its window) that end after the horizon.
     const slotMs = e.windowMs / SLIDING_SLOTS
+    const oldest = now - (now % slotMs) - e.windowMs
     let n = 0
-    for (const [start, c] of e.slots ?? []) if (start + slotMs > horizon) n += c
+    for (const [start, c] of e.slots ?? []) if (start >= oldest && start + slotMs > horizon) n += c
     return n
   }
-  return Math.max(0, e.burst - refilled(e, now))
+  return Math.max(0, Math.ceil(e.burst - refilled(e, now) - 1e-9))
 }
 
 /**
@@ -315,8 +317,7 @@ function used(e: Entry, now: number, horizon: number): number {
  */
 function refilled(e: Entry, now: number): number {
   if (e.slot < 0) return e.level
-  const perMs = e.limit / e.windowMs
-  const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + (to - from) * perMs))
+  const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + ((to - from) * e.limit) / e.windowMs))
   const slotMs = bucketSlotMs(e.limit, e.windowMs, e.burst)
   const end1 = e.slot + slotMs
   const end2 = end1 + slotMs

@@ -39,21 +39,21 @@ local function grantSize(left)
   if left < need or left <= 0 then return 0 end
   return math.max(need, math.min(want, left, math.max(1, math.floor(left / (4 * holders)))))
 end
-local function fill(level, from, to, cap, perMs)
+local function fill(level, from, to, cap, l, w)
   if level >= cap then return level end
-  return math.min(cap, level + (to - from) * perMs)
+  return math.min(cap, level + (to - from) * l / w)
 end
 -- A token bucket's level now (refilled() of src/limiter/pool.ts): to b - h - k until its slot ends, to b - h until
 -- the next one ends, then to b.
-local function refill(lv, at, s, h, k, m, b, pm)
+local function refill(lv, at, s, h, k, m, b, l, w)
   if s < 0 then return lv end
   local e1 = s + m
   local e2 = e1 + m
-  lv = fill(lv, at, math.min(now, e1), b - h - k, pm)
+  lv = fill(lv, at, math.min(now, e1), b - h - k, l, w)
   if now <= e1 then return lv end
-  lv = fill(lv, e1, math.min(now, e2), b - h, pm)
+  lv = fill(lv, e1, math.min(now, e2), b - h, l, w)
   if now <= e2 then return lv end
-  return fill(lv, e2, now, b, pm)
+  return fill(lv, e2, now, b, l, w)
 end
 -- Where the new rule's counting reaches back to (horizonOf() of src/limiter/pool.ts).
 local alg = string.match(shape, '^([%a%-]+)/')
@@ -75,19 +75,21 @@ local function usedBy(old)
     return 0
   end
   if oa == 'sliding' then
+    -- The slots the old rule still counts (its window) that end after the horizon.
     local sm = w / ${SLIDING_SLOTS}
+    local oldest = now - (now % sm) - w
     local all = redis.call('HGETALL', KEYS[1])
     local n = 0
     for i = 1, #all, 2 do
       local s = tonumber(all[i])
-      if s and s + sm > horizon then n = n + tonumber(all[i + 1]) end
+      if s and s >= oldest and s + sm > horizon then n = n + tonumber(all[i + 1]) end
     end
     return n
   end
   local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'k', 'm')
   local lv, at, s, h, m = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), tonumber(v[6])
   if not (lv and at and s and h and m) then return 0 end
-  return math.max(0, b - refill(lv, at, s, h, tonumber(v[5]) or 0, m, b, l / w))
+  return math.max(0, math.ceil(b - refill(lv, at, s, h, tonumber(v[5]) or 0, m, b, l, w) - 1e-9))
 end
 local fresh = false
 local carried = 0
@@ -150,18 +152,18 @@ if carried > 0 then
   counts[slot] = carried
   used = carried
 elseif not fresh then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local s = tonumber(all[i])
-    if s ~= nil then
-      if s < oldest then
-        redis.call('HDEL', KEYS[1], all[i])
-      else
-        local n = tonumber(all[i + 1])
-        used = used + n
-        if counts[s] == nil then starts[#starts + 1] = s end
-        counts[s] = n
-      end
+  -- Only the slots that can count now are read (the hash also holds give-back records): the current one and the
+  -- ${SLIDING_SLOTS} before it.
+  local fields = {}
+  for i = 0, ${SLIDING_SLOTS} do fields[i + 1] = slot - i * slotMs end
+  local counts0 = redis.call('HMGET', KEYS[1], unpack(fields))
+  for i = 1, #fields do
+    local n = tonumber(counts0[i])
+    if n ~= nil and n > 0 then
+      local s = fields[i]
+      used = used + n
+      starts[#starts + 1] = s
+      counts[s] = n
     end
   end
 end
@@ -170,6 +172,7 @@ if charge > 0 then
   counts[slot] = (counts[slot] or 0) + charge
   used = used + charge
   redis.call('HINCRBY', KEYS[1], slot, charge)
+  if old ~= shape then redis.call('HSET', KEYS[1], 'v', shape) end
   redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
 local left = limit - used
@@ -178,6 +181,10 @@ if grant > 0 then
   redis.call('HINCRBY', KEYS[1], slot, grant)
   if old ~= shape then redis.call('HSET', KEYS[1], 'v', shape) end
   redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
+  -- The window before this one has left it: its slots go (a key granted from at least once a window keeps no more).
+  local gone = {}
+  for i = ${SLIDING_SLOTS} + 1, 2 * ${SLIDING_SLOTS} + 1 do gone[#gone + 1] = slot - i * slotMs end
+  redis.call('HDEL', KEYS[1], unpack(gone))
 end
 local remaining = left - grant
 if remaining < 0 then remaining = 0 end
@@ -221,7 +228,7 @@ else
     oldSlot = tonumber(v[3])
     held = tonumber(v[4])
     prev = tonumber(v[5]) or 0
-    level = refill(tonumber(v[1]), tonumber(v[2]), oldSlot, held, prev, slotMs, burst, perMs)
+    level = refill(tonumber(v[1]), tonumber(v[2]), oldSlot, held, prev, slotMs, burst, limit, win)
   end
 end
 if oldSlot ~= slot then

@@ -22,7 +22,7 @@ function primaryPool(): LeasePool {
       const grant = memory.acquire(msg.req)
       setImmediate(() => pool.deliver({ meliproxy: 'lease-grant', id: msg.id, grant }))
     } else {
-      memory.release(msg.giveback)
+      for (const g of msg.givebacks) memory.release(g)
     }
   })
   return pool
