@@ -19,7 +19,7 @@ import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, 
 
 /*
  * What every acquire script starts with: Redis's clock (so instances with skewed clocks agree), the arguments
- * (limit or rate per window, window ms, want, holders, need, shape, burst, slot ms, charge), grantSize() of
+ * (limit or rate per window, window ms, want, holders, need, shape, burst, slot ms), grantSize() of
  * src/limiter/pool.ts, and the carry-over of a changed rule: when the bucket's state was made under another shape,
  * what that shape counts now is carried into the new one (`fresh` with `carried` units), as MemoryPool does.
  */
@@ -34,7 +34,6 @@ local need = tonumber(ARGV[5])
 local shape = ARGV[6]
 local burst = tonumber(ARGV[7])
 local slotMs = tonumber(ARGV[8])
-local charge = tonumber(ARGV[9])
 local function grantSize(left)
   if left < need or left <= 0 then return 0 end
   return math.max(need, math.min(want, left, math.max(1, math.floor(left / (4 * holders)))))
@@ -121,10 +120,9 @@ if not fresh then
   local v = redis.call('HMGET', KEYS[1], 'w', 'c')
   if tonumber(v[1]) == start then c = tonumber(v[2]) or 0 else fresh = true end
 end
-c = c + charge
 local left = limit - c
 local grant = grantSize(left)
-if grant > 0 or carried > 0 or charge > 0 then
+if grant > 0 or carried > 0 then
   redis.call('HSET', KEYS[1], 'w', start, 'c', c + grant, 'v', shape)
   if fresh then redis.call('PEXPIRE', KEYS[1], start + win - now + 1000) end
 end
@@ -166,14 +164,6 @@ elseif not fresh then
       counts[s] = n
     end
   end
-end
-if charge > 0 then
-  if counts[slot] == nil then starts[#starts + 1] = slot end
-  counts[slot] = (counts[slot] or 0) + charge
-  used = used + charge
-  redis.call('HINCRBY', KEYS[1], slot, charge)
-  if old ~= shape then redis.call('HSET', KEYS[1], 'v', shape) end
-  redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
 local left = limit - used
 local grant = grantSize(left)
@@ -235,10 +225,10 @@ if oldSlot ~= slot then
   if oldSlot >= 0 and oldSlot + slotMs == slot then prev = held else prev = 0 end
   held = 0
 end
-level = level - charge
 local grant = grantSize(math.floor(level))
 level = level - grant
-held = held + grant
+-- The need tokens go to the request that asked, at once: not held (src/limiter/pool.ts).
+if grant > 0 then held = held + grant - need end
 redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held, 'k', prev, 'm', slotMs, 'v', shape)
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + 2 * slotMs + 1000)
 local reset = slot + 2 * slotMs - now
@@ -267,7 +257,7 @@ return {grant, remaining, reset, slot, retry}
 `
 
 /*
- * A give-back (or, negative, a charge), for every algorithm. KEYS[1]: the bucket. ARGV: window (or slot) start,
+ * A give-back, for every algorithm. KEYS[1]: the bucket. ARGV: window (or slot) start,
  * tokens, algorithm, shape, holder, seq. Applied at most once per (holder, seq), and only to the window and shape the
  * tokens came from.
  */
@@ -344,7 +334,7 @@ export class RedisPool implements LeasePool {
     const slotMs =
       req.algorithm === 'sliding' ? req.windowMs / SLIDING_SLOTS : req.algorithm === 'token-bucket' ? bucketSlotMs(req.limit, req.windowMs, req.burst) : 0
     const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
-    return this.#acquire[req.algorithm](BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders, req.need, shape, req.burst, slotMs, req.charge ?? 0).then(
+    return this.#acquire[req.algorithm](BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders, req.need, shape, req.burst, slotMs).then(
       (out) => {
         this.#calls.call('acquire', true)
         const o = out as number[]

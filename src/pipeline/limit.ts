@@ -12,7 +12,8 @@ import type { Pipeline, Stage } from './pipeline.js'
  * synchronously; one that needs a lease waits for it. Admitted requests carry RateLimit-* fields; rejected ones get
  * 429 and never reach the cache or the upstream. A request over an `onExceed: delay` rule waits in that bucket's
  * queue (src/limiter/delays.ts) until it fits or the rule's maxDelay passes; a rule that cannot be counted while
- * Redis is down and says `whenRedisDown: deny` answers 503 limiter_unavailable.
+ * Redis is down and says `whenRedisDown: deny`, or whose primary does not answer while the worker has no tokens of it
+ * in hand, answers 503 limiter_unavailable.
  */
 /** A waiting head asks again at least this often (room can come back early: tokens another worker gave back). */
 const RECHECK_MS = 200
@@ -21,7 +22,7 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
   function reject(x: Exchange, p: Pipeline, v: Verdict): void {
     x.limitedBy = v.rule.name
     if (v.unavailable) {
-      return p.reject(x, new MeliproxyError('limiter_unavailable', `rate limit "${v.rule.name}" cannot be counted while Redis is unreachable`))
+      return p.reject(x, new MeliproxyError('limiter_unavailable', `rate limit "${v.rule.name}" cannot be counted while its pool (Redis, or this instance's primary) does not answer`))
     }
     const body = rejectionBody(v)
     const headers = rateLimitHeaders(v)

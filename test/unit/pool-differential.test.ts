@@ -105,7 +105,7 @@ t.test('MemoryPool and the Redis scripts agree on random sequences', async (t) =
       } else {
         const cap = shape.algorithm === 'token-bucket' ? shape.burst : shape.limit
         const need = rnd() < 0.7 ? 1 : int(1, cap)
-        const req: LeaseRequest = { key, ...shape, want: need + pick([0, 1, 16, 1_000]), need, holders: pick([1, 2, 4, 800]), charge: 0 }
+        const req: LeaseRequest = { key, ...shape, want: need + pick([0, 1, 16, 1_000]), need, holders: pick([1, 2, 4, 800]) }
         const a = memory.acquire(req)
         await redis.set(CLOCK_KEY, String(now))
         let b: LeaseGrant
