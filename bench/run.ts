@@ -4,6 +4,7 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { buckets } from './buckets.js'
 import { soak } from './soak.js'
 
 /**
@@ -12,7 +13,10 @@ import { soak } from './soak.js'
  * errors with meliproxy's ratios to the baselines. Options: --duration S (default 5), --connections N (default 64),
  * --workers N (default 2), --rounds N (default 5). `--soak` instead runs the memory soak (bench/soak.ts): --duration S
  * (default 60), --urls N (100000), --l1-mb N (64). --only REGEX runs only the scenarios whose name matches (e.g.
- * `--only 'bare node|cache hit \(L1(, no log)?\)'`: the access log's cost on cache hits).
+ * `--only 'bare node|cache hit \(L1(, no log)?\)'`: the access log's cost on cache hits). `--buckets` instead runs the
+ * per-client buckets bench (bench/buckets.ts), embedded and with Redis: --bucket-clients N (default 1000000),
+ * --duration S (longest load per mode, default 180), --idle S (default 70), --bucket-modes embedded,redis (default
+ * both), --no-stats (meliproxy's usage statistics off).
  */
 
 interface Figures {
@@ -255,7 +259,23 @@ function stopAll(): void {
   for (const p of started) if (p.exitCode === null) p.kill('SIGTERM')
 }
 
-const run = args.includes('--soak')
+const run = args.includes('--buckets')
+  ? () =>
+      buckets({
+        clients: flag('--bucket-clients', 1_000_000),
+        seconds: flag('--duration', 180),
+        idleSeconds: flag('--idle', 70),
+        workers: WORKERS,
+        connections: CONNECTIONS,
+        modes: (args.includes('--bucket-modes') ? String(args[args.indexOf('--bucket-modes') + 1]) : 'embedded,redis')
+          .split(',')
+          .filter((m): m is 'embedded' | 'redis' => m === 'embedded' || m === 'redis'),
+        stats: !args.includes('--no-stats'),
+        bin: BIN,
+        servers: SERVERS,
+        freePort,
+      })
+  : args.includes('--soak')
   ? () =>
       soak({
         seconds: flag('--duration', 60),

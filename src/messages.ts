@@ -20,6 +20,8 @@ export interface LeaseAcquireMessage {
   readonly meliproxy: 'lease-acquire'
   readonly id: number
   readonly req: LeaseRequest
+  /** When the worker sent it (ms, this machine's clock): one the worker has given up on is not answered. */
+  readonly sent: number
 }
 
 /** Primary -> worker: the answer to a LeaseAcquireMessage with the same id. */
@@ -29,10 +31,10 @@ export interface LeaseGrantMessage {
   readonly grant: LeaseGrant
 }
 
-/** Worker -> primary: unused tokens of a window go back to the primary's pool (or offline admissions are charged). */
+/** Worker -> primary: unused tokens go back to the primary's pool, in one message per turn of the worker's loop. */
 export interface LeaseReleaseMessage {
   readonly meliproxy: 'lease-release'
-  readonly giveback: Giveback
+  readonly givebacks: readonly Giveback[]
 }
 
 /**

@@ -39,6 +39,11 @@ export class DelayQueues {
     this.#metrics = metrics
   }
 
+  /** How many requests wait in this worker, over every bucket. */
+  get total(): number {
+    return this.#total
+  }
+
   /** How many requests wait on `bucket` in this worker. */
   waiting(bucket: string): number {
     return this.#queues.get(bucket)?.length ?? 0

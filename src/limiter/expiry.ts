@@ -23,13 +23,15 @@ export class ExpiryWheel {
   }
 
   /**
-   * Visits at most `max` due keys; `visit` returns null when the key is done, or when (ms) to look again.
-   * Returns how many were visited.
+   * Visits at most `max` due keys, and stops once `budgetMs` has passed (checked every 256 keys); `visit` returns null
+   * when the key is done, or when (ms) to look again. Returns how many were visited.
    */
-  sweep(now: number, max: number, visit: (key: string) => number | null): number {
+  sweep(now: number, max: number, budgetMs: number, visit: (key: string) => number | null): number {
     const last = Math.floor(now / 1_000)
+    const stopAt = performance.now() + budgetMs
     let visited = 0
     while (this.#next <= last && visited < max) {
+      if ((visited & 255) === 255 && performance.now() > stopAt) break
       const second = this.#next
       const list = this.#slots.get(second)
       if (list === undefined || list.length === 0) {
@@ -39,6 +41,7 @@ export class ExpiryWheel {
         continue
       }
       while (list.length > 0 && visited < max) {
+        if ((visited & 255) === 255 && performance.now() > stopAt) return visited
         const key = list.pop()!
         visited++
         const again = visit(key)

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import { ExpiryWheel } from './expiry.js'
 import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
 
@@ -20,9 +21,9 @@ import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
  *   than MAX_HOLD_MS or ended with tokens unused; the pool caps it by what is left and how many holders share it (see
  *   grantSize).
  * - Never open (the `offline` option, for the primary's pool): when the pool fails or does not answer, the table
- *   admits against an offline share per bucket: 1/holders of what the pool last said was left in the current window,
- *   or of the limit (the burst) for a bucket it has not seen lately; it counts what it admits that way and the next
- *   lease request charges it to the pool (counted in the current window before anything is granted). Without the option a failure rejects the take (the limiter falls back).
+ *   admits from the tokens in hand (already counted by the pool) and refuses the rest as unavailable, asking the pool
+ *   again after POOL_RETRY_MS; it never admits a request nobody counted. Without the option a failure rejects the take
+ *   (the limiter falls back to the primary's pool).
  */
 
 /** One bucket a request draws from. */
@@ -61,7 +62,7 @@ export type TakeResult =
 
 /** Table options. */
 export interface LeaseTableOptions {
-  /** Decide on offline shares when the pool fails (the primary's pool) instead of rejecting the take. */
+  /** When the pool fails (the primary's pool), decide from the tokens in hand instead of rejecting the take. */
   readonly offline?: boolean
   /** This holder's id in give-backs (unique among the pool's holders). */
   readonly holder?: string
@@ -77,9 +78,9 @@ const FIRST_WANT = 16
 const MAX_WANT = 16_384
 /** After the pool said "no room", requests are refused locally at most this long before the pool is asked again. */
 const EXHAUSTED_RECHECK_MS = 200
-/** After the pool failed, requests are decided offline this long before the pool is asked again. */
+/** After the pool failed, requests are decided from the tokens in hand this long before the pool is asked again. */
 export const POOL_RETRY_MS = 500
-/** A bucket nobody asked for this long is forgotten (unless it holds tokens or an offline share). */
+/** A bucket nobody asked for this long is forgotten (unless it holds tokens). */
 export const FORGET_MS = 5_000
 /** A request that lost the race for freshly granted tokens this many times is refused (contention, not a limit). */
 const MAX_ATTEMPTS = 64
@@ -107,25 +108,21 @@ interface Lease {
   waiting: number
   /** Tokens the last refill granted (a refused request gives them back at once). */
   lastGrant: number
-  /** The pool failed: decide offline until then. */
+  /** The pool failed: decide from the tokens in hand until then. */
   poolDownUntil: number
-  /** The offline share: units left, until when it holds, and units admitted on it not yet charged to the pool. */
-  offlineLeft: number
-  offlineUntil: number
-  offlineUsed: number
   /** In the table's set of leases holding tokens. */
   holding: boolean
+  /** Grants received (a token bucket's unused `need` tokens are dropped after the grant's turn). */
+  grants: number
 }
 
 /** What a lease table reports (the limiter's metrics). */
 export interface LeaseEvents {
   leased(tokens: number): void
   returned(tokens: number): void
-  /** Units admitted on an offline share (the pool did not answer). */
-  offline?(units: number): void
+  /** A request refused because its pool did not answer and no tokens were in hand. */
+  unavailable?(): void
 }
-
-let tables = 0
 
 /**
  * The first block to ask for: a token bucket's leases last a few milliseconds (src/limiter/pool.ts bucketSlotMs), so
@@ -167,7 +164,8 @@ export class LeaseTable {
     this.#events = events
     this.#now = options.now ?? (() => performance.now())
     this.#offline = options.offline === true
-    this.#holder = options.holder ?? `${process.pid}.${++tables}`
+    // Random: pids repeat across hosts and containers, and a restarted worker starts its sequence again.
+    this.#holder = options.holder ?? randomUUID()
   }
 
   /** Decides a request: synchronously when every bucket has its cost in hand (or one is known full). */
@@ -209,19 +207,23 @@ export class LeaseTable {
     return { allowed: true, nearest, remaining: least, resetMs }
   }
 
-  /** Refills every bucket that needs it, then decides; a pool failure rejects (or, offline, decides on shares). */
+  /**
+   * Refills every bucket that needs it, then decides; a pool failure rejects the take, or (offline) refuses it as
+   * unavailable unless every bucket has the tokens in hand.
+   */
   async #takeSlow(items: readonly TakeItem[]): Promise<TakeResult> {
     for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
       const now = this.#now()
       const refills: Promise<void>[] = []
       const refilled: Lease[] = []
-      let down = false
-      for (const it of items) {
+      let down = -1
+      for (let i = 0; i < items.length; i++) {
+        const it = items[i]!
         const l = this.#lease(it, now)
         if (l.tokens >= it.cost && l.expiresAt > now) continue
         if (l.exhaustedUntil > now) continue
         if (this.#offline && l.poolDownUntil > now) {
-          down = true
+          if (down === -1) down = i
           continue
         }
         refilled.push(l)
@@ -229,11 +231,11 @@ export class LeaseTable {
       }
       if (refills.length > 0) {
         const outcomes = await Promise.allSettled(refills)
-        for (const o of outcomes) {
-          if (o.status === 'rejected') {
-            if (!this.#offline) throw o.reason
-            down = true
-          }
+        for (let j = 0; j < outcomes.length; j++) {
+          const o = outcomes[j]!
+          if (o.status === 'fulfilled') continue
+          if (!this.#offline) throw o.reason
+          if (down === -1) down = items.findIndex((it) => it.key === refilled[j]!.key)
         }
       }
       const result = this.takeLocal(items)
@@ -241,73 +243,15 @@ export class LeaseTable {
         if (!result.allowed) this.#giveBackFresh(refilled, items[result.failed]!.key)
         return result
       }
-      if (down) {
-        const offline = this.#takeOffline(items)
-        if (offline !== null) {
-          if (!offline.allowed) this.#giveBackFresh(refilled, items[offline.failed]!.key)
-          return offline
-        }
+      if (down !== -1) {
+        // The pool does not answer and the tokens in hand do not cover the request: nobody could count it.
+        this.#giveBackFresh(refilled, items[down]!.key)
+        this.#events.unavailable?.()
+        const l = this.#leases.get(items[down]!.key)
+        return { allowed: false, failed: down, resetMs: Math.max(1, (l?.poolDownUntil ?? now) - this.#now()), unavailable: true }
       }
     }
     return { allowed: false, failed: 0, resetMs: EXHAUSTED_RECHECK_MS }
-  }
-
-  /**
-   * Decides with the pool unreachable: from the tokens in hand, or the bucket's offline share. Null when a bucket
-   * whose pool is up needs a refill first.
-   */
-  #takeOffline(items: readonly TakeItem[]): TakeResult | null {
-    const now = this.#now()
-    const found = this.#scratch
-    for (let i = 0; i < items.length; i++) {
-      const it = items[i]!
-      const l = this.#leases.get(it.key)
-      if (l === undefined) return null // forgotten meanwhile (a reset): start over
-      found[i] = l
-      if (l.tokens >= it.cost && l.expiresAt > now && l.shape === it.shape) continue
-      if (l.poolDownUntil <= now) return null
-      if (l.offlineUntil <= now) this.#openShare(l, it, now)
-      if (l.offlineLeft < it.cost) return { allowed: false, failed: i, resetMs: Math.max(1, Math.min(l.offlineUntil, l.poolDownUntil) - now) }
-    }
-    let nearest = 0
-    let least = Infinity
-    let resetMs = 0
-    for (let i = 0; i < items.length; i++) {
-      const it = items[i]!
-      const l = found[i]!
-      l.lastUsed = now
-      let left: number
-      if (l.tokens >= it.cost && l.expiresAt > now && l.shape === it.shape) {
-        l.tokens -= it.cost
-        l.periodUsed += it.cost
-        left = l.poolRemaining + l.tokens
-      } else {
-        l.offlineLeft -= it.cost
-        l.offlineUsed += it.cost
-        this.#events.offline?.(it.cost)
-        left = l.offlineLeft
-      }
-      if (left < least) {
-        least = left
-        nearest = i
-        resetMs = Math.max(0, (l.expiresAt > now ? l.expiresAt : l.offlineUntil) - now)
-      }
-    }
-    return { allowed: true, nearest, remaining: least, resetMs }
-  }
-
-  /**
-   * The bucket's offline share: 1/holders of what the pool last said was left, for the rest of that lease's window;
-   * for a bucket not seen in its current window, 1/holders of the limit (a token bucket: of the smaller of limit and
-   * burst) for one window. An outage that outlasts the share opens a new one.
-   */
-  #openShare(l: Lease, it: TakeItem, now: number): void {
-    const known = l.windowStart >= 0 && l.expiresAt > now && l.shape === it.shape
-    // A token bucket's share per window is at most its rate (limit) and its burst.
-    const of = known ? l.poolRemaining : it.algorithm === 'token-bucket' ? Math.min(it.burst, it.limit) : it.limit
-    l.offlineLeft = Math.floor(of / this.#holders)
-    l.offlineUntil = known && it.algorithm === 'fixed' ? l.expiresAt : now + it.windowMs
-    this.#scheduleForget(l)
   }
 
   /** A refused request gives back at once what it had just leased of the other buckets. */
@@ -343,10 +287,8 @@ export class LeaseTable {
         waiting: 0,
         lastGrant: 0,
         poolDownUntil: 0,
-        offlineLeft: 0,
-        offlineUntil: 0,
-        offlineUsed: 0,
         holding: false,
+        grants: 0,
       }
       this.#leases.set(it.key, l)
       this.#scheduleForget(l)
@@ -359,9 +301,6 @@ export class LeaseTable {
       l.expiresAt = 0
       l.exhaustedUntil = 0
       l.want = firstWant(it)
-      l.offlineLeft = 0
-      l.offlineUntil = 0
-      l.offlineUsed = 0
     } else if (l.expiresAt <= now) {
       expire(l)
     }
@@ -380,11 +319,10 @@ export class LeaseTable {
     }
     const sent = now
     const want = Math.max(l.want, l.waiting, it.cost)
-    // Back from an outage: what was admitted offline in a share still running is counted before anything is granted.
-    const charge = l.offlineUntil > now ? l.offlineUsed : 0
-    const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, need: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst, charge }
+    const req = { key: it.key, limit: it.limit, windowMs: it.windowMs, want, need: it.cost, holders: this.#holders, algorithm: it.algorithm, burst: it.burst }
+    const shape = it.shape
     l.refill = this.#pool.acquire(req).then(
-      (g) => this.#granted(l, g, sent, charge),
+      (g) => this.#granted(l, g, sent, shape, it.cost),
       (err: unknown) => {
         l.refill = null
         l.waiting = 0
@@ -395,11 +333,13 @@ export class LeaseTable {
     return l.refill
   }
 
-  #granted(l: Lease, g: LeaseGrant, sent: number, charged: number): void {
+  #granted(l: Lease, g: LeaseGrant, sent: number, shape: string, need: number): void {
     const now = this.#now()
     l.refill = null
     l.waiting = 0
     l.poolDownUntil = 0
+    // The rule changed while the request was out: its tokens belong to the old rule and are not used here.
+    if (shape !== l.shape) return
     // Tokens of an earlier window are no use in this one.
     if (g.windowStart !== l.windowStart) expire(l)
     // Nothing granted: resetMs says when to ask again, which must not stretch the life of tokens still in hand.
@@ -422,12 +362,14 @@ export class LeaseTable {
       this.#holding.add(l)
     }
     if (g.granted > 0) this.#events.leased(g.granted)
-    // The pool answers again: the offline share is over, and what it admitted was charged with this request.
-    l.offlineUsed -= charged
-    if (l.offlineUsed <= 0 || l.offlineUntil <= now) {
-      l.offlineUsed = 0
-      l.offlineLeft = 0
-      l.offlineUntil = 0
+    // A token bucket counts a grant's `need` tokens as used at once (src/limiter/pool.ts): the requests waiting on
+    // this refill decide in this turn of the loop, and what they leave of those tokens is dropped, never kept in hand.
+    if (l.algorithm === 'token-bucket' && g.granted > 0) {
+      const most = l.tokens - need
+      const grant = ++l.grants
+      setImmediate(() => {
+        if (l.grants === grant && l.tokens > most) l.tokens = Math.max(0, most)
+      })
     }
   }
 
@@ -453,11 +395,11 @@ export class LeaseTable {
         this.#holding.delete(l)
       }
     }
-    this.#forget.sweep(now, 10_000, (key) => {
+    this.#forget.sweep(now, 10_000, 2, (key) => {
       const l = this.#leases.get(key)
       if (l === undefined) return null
-      // Kept while it holds tokens, waits on the pool, remembers a refusal or an offline share, or was used lately.
-      const keep = Math.max(l.lastUsed + FORGET_MS, l.exhaustedUntil, l.offlineUntil, l.poolDownUntil)
+      // Kept while it holds tokens, waits on the pool, remembers a refusal or an outage, or was used lately.
+      const keep = Math.max(l.lastUsed + FORGET_MS, l.exhaustedUntil, l.poolDownUntil)
       if (l.refill !== null || l.tokens > 0 || keep > now) return Math.max(keep, now + SWEEP_MS)
       this.#leases.delete(key)
       return null
@@ -465,7 +407,7 @@ export class LeaseTable {
   }
 
   #scheduleForget(l: Lease): void {
-    this.#forget.schedule(l.key, Math.max(l.lastUsed + FORGET_MS, l.offlineUntil))
+    this.#forget.schedule(l.key, l.lastUsed + FORGET_MS)
   }
 
   #release(l: Lease, tokens: number): void {

@@ -64,8 +64,8 @@ export class Limiter {
       returned: (n) => metrics.returned(pool, n),
     })
     this.#redisLeases = stores.redis === null ? null : new LeaseTable(stores.redis, stores.instances * stores.workers, events('redis'))
-    // The primary's pool is never bypassed: when it does not answer, workers decide on offline shares (never open).
-    this.#primaryLeases = new LeaseTable(stores.primary, stores.workers, { ...events('primary'), offline: (n) => metrics.offline.inc(n) }, { offline: true })
+    // The primary's pool is never bypassed: when it does not answer, only tokens in hand admit (never open).
+    this.#primaryLeases = new LeaseTable(stores.primary, stores.workers, { ...events('primary'), unavailable: () => metrics.unavailable.inc() }, { offline: true })
   }
 
   /** The rule set in force. */

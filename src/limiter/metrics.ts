@@ -7,8 +7,8 @@ export class LimiterMetrics {
   readonly #decisions = new PendingCounts<'rule' | 'outcome'>()
   readonly duration: Histogram
   readonly fallbacks: Counter
-  /** Units admitted on offline shares while the primary's pool did not answer. */
-  readonly offline: Counter
+  /** Requests refused because the primary's pool did not answer and no tokens were in hand. */
+  readonly unavailable: Counter
   /** Requests of onExceed: delay rules that waited, by rule and outcome (admitted, rejected, queue_full). */
   readonly delayed: Counter<'rule' | 'outcome'>
   /** Requests waiting in a delay queue now. */
@@ -74,9 +74,9 @@ export class LimiterMetrics {
         this.set(self.#sweepMaxMs / 1000)
       },
     })
-    this.offline = new Counter({
-      name: 'meliproxy_limiter_offline_units_total',
-      help: "Units admitted on a worker's offline share because the primary's pool did not answer (charged to it once it does)",
+    this.unavailable = new Counter({
+      name: 'meliproxy_limiter_unavailable_total',
+      help: "Requests refused (503 limiter_unavailable) because the primary's pool did not answer and the worker had no tokens in hand",
       registers: [registry],
     })
     this.redisErrors = new Counter({

@@ -19,7 +19,9 @@ import { ExpiryWheel } from './expiry.js'
  *   granted in a slot lasts until the end of the next one (so a lease is never shorter than a slot, whatever the round
  *   trip); the pool counts what it granted in the current and the previous slot as held and refills the bucket only up
  *   to `burst - held`: tokens in the bucket plus tokens in hand never exceed `burst`, so no span of T ms admits more
- *   than burst + rate x T. The slot is short enough that this cap costs little of the rate (bucketSlotMs says how much).
+ *   than burst + rate x T. The `need` tokens of a grant are not held: they go to the request that asked, which the
+ *   holder decides at once on receipt (or drops them), so they count as used at the instant of the grant. The slot is
+ *   short enough that the cap costs little of the rate (bucketSlotMs says how much).
  *
  * A bucket's state remembers the shape of the rule that made it (algorithm, limit, window, burst). When a request
  * comes with another shape (the rule changed), what the old shape counted within the new rule's reach (its current
@@ -29,9 +31,7 @@ import { ExpiryWheel } from './expiry.js'
  * (a holder that has not heard of the change yet) is refused rather than converting the bucket back.
  *
  * Give-backs carry the holder's id and a sequence number and are applied at most once per (holder, sequence): a
- * give-back delivered twice (a client that re-sends after a dropped connection) is counted once. A lease request may
- * carry a charge: units a holder admitted on its offline share while the pool did not answer, counted in the current
- * window before anything is granted.
+ * give-back delivered twice (a client that re-sends after a dropped connection) is counted once.
  */
 
 /** How a bucket counts (a rule's `algorithm`). */
@@ -82,8 +82,6 @@ export interface LeaseRequest {
   readonly want: number
   /** The fewest tokens worth granting (the cost of the request that asked): `need` or more, or nothing. */
   readonly need: number
-  /** Units admitted offline to count in the current window first (0 but after an outage). */
-  readonly charge?: number
   /** How many holders share the pool (instances x workers): grants shrink with it. */
   readonly holders: number
   readonly algorithm: Algorithm
@@ -197,7 +195,7 @@ export class MemoryPool {
     return g
   }
 
-  /** Takes back unused tokens (or charges offline admissions) of the window or slot they came from, once. */
+  /** Takes back unused tokens of the window or slot they came from, once. */
   release(g: Giveback): void {
     const e = this.#entries.get(g.key)
     if (e === undefined || e.shape !== g.shape) return
@@ -225,12 +223,12 @@ export class MemoryPool {
   }
 
   /**
-   * Forgets buckets whose state no longer matters, visiting at most `max` of those due (call every second or so: each
-   * call's work is bounded, and only buckets due to expire are looked at).
+   * Forgets buckets whose state no longer matters, visiting at most `max` of those due and stopping after `budgetMs`
+   * (call every second or so: each call's work is bounded, and only buckets due to expire are looked at).
    */
-  sweep(max = 20_000): number {
+  sweep(max = 20_000, budgetMs = 3): number {
     const now = this.#now()
-    return this.#wheel.sweep(now, max, (key) => {
+    return this.#wheel.sweep(now, max, budgetMs, (key) => {
       const e = this.#entries.get(key)
       if (e === undefined) return null
       if (e.idleAt <= now) {
@@ -300,12 +298,14 @@ function fresh(req: LeaseRequest, shape: string, now: number, carried: number): 
 function used(e: Entry, now: number, horizon: number): number {
   if (e.algorithm === 'fixed') return e.start >= 0 && e.start + e.windowMs > horizon ? e.count : 0
   if (e.algorithm === 'sliding') {
+    // The slots the old rule still counts (its window) that end after the horizon.
     const slotMs = e.windowMs / SLIDING_SLOTS
+    const oldest = now - (now % slotMs) - e.windowMs
     let n = 0
-    for (const [start, c] of e.slots ?? []) if (start + slotMs > horizon) n += c
+    for (const [start, c] of e.slots ?? []) if (start >= oldest && start + slotMs > horizon) n += c
     return n
   }
-  return Math.max(0, e.burst - refilled(e, now))
+  return Math.max(0, Math.ceil(e.burst - refilled(e, now) - 1e-9))
 }
 
 /**
@@ -315,8 +315,7 @@ function used(e: Entry, now: number, horizon: number): number {
  */
 function refilled(e: Entry, now: number): number {
   if (e.slot < 0) return e.level
-  const perMs = e.limit / e.windowMs
-  const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + (to - from) * perMs))
+  const fill = (level: number, from: number, to: number, cap: number): number => (level >= cap ? level : Math.min(cap, level + ((to - from) * e.limit) / e.windowMs))
   const slotMs = bucketSlotMs(e.limit, e.windowMs, e.burst)
   const end1 = e.slot + slotMs
   const end2 = end1 + slotMs
@@ -346,7 +345,6 @@ function fixed(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
     e.start = start
     e.count = 0
   }
-  e.count += req.charge ?? 0
   const granted = grantSize(req.limit - e.count, req.want, req.holders, req.need)
   e.count += granted
   const resetMs = start + req.windowMs - now
@@ -358,7 +356,6 @@ function sliding(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
   const slot = now - (now % slotMs)
   const oldest = slot - SLIDING_SLOTS * slotMs
   const slots = (e.slots ??= new Map())
-  if (req.charge) slots.set(slot, (slots.get(slot) ?? 0) + req.charge)
   let used = 0
   for (const [start, n] of slots) {
     if (start < oldest) slots.delete(start)
@@ -396,10 +393,10 @@ function tokenBucket(e: Entry, req: LeaseRequest, now: number): LeaseGrant {
     e.slot = slot
   }
   e.at = now
-  e.level -= req.charge ?? 0
   const granted = grantSize(Math.floor(e.level), req.want, req.holders, req.need)
   e.level -= granted
-  e.held += granted
+  // The `need` tokens go to the request that asked, at once: used now, not held. Only the rest is held in hand.
+  if (granted > 0) e.held += granted - req.need
   // A lease lasts until the next slot ends.
   const resetMs = slot + 2 * slotMs - now
   const retryMs = granted > 0 ? 0 : bucketRetryMs(e.level, e.held, e.prev, req.need, req.burst, perMs, slot + slotMs - now, slotMs)

@@ -6,6 +6,8 @@ import type { Giveback, LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
  * offline shares (src/limiter/leases.ts) until the primary answers again.
  */
 const REPLY_TIMEOUT_MS = 500
+/** The primary does not answer a request older than this: the worker has given up on it (or is about to). */
+export const STALE_REQUEST_MS = 400
 
 interface Pending {
   readonly resolve: (g: LeaseGrant) => void
@@ -19,6 +21,7 @@ interface Pending {
  */
 export class PrimaryPool implements LeasePool {
   readonly #pending = new Map<number, Pending>()
+  #givebacks: Giveback[] = []
   readonly #send: (msg: LeaseAcquireMessage | LeaseReleaseMessage) => void
   #next = 1
 
@@ -35,12 +38,20 @@ export class PrimaryPool implements LeasePool {
       }, REPLY_TIMEOUT_MS)
       timer.unref()
       this.#pending.set(id, { resolve, reject, timer })
-      this.#send({ meliproxy: 'lease-acquire', id, req })
+      this.#send({ meliproxy: 'lease-acquire', id, req, sent: Date.now() })
     })
   }
 
+  /** Gives tokens back; every give-back of one turn of the event loop goes in one message. */
   release(giveback: Giveback): void {
-    this.#send({ meliproxy: 'lease-release', giveback })
+    this.#givebacks.push(giveback)
+    if (this.#givebacks.length === 1) setImmediate(() => this.#flush())
+  }
+
+  #flush(): void {
+    const givebacks = this.#givebacks
+    this.#givebacks = []
+    if (givebacks.length > 0) this.#send({ meliproxy: 'lease-release', givebacks })
   }
 
   /** Delivers the primary's answer to the request with the same id. */

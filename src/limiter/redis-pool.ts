@@ -19,7 +19,7 @@ import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, 
 
 /*
  * What every acquire script starts with: Redis's clock (so instances with skewed clocks agree), the arguments
- * (limit or rate per window, window ms, want, holders, need, shape, burst, slot ms, charge), grantSize() of
+ * (limit or rate per window, window ms, want, holders, need, shape, burst, slot ms), grantSize() of
  * src/limiter/pool.ts, and the carry-over of a changed rule: when the bucket's state was made under another shape,
  * what that shape counts now is carried into the new one (`fresh` with `carried` units), as MemoryPool does.
  */
@@ -34,26 +34,25 @@ local need = tonumber(ARGV[5])
 local shape = ARGV[6]
 local burst = tonumber(ARGV[7])
 local slotMs = tonumber(ARGV[8])
-local charge = tonumber(ARGV[9])
 local function grantSize(left)
   if left < need or left <= 0 then return 0 end
   return math.max(need, math.min(want, left, math.max(1, math.floor(left / (4 * holders)))))
 end
-local function fill(level, from, to, cap, perMs)
+local function fill(level, from, to, cap, l, w)
   if level >= cap then return level end
-  return math.min(cap, level + (to - from) * perMs)
+  return math.min(cap, level + (to - from) * l / w)
 end
 -- A token bucket's level now (refilled() of src/limiter/pool.ts): to b - h - k until its slot ends, to b - h until
 -- the next one ends, then to b.
-local function refill(lv, at, s, h, k, m, b, pm)
+local function refill(lv, at, s, h, k, m, b, l, w)
   if s < 0 then return lv end
   local e1 = s + m
   local e2 = e1 + m
-  lv = fill(lv, at, math.min(now, e1), b - h - k, pm)
+  lv = fill(lv, at, math.min(now, e1), b - h - k, l, w)
   if now <= e1 then return lv end
-  lv = fill(lv, e1, math.min(now, e2), b - h, pm)
+  lv = fill(lv, e1, math.min(now, e2), b - h, l, w)
   if now <= e2 then return lv end
-  return fill(lv, e2, now, b, pm)
+  return fill(lv, e2, now, b, l, w)
 end
 -- Where the new rule's counting reaches back to (horizonOf() of src/limiter/pool.ts).
 local alg = string.match(shape, '^([%a%-]+)/')
@@ -75,19 +74,21 @@ local function usedBy(old)
     return 0
   end
   if oa == 'sliding' then
+    -- The slots the old rule still counts (its window) that end after the horizon.
     local sm = w / ${SLIDING_SLOTS}
+    local oldest = now - (now % sm) - w
     local all = redis.call('HGETALL', KEYS[1])
     local n = 0
     for i = 1, #all, 2 do
       local s = tonumber(all[i])
-      if s and s + sm > horizon then n = n + tonumber(all[i + 1]) end
+      if s and s >= oldest and s + sm > horizon then n = n + tonumber(all[i + 1]) end
     end
     return n
   end
   local v = redis.call('HMGET', KEYS[1], 'l', 't', 's', 'h', 'k', 'm')
   local lv, at, s, h, m = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), tonumber(v[6])
   if not (lv and at and s and h and m) then return 0 end
-  return math.max(0, b - refill(lv, at, s, h, tonumber(v[5]) or 0, m, b, l / w))
+  return math.max(0, math.ceil(b - refill(lv, at, s, h, tonumber(v[5]) or 0, m, b, l, w) - 1e-9))
 end
 local fresh = false
 local carried = 0
@@ -119,10 +120,9 @@ if not fresh then
   local v = redis.call('HMGET', KEYS[1], 'w', 'c')
   if tonumber(v[1]) == start then c = tonumber(v[2]) or 0 else fresh = true end
 end
-c = c + charge
 local left = limit - c
 local grant = grantSize(left)
-if grant > 0 or carried > 0 or charge > 0 then
+if grant > 0 or carried > 0 then
   redis.call('HSET', KEYS[1], 'w', start, 'c', c + grant, 'v', shape)
   if fresh then redis.call('PEXPIRE', KEYS[1], start + win - now + 1000) end
 end
@@ -150,27 +150,20 @@ if carried > 0 then
   counts[slot] = carried
   used = carried
 elseif not fresh then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local s = tonumber(all[i])
-    if s ~= nil then
-      if s < oldest then
-        redis.call('HDEL', KEYS[1], all[i])
-      else
-        local n = tonumber(all[i + 1])
-        used = used + n
-        if counts[s] == nil then starts[#starts + 1] = s end
-        counts[s] = n
-      end
+  -- Only the slots that can count now are read (the hash also holds give-back records): the current one and the
+  -- ${SLIDING_SLOTS} before it.
+  local fields = {}
+  for i = 0, ${SLIDING_SLOTS} do fields[i + 1] = slot - i * slotMs end
+  local counts0 = redis.call('HMGET', KEYS[1], unpack(fields))
+  for i = 1, #fields do
+    local n = tonumber(counts0[i])
+    if n ~= nil and n > 0 then
+      local s = fields[i]
+      used = used + n
+      starts[#starts + 1] = s
+      counts[s] = n
     end
   end
-end
-if charge > 0 then
-  if counts[slot] == nil then starts[#starts + 1] = slot end
-  counts[slot] = (counts[slot] or 0) + charge
-  used = used + charge
-  redis.call('HINCRBY', KEYS[1], slot, charge)
-  redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
 end
 local left = limit - used
 local grant = grantSize(left)
@@ -178,6 +171,10 @@ if grant > 0 then
   redis.call('HINCRBY', KEYS[1], slot, grant)
   if old ~= shape then redis.call('HSET', KEYS[1], 'v', shape) end
   redis.call('PEXPIRE', KEYS[1], win + slotMs + 1000)
+  -- The window before this one has left it: its slots go (a key granted from at least once a window keeps no more).
+  local gone = {}
+  for i = ${SLIDING_SLOTS} + 1, 2 * ${SLIDING_SLOTS} + 1 do gone[#gone + 1] = slot - i * slotMs end
+  redis.call('HDEL', KEYS[1], unpack(gone))
 end
 local remaining = left - grant
 if remaining < 0 then remaining = 0 end
@@ -221,17 +218,17 @@ else
     oldSlot = tonumber(v[3])
     held = tonumber(v[4])
     prev = tonumber(v[5]) or 0
-    level = refill(tonumber(v[1]), tonumber(v[2]), oldSlot, held, prev, slotMs, burst, perMs)
+    level = refill(tonumber(v[1]), tonumber(v[2]), oldSlot, held, prev, slotMs, burst, limit, win)
   end
 end
 if oldSlot ~= slot then
   if oldSlot >= 0 and oldSlot + slotMs == slot then prev = held else prev = 0 end
   held = 0
 end
-level = level - charge
 local grant = grantSize(math.floor(level))
 level = level - grant
-held = held + grant
+-- The need tokens go to the request that asked, at once: not held (src/limiter/pool.ts).
+if grant > 0 then held = held + grant - need end
 redis.call('HSET', KEYS[1], 'l', tostring(level), 't', now, 's', slot, 'h', held, 'k', prev, 'm', slotMs, 'v', shape)
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - level) / perMs) + 2 * slotMs + 1000)
 local reset = slot + 2 * slotMs - now
@@ -260,7 +257,7 @@ return {grant, remaining, reset, slot, retry}
 `
 
 /*
- * A give-back (or, negative, a charge), for every algorithm. KEYS[1]: the bucket. ARGV: window (or slot) start,
+ * A give-back, for every algorithm. KEYS[1]: the bucket. ARGV: window (or slot) start,
  * tokens, algorithm, shape, holder, seq. Applied at most once per (holder, seq), and only to the window and shape the
  * tokens came from.
  */
@@ -337,7 +334,7 @@ export class RedisPool implements LeasePool {
     const slotMs =
       req.algorithm === 'sliding' ? req.windowMs / SLIDING_SLOTS : req.algorithm === 'token-bucket' ? bucketSlotMs(req.limit, req.windowMs, req.burst) : 0
     const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
-    return this.#acquire[req.algorithm](BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders, req.need, shape, req.burst, slotMs, req.charge ?? 0).then(
+    return this.#acquire[req.algorithm](BUCKET_PREFIX + req.key, req.limit, req.windowMs, req.want, req.holders, req.need, shape, req.burst, slotMs).then(
       (out) => {
         this.#calls.call('acquire', true)
         const o = out as number[]

@@ -20,7 +20,8 @@ export function clientNetwork(ip: string, v6Bits: number): string {
   if (ip.indexOf(':') === -1) return ip // IPv4, the common case: no work and nothing allocated
   const g = GROUPS
   if (!ipv6Groups(ip, g)) return ip
-  if (g[0] === 0 && g[1] === 0 && g[2] === 0 && g[3] === 0 && g[4] === 0 && g[5] === 0xffff) return ip // IPv4-mapped
+  // IPv4-mapped, however it is written (`::FFFF:1.2.3.4`, `0:0:0:0:0:ffff:102:304`): counted as the IPv4 address.
+  if (g[0] === 0 && g[1] === 0 && g[2] === 0 && g[3] === 0 && g[4] === 0 && g[5] === 0xffff) return `${g[6]! >> 8}.${g[6]! & 255}.${g[7]! >> 8}.${g[7]! & 255}`
   for (let i = 0; i < 8; i++) {
     const keep = Math.min(16, Math.max(0, v6Bits - i * 16))
     g[i] = g[i]! & ((0xffff << (16 - keep)) & 0xffff)

@@ -12,7 +12,8 @@ import type { Pipeline, Stage } from './pipeline.js'
  * synchronously; one that needs a lease waits for it. Admitted requests carry RateLimit-* fields; rejected ones get
  * 429 and never reach the cache or the upstream. A request over an `onExceed: delay` rule waits in that bucket's
  * queue (src/limiter/delays.ts) until it fits or the rule's maxDelay passes; a rule that cannot be counted while
- * Redis is down and says `whenRedisDown: deny` answers 503 limiter_unavailable.
+ * Redis is down and says `whenRedisDown: deny`, or whose primary does not answer while the worker has no tokens of it
+ * in hand, answers 503 limiter_unavailable.
  */
 /** A waiting head asks again at least this often (room can come back early: tokens another worker gave back). */
 const RECHECK_MS = 200
@@ -21,7 +22,7 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
   function reject(x: Exchange, p: Pipeline, v: Verdict): void {
     x.limitedBy = v.rule.name
     if (v.unavailable) {
-      return p.reject(x, new MeliproxyError('limiter_unavailable', `rate limit "${v.rule.name}" cannot be counted while Redis is unreachable`))
+      return p.reject(x, new MeliproxyError('limiter_unavailable', `rate limit "${v.rule.name}" cannot be counted while its pool (Redis, or this instance's primary) does not answer`))
     }
     const body = rejectionBody(v)
     const headers = rateLimitHeaders(v)
@@ -40,13 +41,21 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     reject(x, p, v)
   }
 
+  /** A delay rule's bucket of the request that requests already wait on in this worker, as a refusal to queue on. */
+  function queuedBucket(x: Exchange): Verdict | null {
+    for (const b of limiter.rules.bucketsFor(x)) {
+      if (b.rule.delay && queues.waiting(b.key) > 0) return { allowed: false, rule: b.rule, bucket: b.key, remaining: 0, resetMs: 0, unavailable: false }
+    }
+    return null
+  }
+
   /**
    * Waits for room in the refusing bucket, first come first served within this worker: refused at once when the pool
    * says room cannot come within maxDelay for this request and those queued before it; otherwise it waits its turn,
    * then asks again each time the pool says room comes back (at most every RECHECK_MS), and goes on once admitted.
    * Past maxDelay, refused by a rule that does not delay, or Redis gone for a deny rule, it is rejected.
    */
-  async function delay(x: Exchange, p: Pipeline, first: Verdict): Promise<void> {
+  async function delay(x: Exchange, p: Pipeline, first: Verdict, counted = true): Promise<void> {
     const rule = first.rule
     const started = performance.now()
     // Each request queued ahead needs its cost to come back first: at the rate, for a token bucket; a window's room
@@ -64,7 +73,7 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     }
     let v: Verdict | null
     try {
-      v = await waitForRoom(x, ticket.turn, first, started + rule.maxDelayMs)
+      v = await waitForRoom(x, ticket.turn, first, started + rule.maxDelayMs, counted)
     } catch (err) {
       log.error('limiter failed while a request waited; request let through', { error: (err as Error).message })
       v = null
@@ -81,11 +90,13 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
   }
 
   /** The last verdict once it admits, or once waiting more is no use; null when no rule governs the request now. */
-  async function waitForRoom(x: Exchange, turn: Promise<void>, first: Verdict, deadline: number): Promise<Verdict | null> {
+  async function waitForRoom(x: Exchange, turn: Promise<void>, first: Verdict, deadline: number, counted: boolean): Promise<Verdict | null> {
     if (!(await DelayQueues.until(turn, deadline - performance.now(), x.res))) return first
     let v = first
     for (;;) {
-      const again = limiter.check(x, true)
+      // A request that queued without being decided (others were waiting) is counted on its first decision.
+      const again = limiter.check(x, counted)
+      counted = true
       if (again === null) return null // the rule went away meanwhile
       v = again instanceof Promise ? await again : again
       if (v.allowed || !v.rule.delay || v.unavailable) return v
@@ -96,6 +107,12 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
   }
 
   return (x, p) => {
+    // First come, first served: while requests wait on a bucket of a delay rule, a new one for it queues behind them
+    // rather than taking the room they wait for.
+    if (queues.total > 0) {
+      const queued = queuedBucket(x)
+      if (queued !== null) return void delay(x, p, queued, false)
+    }
     const verdict = limiter.check(x)
     if (verdict === null) return p.next(x)
     if (!(verdict instanceof Promise)) return decided(x, p, verdict)

@@ -1,4 +1,4 @@
-import { LeaseTable, POOL_RETRY_MS, SWEEP_MS, type TakeItem, type TakeResult } from '../../src/limiter/leases.js'
+import { LeaseTable, SWEEP_MS, type TakeItem, type TakeResult } from '../../src/limiter/leases.js'
 import { MemoryPool, shapeOf, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
 
 /**
@@ -114,7 +114,7 @@ export function random(seed: number): () => number {
 
 /**
  * A worker's table, as the primary's pool is used: never open (a pool that fails or does not answer leaves the worker
- * deciding on its offline shares), a holder id per worker life, the simulated monotonic clock.
+ * deciding from its tokens in hand), a holder id per worker life, the simulated monotonic clock.
  */
 function makeTable(p: LeasePool, holders: number, holder: string, now: () => number, open: boolean): LeaseTable {
   return new LeaseTable(p, holders, { leased() {}, returned() {} }, { offline: !open, holder, now })
@@ -199,7 +199,7 @@ class Epoch {
  * Bounds of one bucket. Admissions are stamped with the pool's wall clock (the frame its windows live in) and checked
  * against the rule they were taken under: each rule change starts an epoch, and what the old rule admitted in its
  * window or span current at the change is carried in at the times it was admitted (capped at the new limit or
- * burst). `allowance` sums what the faults so far may add (stall shares, clock steps).
+ * burst). `allowance` sums what the faults so far may add (clock steps).
  */
 class BucketCheck {
   allowance = 0
@@ -215,26 +215,38 @@ class BucketCheck {
   }
 
   /**
-   * The rule changes at wall time w: what the old rule admitted in its window or span current at the change is
-   * carried into the new epoch at the times it was admitted (the latest first, up to the new limit or burst), so the
-   * new rule's windows and spans count it where it happened.
+   * The rule changes at wall time w. The pool converts a bucket when the first request under the new rule reaches it,
+   * carrying what the old rule still counts then; so the new epoch takes, at its first admission t, what the old rule
+   * admitted in its window or span current at t, at the times it was admitted (the latest first, up to the new limit
+   * or burst): the new rule's windows and spans count it where it happened.
    */
   change(rule: Rule, w: number): void {
-    const cap = rule.algorithm === 'token-bucket' ? rule.burst : rule.limit
-    const old = this.epochs.at(-1)!.current(w).sort((a, b) => b.t - a.t)
-    const e = new Epoch(rule)
+    void w
+    this.#carryFrom = this.epochs.at(-1)!
+    this.epochs.push(new Epoch(rule))
+  }
+
+  /** The epoch whose admissions the latest one has yet to take over (at its first admission). */
+  #carryFrom: Epoch | null = null
+
+  #carry(t: number): void {
+    const from = this.#carryFrom
+    this.#carryFrom = null
+    if (from === null) return
+    const e = this.epochs.at(-1)!
+    const cap = e.rule.algorithm === 'token-bucket' ? e.rule.burst : e.rule.limit
     let carried = 0
-    for (const st of old) {
+    for (const st of from.current(t).sort((a, b) => b.t - a.t)) {
       if (carried >= cap) break
       const u = Math.min(st.u, cap - carried)
       e.add(st.t, u)
       carried += u
     }
-    this.epochs.push(e)
   }
 
   /** Records an admission under epoch `epoch`; returns a description when it goes beyond the bounds. */
   admit(t: number, u: number, epoch = this.epochs.length - 1): string | null {
+    if (epoch === this.epochs.length - 1) this.#carry(t)
     this.all.push({ t, u })
     const e = this.epochs[epoch]!
     const excess = e.add(t, u)
@@ -255,7 +267,7 @@ class BucketCheck {
 /** How to run: `makePool` replaces the MemoryPool (e.g. with a broken one); `open` builds tables that fail open. */
 export interface RunOptions {
   readonly makePool?: (now: () => number) => ModelPool
-  /** Tables without offline shares: a failed acquire rejects the take, and the request goes through uncounted. */
+  /** Tables that fail open: a failed acquire rejects the take, and the request goes through uncounted. */
   readonly open?: boolean
 }
 
@@ -297,23 +309,8 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
   const latency = (): number => s.rttMs + Math.floor(rnd() * (s.jitterMs + 1))
   let tick = 0
   let stalledUntil = -1
-  /** The end of the latest offline time a stall may cause (see stall()). */
-  let offlineUntil = -1
   let dupUntil = -1
   let dupDelay = 0
-  /**
-   * What each worker was last told per bucket key, as its table keeps it (src/limiter/leases.ts #granted, #release):
-   * the pool's remaining plus what it gave back since, and until when (monotonic) the lease holds. An offline share
-   * is 1/holders of that remaining while the lease holds.
-   */
-  interface Told {
-    shape: string
-    windowStart: number
-    remaining: number
-    expiresAt: number
-  }
-  const lastGrant: Map<string, Told>[] = Array.from({ length: H }, () => new Map())
-
   class HolderPool implements LeasePool {
     constructor(readonly holder: number, readonly gen: number) {}
     acquire(req: LeaseRequest): Promise<LeaseGrant> {
@@ -327,20 +324,15 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
             reject(new Error(`the pool did not answer within ${s.timeoutMs} ms`))
           },
         })
-        const sent = mono
         schedule(tick + latency(), () => {
           const g = memory.acquire(req) // applied even when nobody waits for it any more (as the primary and Redis do)
           if (settled) return
           settled = true
-          if (workers[this.holder]!.gen === this.gen) told(this.holder, req, g, sent)
           resolve(g)
         })
       })
     }
     release(...args: Parameters<LeasePool['release']>): void {
-      const [g] = args
-      const last = lastGrant[this.holder]!.get(g.key)
-      if (workers[this.holder]!.gen === this.gen && last !== undefined && g.tokens > 0) last.remaining += g.tokens
       const at = tick + latency()
       schedule(at, () => memory.release(...args))
       if (tick < dupUntil) schedule(at + dupDelay, () => memory.release(...args))
@@ -348,15 +340,6 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
   }
 
   const workers = Array.from({ length: H }, (_, h) => ({ gen: 0, table: makeTable(new HolderPool(h, 0), H, `h${h}.0`, monoNow, open) as LeaseTable | null }))
-
-  function told(h: number, req: LeaseRequest, g: LeaseGrant, sent: number): void {
-    const shape = shapeOf(req.algorithm, req.limit, req.windowMs, req.burst)
-    const prev = lastGrant[h]!.get(req.key)
-    let expiresAt = sent + g.resetMs
-    // A table keeps the earlier end when nothing was granted; taking the earlier one here errs towards a larger share.
-    if (g.granted === 0 && prev !== undefined && prev.shape === shape && prev.windowStart === g.windowStart) expiresAt = Math.min(prev.expiresAt, expiresAt)
-    lastGrant[h]!.set(req.key, { shape, windowStart: g.windowStart, remaining: g.remaining, expiresAt })
-  }
 
   const flush = (): Promise<void> => new Promise((r) => setImmediate(r))
 
@@ -410,8 +393,7 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
     for (; fi < faults.length && faults[fi]!.at <= tick; fi++) {
       const f = faults[fi]!
       if (f.kind === 'stall') {
-        stalledUntil = Math.max(stalledUntil, tick + f.ms)
-        stall(f.ms)
+        stalledUntil = Math.max(stalledUntil, tick + f.ms) // adds nothing to any bound (tokens in hand only)
       } else if (f.kind === 'dup') {
         dupUntil = Math.max(dupUntil, tick + f.ms)
         dupDelay = f.delayMs
@@ -420,15 +402,12 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
         if (workers[h]!.table !== null) {
           workers[h]!.table = null
           workers[h]!.gen++
-          lastGrant[h]!.clear()
           respawns.push({ at: tick + f.respawnMs, holder: h })
         }
       } else if (f.kind === 'rule') {
         const b = f.bucket % rules.length
         rules[b] = f.rule
         checks[b]!.change(f.rule, wall())
-        // Changed while workers may be offline: the rest of that time on shares of the new rule.
-        if (offlineUntil > mono) checks[b]!.allowance += shares(b, offlineUntil, false)
         for (const w of workers) (w.table as { clearExhausted?: () => void } | null)?.clearExhausted?.()
       } else {
         const before = wall()
@@ -485,38 +464,6 @@ export async function runScenario(s: Scenario, options: RunOptions = {}): Promis
     }
     if ((tick + 1) % SWEEP_MS === 0) for (const w of workers) w.table?.sweep()
     if (busy) await flush()
-  }
-
-  /**
-   * A stall of `ms` starts. Workers decide offline from the first failed acquire (at most timeoutMs in) until an
-   * acquire succeeds again (at most POOL_RETRY_MS after the stall ends), each on its offline share per bucket
-   * (src/limiter/leases.ts #openShare): 1/holders of what the pool last told it was left, while that lease lasts
-   * (a fixed window's share lasts to the lease's end), else 1/holders of the limit (the burst); a share lasts one
-   * window, then a new one opens. So each bucket may admit, on top of its bounds, per worker: the first share, plus
-   * one of the limit (burst) / holders for each further window of that offline time.
-   */
-  function stall(ms: number): void {
-    const offEnd = mono + ms + s.timeoutMs + POOL_RETRY_MS
-    offlineUntil = Math.max(offlineUntil, offEnd)
-    for (let b = 0; b < rules.length; b++) checks[b]!.allowance += shares(b, offEnd, true)
-  }
-
-  /** The offline shares bucket b's workers may open until offEnd; `told`: the first may be of what was left. */
-  function shares(b: number, offEnd: number, told: boolean): number {
-    const rule = rules[b]!
-    const whole = rule.algorithm === 'token-bucket' ? rule.burst : rule.limit
-    let n = 0
-    for (let h = 0; h < H; h++) {
-      const g = !told || workers[h]!.table === null ? undefined : lastGrant[h]!.get(`b${b}`)
-      // The first share is of what was left only if the lease still holds when it opens: certainly so for a fixed
-      // window's lease that holds now (its share ends with it), and for the others only if it outlasts the outage.
-      const valid = g !== undefined && g.shape === shapeOfRule(rule)
-      const known = valid && (rule.algorithm === 'fixed' ? g.expiresAt > mono : g.expiresAt > offEnd)
-      const firstEnd = known && rule.algorithm === 'fixed' ? g.expiresAt : mono + rule.windowMs
-      const further = Math.max(0, Math.ceil((offEnd - firstEnd) / rule.windowMs))
-      n += Math.floor((known ? g.remaining : whole) / H) + further * Math.floor(whole / H)
-    }
-    return n
   }
 
   /** The wall clock stepped: each bucket may admit more, as README states per algorithm. */

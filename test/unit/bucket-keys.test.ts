@@ -130,7 +130,7 @@ t.test('per: ip counts an IPv6 client by its /64 (or the prefix set), an IPv4 cl
   t.not(r.bucketKey(facts('2001:db8:1:2::1')), r.bucketKey(facts('2001:db8:1:3::1')), 'the next /64 is another bucket')
   t.equal(r.bucketKey(facts('203.0.113.9')), 'r|203.0.113.9')
   t.not(r.bucketKey(facts('203.0.113.9')), r.bucketKey(facts('203.0.113.10')), 'IPv4 is never grouped')
-  t.equal(r.bucketKey(facts('::ffff:203.0.113.9')), 'r|::ffff:203.0.113.9', 'nor is an IPv4-mapped address')
+  t.equal(r.bucketKey(facts('::ffff:203.0.113.9')), 'r|203.0.113.9', 'an IPv4-mapped address is its IPv4 address')
   const wide = rule({ per: ['ip'] }, 0, 48)
   t.equal(wide.bucketKey(facts('2001:db8:1:2::1')), wide.bucketKey(facts('2001:db8:1:3::1')), 'a /48 takes both')
   const exact = new RuleSet(parseRules([{ name: 'r', per: ['ip'], limit: 1, window: '1m' }]), [], [], 1, { ipv6Prefix: 128 })

@@ -22,10 +22,8 @@ import { checkerFor, itemOf, runScenario, type Burst, type Fault, type ModelPool
  *   one admitted in its window (fixed) or last W (sliding) current at the change, capped at the new limit (burst), as
  *   admitted in its current window or span (a token bucket carries nothing in this check: a weaker one).
  * - duplicated give-backs, a worker dying with tokens in hand: nothing more (exact).
- * - a pool stall of D ms: workers are offline from the first timed-out acquire until one succeeds again (at most
- *   D + timeout + POOL_RETRY_MS); a bucket may admit, in total, per worker, 1/holders of what the pool last told it
- *   was left (while that lease lasts; else of the limit, the burst for a token bucket), plus 1/holders of the limit
- *   (burst) for each further window of that offline time.
+ * - a pool stall: nothing more (exact): while the pool does not answer, workers admit only from tokens in hand, which
+ *   the pool already counted, and refuse the rest as unavailable.
  * - a step of the pool's wall clock crossing j >= 1 fixed windows: (j + 1) x limit in total (a step back reopens
  *   windows, a step forward lets tokens in hand be used in the next); sliding: limit (2 x limit back); token bucket:
  *   burst (2 x burst back). The tables' leases live by their monotonic clock, so only the pool sees the step.

@@ -29,7 +29,7 @@ t.test('bad CIDRs are reported, not thrown', async (t) => {
   t.match(parseCidr('nope'), /not an IP/)
 })
 
-t.test('clientNetwork: an IPv6 client is its network in RFC 5952 form; IPv4 and IPv4-mapped stay the address', async (t) => {
+t.test('clientNetwork: an IPv6 client is its network in RFC 5952 form; IPv4 stays the address, and IPv4-mapped in any form becomes it', async (t) => {
   t.equal(clientNetwork('2001:db8:1:2:3:4:5:6', 64), '2001:db8:1:2::/64')
   t.equal(clientNetwork('2001:db8:1:2::ffff', 64), '2001:db8:1:2::/64', 'another address of the same /64')
   t.equal(clientNetwork('2001:0DB8:0001:0002:0000:0000:0000:0001', 64), '2001:db8:1:2::/64', 'any spelling of it')
@@ -47,8 +47,10 @@ t.test('clientNetwork: an IPv6 client is its network in RFC 5952 form; IPv4 and 
   t.equal(clientNetwork('2001:db8:0:1:1:1:1:1', 128), '2001:db8:0:1:1:1:1:1/128', 'one zero group is not ::')
 
   t.equal(clientNetwork('203.0.113.9', 64), '203.0.113.9', 'IPv4: the address')
-  t.equal(clientNetwork('::ffff:203.0.113.9', 64), '::ffff:203.0.113.9', 'IPv4-mapped: the address')
-  t.equal(clientNetwork('::ffff:cb00:7109', 64), '::ffff:cb00:7109', 'IPv4-mapped in hex too')
+  t.equal(clientNetwork('::ffff:203.0.113.9', 64), '203.0.113.9', 'IPv4-mapped: the IPv4 address')
+  t.equal(clientNetwork('::ffff:cb00:7109', 64), '203.0.113.9', 'IPv4-mapped in hex too')
+  t.equal(clientNetwork('::FFFF:203.0.113.9', 64), '203.0.113.9', 'in capitals')
+  t.equal(clientNetwork('0:0:0:0:0:ffff:203.0.113.9', 64), '203.0.113.9', 'written out in full')
   t.equal(clientNetwork('not:an:address', 64), 'not:an:address', 'not an address: unchanged')
   t.equal(clientNetwork('', 64), '')
 })
