@@ -3,7 +3,6 @@ import type { Dispatcher } from 'undici'
 import type { Departure, Exchange, UpstreamTap } from '../exchange.js'
 import { clientResponseHeaders } from '../proxy/headers.js'
 import { ageMs, ownBytes, type CacheEntry } from './entry.js'
-import type { HttpCache } from './http-cache.js'
 
 type Controller = Dispatcher.DispatchController
 /** The handler that relays the answer to the client (src/proxy/relay.ts). */
@@ -11,6 +10,18 @@ export type ClientHandler = Dispatcher.DispatchHandler & Departure
 
 /** What a fetch is for: a miss others wait on, a fetch of one client's own, or a background refresh (no client). */
 export type FetchRole = 'lead' | 'own' | 'refresh'
+
+/** What a fill needs of the cache it fills (src/cache/http-cache.ts HttpCache): decided there, called from here. */
+export interface FillTarget {
+  readonly maxObjectBytes: number
+  storable(x: Exchange, status: number, headers: IncomingHttpHeaders): boolean
+  entryFrom(x: Exchange, status: number, statusMessage: string, clientHeaders: readonly string[], body: Buffer, requestTime: number, responseTime: number): CacheEntry | null
+  refreshed(x: Exchange, stale: CacheEntry, notModifiedHeaders: readonly string[], requestTime: number, responseTime: number): CacheEntry | null
+  store(key: string, entry: CacheEntry): void
+  relayed(): void
+  answerFetched(x: Exchange, e: CacheEntry, revalidated: boolean): void
+  fetched(key: string, role: FetchRole, stored: CacheEntry | null): void
+}
 
 const ERROR_STATUS = new Set([500, 502, 503, 504])
 
@@ -23,7 +34,7 @@ const ERROR_STATUS = new Set([500, 502, 503, 504])
  */
 export class CacheFill implements Dispatcher.DispatchHandler, UpstreamTap, Departure {
   readonly validators: string[] | null
-  readonly #cache: HttpCache
+  readonly #cache: FillTarget
   readonly #x: Exchange
   readonly #key: string
   readonly #stale: CacheEntry | null
@@ -44,7 +55,7 @@ export class CacheFill implements Dispatcher.DispatchHandler, UpstreamTap, Depar
   #stored: CacheEntry | null = null
   #refreshed: CacheEntry | null = null
 
-  constructor(cache: HttpCache, x: Exchange, key: string, stale: CacheEntry | null, validators: string[] | null, role: FetchRole) {
+  constructor(cache: FillTarget, x: Exchange, key: string, stale: CacheEntry | null, validators: string[] | null, role: FetchRole) {
     this.#cache = cache
     this.#x = x
     this.#key = key

@@ -1,0 +1,90 @@
+import { readdirSync, readFileSync, statSync } from 'node:fs'
+import { dirname, join, relative, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import t from 'tap'
+
+/**
+ * The import graph of src/ (type imports included): no cycle anywhere, and the ground modules (errors, log, values,
+ * net, metrics) import nothing of meliproxy's but each other.
+ */
+
+const SRC = fileURLToPath(new URL('../../src/', import.meta.url))
+const GROUND = ['errors.ts', 'log.ts', 'values.ts', 'metrics.ts', 'net/ip.ts', 'net/client-ip.ts']
+
+function sources(dir: string): string[] {
+  return readdirSync(dir).flatMap((name) => {
+    const path = join(dir, name)
+    if (statSync(path).isDirectory()) return sources(path)
+    return path.endsWith('.ts') ? [path] : []
+  })
+}
+
+/** Every module of src/ and the modules of src/ it imports (relative specifiers, `.js` mapped to `.ts`). */
+function graph(): Map<string, string[]> {
+  const g = new Map<string, string[]>()
+  for (const file of sources(SRC)) {
+    const text = readFileSync(file, 'utf8')
+    const deps = [...text.matchAll(/^(?:import|export)\b[^'"]*?from\s+'(\.{1,2}\/[^']+)'/gm)].map((m) => resolve(dirname(file), m[1]!.replace(/\.js$/, '.ts')))
+    g.set(relative(SRC, file), deps.map((d) => relative(SRC, d)))
+  }
+  return g
+}
+
+/** The strongly connected components with more than one module, or a module importing itself (Tarjan). */
+function cycles(g: Map<string, string[]>): string[][] {
+  let next = 0
+  const index = new Map<string, number>()
+  const low = new Map<string, number>()
+  const stack: string[] = []
+  const onStack = new Set<string>()
+  const found: string[][] = []
+  const visit = (v: string): void => {
+    index.set(v, next)
+    low.set(v, next++)
+    stack.push(v)
+    onStack.add(v)
+    for (const w of g.get(v) ?? []) {
+      if (!g.has(w)) continue
+      if (!index.has(w)) {
+        visit(w)
+        low.set(v, Math.min(low.get(v)!, low.get(w)!))
+      } else if (onStack.has(w)) low.set(v, Math.min(low.get(v)!, index.get(w)!))
+    }
+    if (low.get(v) === index.get(v)) {
+      const scc: string[] = []
+      let w: string
+      do {
+        w = stack.pop()!
+        onStack.delete(w)
+        scc.push(w)
+      } while (w !== v)
+      if (scc.length > 1 || (g.get(v) ?? []).includes(v)) found.push(scc.sort())
+    }
+  }
+  for (const v of g.keys()) if (!index.has(v)) visit(v)
+  return found
+}
+
+t.test('src/ has no import cycle, type imports included', async (t) => {
+  const g = graph()
+  t.ok(g.size > 50, `${g.size} modules read`)
+  t.same(cycles(g), [])
+})
+
+t.test('ground modules import nothing of meliproxy but other ground modules', async (t) => {
+  const g = graph()
+  for (const m of GROUND) {
+    t.ok(g.has(m), `${m} exists`)
+    t.same((g.get(m) ?? []).filter((d) => !GROUND.includes(d)), [], `${m} imports no domain`)
+  }
+})
+
+t.test('the checker finds a cycle when there is one', async (t) => {
+  const g = new Map([
+    ['a.ts', ['b.ts']],
+    ['b.ts', ['c.ts']],
+    ['c.ts', ['a.ts']],
+    ['d.ts', ['a.ts']],
+  ])
+  t.same(cycles(g), [['a.ts', 'b.ts', 'c.ts']])
+})
