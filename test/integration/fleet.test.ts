@@ -8,7 +8,7 @@ import { startUpstream } from '../helpers/upstream.js'
 
 /** `npm run fleet`: Redis + sentinels, N instances and HAProxy in one command, and nothing left after Ctrl-C. */
 
-const FLEET = fileURLToPath(new URL('../../dist/fleet.js', import.meta.url))
+const FLEET = fileURLToPath(new URL('../../build/tools/fleet.js', import.meta.url))
 const hasTools = ['redis-server', 'haproxy'].every((c) => spawnSync('sh', ['-c', `command -v ${c}`]).status === 0)
 
 /** Every process below `pid`, depth first. */

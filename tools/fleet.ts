@@ -12,8 +12,8 @@ import { fileURLToPath } from 'node:url'
  * stops everything it started, in order: HAProxy, the instances (each drains), then Redis; nothing is left running.
  */
 
-const BIN = fileURLToPath(new URL('../bin/meliproxy', import.meta.url))
-const HAPROXY_CFG = fileURLToPath(new URL('../config/haproxy.cfg', import.meta.url))
+const BIN = fileURLToPath(new URL('../../bin/meliproxy', import.meta.url))
+const HAPROXY_CFG = fileURLToPath(new URL('../../config/haproxy.cfg', import.meta.url))
 const EXIT_USAGE = 2
 
 function usage(message: string): never {
