@@ -365,6 +365,11 @@ export class LeaseTable {
     // A token bucket counts a grant's `need` tokens as used at once (src/limiter/pool.ts): the requests waiting on
     // this refill decide in this turn of the loop, and what they leave of those tokens is dropped, never kept in hand.
     if (l.algorithm === 'token-bucket' && g.granted > 0) {
+      // An answer slower than its lease: the surplus is void, but the asked-for tokens still serve this turn.
+      if (l.expiresAt <= now) {
+        l.tokens = Math.min(l.tokens, need)
+        l.expiresAt = now + 1
+      }
       const most = l.tokens - need
       const grant = ++l.grants
       setImmediate(() => {

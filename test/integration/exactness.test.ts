@@ -158,7 +158,9 @@ t.test('a token bucket sustains its rate: at least 0.95 x (burst + rate x T), at
     // The lower bound is burst + rate x T while the client keeps sending faster than the rate; on a machine so busy
     // that it fell behind, what one exact bucket would have admitted for the same arrivals (never more than that).
     const exact = idealBucket(r.sentAt, c.burst, c.perSecond)
-    const low = 0.95 * Math.min(span, exact)
+    // 95% of it, or all of it but one token: a small count (11 in 10 s at 1/s) cannot lose 5% without losing one, and
+    // a burst-1 bucket may lose a token to lease timing (docs/rate-limits.md: the sustained rate).
+    const low = Math.min(0.95 * Math.min(span, exact), Math.min(span, exact) - 1)
     const high = c.burst + (c.perSecond * r.outerMs) / 1000 + BUCKET_EXCESS
     const gaps = r.sentAt.slice(1).map((at, j) => at - r.sentAt[j]!)
     t.comment(
@@ -169,7 +171,7 @@ t.test('a token bucket sustains its rate: at least 0.95 x (burst + rate x T), at
     t.same(r.errors, [], `${c.path}: no request failed`)
     t.ok(r.sent >= (c.ms / 50) * 0.5, `${c.path}: the client kept up its rate (${r.sent} sent)`)
     t.same(Object.keys(r.byStatus).filter((s) => s !== '200' && s !== '429'), [], `${c.path}: only 200 and 429`)
-    t.ok(r.admitted >= low, `${c.path}: sustains its rate: ${r.admitted} admitted >= 0.95 x ${Math.min(span, exact).toFixed(1)} = ${low.toFixed(1)}`)
+    t.ok(r.admitted >= low, `${c.path}: sustains its rate: ${r.admitted} admitted >= 0.95 x ${Math.min(span, exact).toFixed(1)} (or all but one) = ${low.toFixed(1)}`)
     t.ok(r.admitted <= high, `${c.path}: never more than burst + rate x T + ${BUCKET_EXCESS}: ${r.admitted} <= ${high.toFixed(1)}`)
   }
   // Only these two rules have run so far: tokens leased and not admitted were given back, or lost (a lease that ended
