@@ -52,6 +52,8 @@ export class Exchange implements RequestFacts, ExchangeResult {
   shadowLimitedBy: string | undefined = undefined
   /** Index of the pipeline stage it goes to next (src/pipeline/pipeline.ts). */
   stage = 0
+  /** Set once it is recorded (src/proxy/reply.ts: once, from the response's close or its connection's). */
+  recorded = false
   /** The error code the proxy refused it with (guards), for the access log. */
   reason: string | undefined = undefined
   /** X-Cache value it was answered with (HIT, MISS, STALE, BYPASS), for the access log and the answer. */

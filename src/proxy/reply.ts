@@ -83,7 +83,11 @@ export type EndListener = (this: ServerResponse) => void
 export function onResponseEnd(record: (x: Exchange) => void): EndListener {
   return function ended(this: Tagged): void {
     const x = this[EXCHANGE]!
-    if (!this.writableEnded) {
+    if (x.recorded) return
+    x.recorded = true
+    // Not delivered: not ended, or still queued behind an earlier answer of a pipelined connection (never given the
+    // socket, so never finished; a delivered answer is finished and then detached from it).
+    if (!this.writableEnded || (this.socket === null && !this.writableFinished)) {
       x.departure?.clientLeft()
       if (x.error === null) x.status = 0
     }
@@ -95,6 +99,9 @@ export function onResponseEnd(record: (x: Exchange) => void): EndListener {
 export function track(x: Exchange, ended: EndListener): void {
   ;(x.res as Tagged)[EXCHANGE] = x
   x.res.on('close', ended)
+  // An answer queued behind an earlier one of a pipelined connection gets no 'close' of its own if the connection
+  // dies before its turn (Node 20): the connection's close records it then (rare: a closure only for these).
+  if (x.res.socket === null) x.req.socket.once('close', () => ended.call(x.res as Tagged))
 }
 
 /** What the proxy answers to bytes the parser refused: the status, our error code, and the raw response. */

@@ -173,3 +173,18 @@ t.test('a corpus of malformed and ambiguous requests: the upstream sees nothing 
   t.ok(upstream.seen.filter((s) => s.url.startsWith('/echo/c0-')).length === 3, 'three valid pipelined requests were all forwarded')
   t.ok(forwarded >= 10, `${forwarded} requests of the corpus reached the upstream`)
 })
+
+t.test('an answer cut mid-body with another queued behind it: both are recorded, and nothing stays in flight', async (t) => {
+  upstream.route('/trunc', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '100000' })
+    res.write('x'.repeat(1_000))
+    setTimeout(() => res.destroy(), 100) // the upstream breaks off its answer after the head went out
+  })
+  upstream.route('/queued', (_req, res) => res.end('ok'))
+  await rawExchange(proxy.port, `GET /trunc/1 HTTP/1.1\r\n${H}\r\nGET /queued/1 HTTP/1.1\r\n${H}\r\n`, 2_000)
+  const logged = await waitFor(() => accessLines().some((l) => l.path === '/queued/1'), 5_000)
+  t.ok(logged, 'the queued request has its access-log line')
+  t.ok(accessLines().some((l) => l.path === '/trunc/1'), 'and so has the cut one')
+  const idle = await waitFor(async () => sumMetric((await admin(proxy, '/metrics')).text, 'meliproxy_in_flight_requests') === 0, 5_000)
+  t.ok(idle, 'no request stays counted in flight (a drain would wait for it)')
+})
