@@ -103,6 +103,8 @@ function parseRule(raw: unknown, index: number): RuleSpec {
   }
   if (raw.window === undefined) throw new ConfigError(`${field}.window`, 'is required (e.g. 1m)')
   const windowMs = parsed(`${field}.window`, () => duration(raw.window, WINDOW))
+  // Whole seconds: RateLimit-Policy states the window as `w=<seconds>`, an integer.
+  if (windowMs % 1_000 !== 0) throw new ConfigError(`${field}.window`, `${JSON.stringify(raw.window)} is not a whole number of seconds`)
 
   const match: { ip?: string[]; path?: string[]; method?: string[]; header?: Record<string, string> } = {}
   if (raw.match !== undefined) {
