@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -10,6 +10,7 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { LeaseTable, SWEEP_MS, type TakeItem } from '../src/limiter/leases.js'
 import { MemoryPool, shapeOf, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from '../src/limiter/pool.js'
+import { childPids, rssMb } from './procs.js'
 
 /**
  * `npm run bench -- --buckets`: memory and sweep pauses with many distinct per-client buckets (issue 19, item 6).
@@ -65,31 +66,6 @@ const WARM_SECONDS = 4
 const WARM_CLIENTS = 40_000
 
 const LOAD_CHILD = 'buckets-load'
-
-/** The pids of a process's children (a primary's workers), from /proc. */
-function childPids(pid: number): number[] {
-  const out: number[] = []
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue
-    try {
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) out.push(Number(entry))
-    } catch {
-      // gone
-    }
-  }
-  return out.sort((a, b) => a - b)
-}
-
-/** A process's resident set size in MB (/proc/PID/status), 0 once it is gone. */
-function rssMb(pid: number): number {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
-    return m ? Number(m[1]) / 1024 : 0
-  } catch {
-    return 0
-  }
-}
 
 /** CPU time (user + system) a process has used, in seconds (/proc/PID/stat, in clock ticks of 1/100 s). */
 function cpuSeconds(pid: number): number {

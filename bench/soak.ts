@@ -1,7 +1,8 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { childPids, rssMb } from './procs.js'
 
 /**
  * `npm run bench -- --soak`: memory under a long stream of distinct URLs. meliproxy (cache on, L1 bounded) serves
@@ -11,29 +12,6 @@ import { join } from 'node:path'
 
 /** What a worker holds besides L1: V8 heap of the code, undici and ioredis buffers, socket buffers, metrics. */
 export const OVERHEAD_MB = 180
-
-function childPids(pid: number): number[] {
-  const out: number[] = []
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue
-    try {
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
-      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) out.push(Number(entry))
-    } catch {
-      // gone
-    }
-  }
-  return out
-}
-
-function rssMb(pid: number): number {
-  try {
-    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
-    return m ? Number(m[1]) / 1024 : 0
-  } catch {
-    return 0
-  }
-}
 
 export interface SoakOptions {
   readonly seconds: number
