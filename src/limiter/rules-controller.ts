@@ -1,5 +1,5 @@
 import type { Redis } from 'ioredis'
-import type { Config } from '../config.js'
+import { deepFreeze, type Config } from '../config.js'
 import { ErrorCodes, MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import { BUCKET_PREFIX, LIMITS_RESET_CHANNEL, RULES_CHANNEL } from '../redis/keys.js'
@@ -242,5 +242,5 @@ function sameGenerations(a: Generations, b: Generations): boolean {
 
 /** The config with another rule set in force. */
 export function withRules(config: Config, rules: CompiledVersion): Config {
-  return { ...config, limits: rules.limits, allow: rules.allow, deny: rules.deny }
+  return deepFreeze({ ...config, limits: rules.limits, allow: rules.allow, deny: rules.deny })
 }
