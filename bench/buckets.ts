@@ -9,7 +9,8 @@ import { fileURLToPath } from 'node:url'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { LeaseTable, SWEEP_MS, type TakeItem } from '../src/limiter/leases.js'
-import { MemoryPool, shapeOf, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from '../src/limiter/pool.js'
+import { MemoryPool, shapeOf, type LeasePool } from '../src/limiter/pool.js'
+import type { Giveback, LeaseGrant, LeaseRequest } from '../src/limiter/types.js'
 import { childPids, rssMb } from './procs.js'
 
 /**

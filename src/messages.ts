@@ -1,9 +1,8 @@
-import type { Purge } from './cache/http-cache.js'
-import type { Giveback, LeaseGrant, LeaseRequest } from './limiter/pool.js'
-import type { Generations, RuleSpec } from './limiter/rules.js'
+import type { Purge } from './cache/types.js'
+import type { Generations, Giveback, LeaseGrant, LeaseRequest, RuleSpec } from './limiter/types.js'
 import type { Cidr } from './net/ip.js'
-import type { BreakerState } from './proxy/breaker.js'
-import type { StatsBatch } from './stats/batch.js'
+import type { BreakerState } from './proxy/types.js'
+import type { StatsBatch } from './stats/types.js'
 
 /**
  * Every message between the primary and its workers, split by direction (ToPrimary, ToWorker); each side

@@ -11,6 +11,7 @@ import { CacheFill, type FetchRole } from './fill.js'
 import type { CacheMetrics, CacheResult, CacheTier } from './metrics.js'
 import { allowsStale, initialAgeMs, parseHttpDate, requestDirectives, responsePolicy, usableFresh, type RequestDirectives, type StoreRules } from './policy.js'
 import { pathGlobMatcher, type Found, type Tiers } from './tiers.js'
+import type { CacheRule, Purge } from './types.js'
 
 /**
  * The shared HTTP cache in front of the upstream (RFC 9111, RFC 5861), for GET and HEAD; the cache stage of the
@@ -35,21 +36,6 @@ export interface CacheIO {
   readonly upstream: Refresher
   /** Tells every worker of every instance to drop keys (or a path glob) from L1 and L2. */
   publishPurge(purge: Purge): void
-}
-
-/** Keys or a path glob to drop. */
-export interface Purge {
-  readonly keys?: readonly string[]
-  readonly glob?: string
-}
-
-/** A per-path-pattern override. */
-export interface CacheRule {
-  readonly path: string
-  /** Freshness for cacheable responses that carry none, ms. */
-  readonly ttlMs?: number
-  /** Never cache these paths. */
-  readonly bypass?: boolean
 }
 
 /** Cache settings. */

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto'
 import type { Redis } from 'ioredis'
 import type { Logger } from '../log.js'
 import { PURGE_CHANNEL } from '../redis/keys.js'
-import type { Purge } from './http-cache.js'
+import type { Purge } from './types.js'
 import { dropSharedMatching, pathGlobMatcher } from './tiers.js'
 
 /**

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto'
 import { ExpiryWheel } from './expiry.js'
-import type { Algorithm, LeaseGrant, LeasePool } from './pool.js'
+import type { LeasePool } from './pool.js'
+import type { Algorithm, LeaseGrant } from './types.js'
 
 /**
  * A worker's tokens in hand, per bucket, taken from one pool (Redis, or the primary). A request whose buckets all

@@ -1,4 +1,5 @@
 import { ExpiryWheel } from './expiry.js'
+import type { Algorithm, Giveback, LeaseGrant, LeaseRequest } from './types.js'
 
 /**
  * The lease contract every limiter store keeps (Redis, the primary's memory), and the in-memory implementation.
@@ -33,9 +34,6 @@ import { ExpiryWheel } from './expiry.js'
  * Give-backs carry the holder's id and a sequence number and are applied at most once per (holder, sequence): a
  * give-back delivered twice (a client that re-sends after a dropped connection) is counted once.
  */
-
-/** How a bucket counts (a rule's `algorithm`). */
-export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 
 /** Slots of a sliding window (src/limiter/redis-pool.ts uses the same number). */
 export const SLIDING_SLOTS = 10
@@ -72,48 +70,6 @@ export function horizonOf(algorithm: Algorithm, limit: number, windowMs: number,
 /** The shape of a rule as a bucket's state records it: a changed shape carries the old count over. */
 export function shapeOf(algorithm: Algorithm, limit: number, windowMs: number, burst: number): string {
   return `${algorithm}/${limit}/${windowMs}/${burst}`
-}
-
-/** One lease request: a bucket, its rule's limit and window, how many tokens the holder would like and needs. */
-export interface LeaseRequest {
-  readonly key: string
-  readonly limit: number
-  readonly windowMs: number
-  readonly want: number
-  /** The fewest tokens worth granting (the cost of the request that asked): `need` or more, or nothing. */
-  readonly need: number
-  /** How many holders share the pool (instances x workers): grants shrink with it. */
-  readonly holders: number
-  readonly algorithm: Algorithm
-  /** token-bucket: the bucket's size. */
-  readonly burst: number
-}
-
-/** What the pool granted. */
-export interface LeaseGrant {
-  /** Tokens granted: 0, or at least the request's `need`. */
-  readonly granted: number
-  /** Tokens left in the pool for this window after the grant. */
-  readonly remaining: number
-  /** Milliseconds until the lease ends (its window or slot), by the pool's clock. */
-  readonly resetMs: number
-  /** The window's (or slot's) start by the pool's clock: it identifies the window a give-back belongs to. */
-  readonly windowStart: number
-  /** With nothing granted: milliseconds until `need` tokens may be granted, if nobody else takes them. */
-  readonly retryMs: number
-}
-
-/** Unused tokens going back. */
-export interface Giveback {
-  readonly key: string
-  readonly windowStart: number
-  readonly tokens: number
-  readonly algorithm: Algorithm
-  /** The shape of the rule the tokens were leased under (a give-back to a changed rule is dropped). */
-  readonly shape: string
-  /** Who gives back, and its sequence number: each (holder, seq) is applied at most once. */
-  readonly holder: string
-  readonly seq: number
 }
 
 /** A place counts are kept: Redis, or the primary (in its memory, or over IPC from a worker). */

@@ -1,5 +1,6 @@
 import type { LeaseAcquireMessage, LeaseGrantMessage, LeaseReleaseMessage } from '../messages.js'
-import type { Giveback, LeaseGrant, LeasePool, LeaseRequest } from './pool.js'
+import type { LeasePool } from './pool.js'
+import type { Giveback, LeaseGrant, LeaseRequest } from './types.js'
 
 /**
  * How long a worker waits for the primary's answer before the lease request fails: the worker then decides on its

@@ -1,6 +1,7 @@
 import type { Redis } from 'ioredis'
 import { BUCKET_PREFIX } from '../redis/keys.js'
-import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
+import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type LeasePool } from './pool.js'
+import type { Algorithm, Giveback, LeaseGrant, LeaseRequest } from './types.js'
 
 /**
  * The lease pool in Redis, shared by every worker of every instance. Each bucket is one hash (`w` = window start,

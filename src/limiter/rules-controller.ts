@@ -16,7 +16,8 @@ import {
   type RuleStore,
   type RuleVersion,
 } from './rule-store.js'
-import { CompiledRule, generationOf, type Generations } from './rules.js'
+import { CompiledRule, generationOf } from './rules.js'
+import type { Generations } from './types.js'
 
 /**
  * The primary's rules controller: which rule set this instance enforces, and where it comes from. Version 0 is the

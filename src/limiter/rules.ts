@@ -5,6 +5,7 @@ import { clientNetwork, IpSet, parseCidr, type Cidr } from '../net/ip.js'
 import { BadValue, duration, isHeaderName, MAX_DELAY, WINDOW } from '../values.js'
 import { compilePathGlob, compileValueGlob } from './glob.js'
 import { shapeOf } from './pool.js'
+import type { Algorithm, Generations, PerKey, RuleSpec } from './types.js'
 
 /**
  * Rate-limit rules: validation of the operator's text (config file, admin API) into plain RuleSpecs, and
@@ -13,42 +14,6 @@ import { shapeOf } from './pool.js'
  * A rule governs the requests its `match` selects (every listed criterion must hold; absent = every request).
  * `per` splits its budget into buckets by ip, path, method or header:<name>; absent = one shared bucket.
  */
-
-/** What a rule's `per` may split on. */
-export type PerKey = 'ip' | 'path' | 'method' | `header:${string}`
-
-/** A validated rule, plain data (JSON-safe: it travels to workers and into Redis). */
-export interface RuleSpec {
-  readonly name: string
-  readonly match: {
-    readonly ip?: readonly string[]
-    readonly path?: readonly string[]
-    readonly method?: readonly string[]
-    readonly header?: Readonly<Record<string, string>>
-  }
-  readonly per: readonly PerKey[]
-  readonly limit: number
-  /** The window as written (`1m`), and in milliseconds. */
-  readonly window: string
-  readonly windowMs: number
-  /** How requests are counted (src/limiter/pool.ts): fixed windows, a sliding window, or a token bucket. */
-  readonly algorithm: Algorithm
-  /** token-bucket: the most tokens at once (the bucket's size); the others: the limit. */
-  readonly burst: number
-  /** shadow: counted and reported, never rejects. */
-  readonly mode: 'enforce' | 'shadow'
-  /** Units a request uses: a number, or a request header's value bounded by `max`. */
-  readonly cost: number | { readonly header: string; readonly max: number }
-  /** delay: a request over the limit waits for room, up to maxDelayMs, before a 429. */
-  readonly onExceed: 'reject' | 'delay'
-  readonly maxDelay: string | null
-  readonly maxDelayMs: number
-  /** While Redis is unusable: lease from this instance's share (local), let requests through (allow), or 503 (deny). */
-  readonly whenRedisDown: 'local' | 'allow' | 'deny'
-}
-
-/** How a rule counts. */
-export type Algorithm = 'fixed' | 'sliding' | 'token-bucket'
 
 const RULE_KEYS = new Set(['name', 'match', 'per', 'limit', 'window', 'algorithm', 'burst', 'mode', 'cost', 'onExceed', 'maxDelay', 'whenRedisDown'])
 const ALGORITHMS: readonly Algorithm[] = ['fixed', 'sliding', 'token-bucket']
@@ -269,9 +234,6 @@ function isRaw(v: string): boolean {
   }
   return true
 }
-
-/** How many times each rule's counters were reset (absent: 0); JSON-safe, it travels to workers. */
-export type Generations = Readonly<Record<string, number>>
 
 /** A rule's generation in `g` (0 when absent). */
 export function generationOf(g: Generations, rule: string): number {

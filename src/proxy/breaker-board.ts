@@ -1,5 +1,5 @@
 import type { BreakerMessage } from '../messages.js'
-import type { BreakerState } from './breaker.js'
+import type { BreakerState } from './types.js'
 
 /**
  * The primary's view of its workers' circuit breakers, as each last reported them (absent: closed): the upstream

@@ -1,11 +1,10 @@
+import type { BreakerState } from './types.js'
 /**
  * A circuit breaker for the upstream (one per worker). Closed: requests flow and outcomes are counted. It opens after
  * `failures` consecutive failures, or when at least `minRequests` requests in the last `windowMs` failed at a ratio of
  * `errorRatio` or more. Open: every request is refused at once for `openMs`. Then half-open: one probe at a time goes
  * through; a success closes the breaker, a failure opens it again.
  */
-
-export type BreakerState = 'closed' | 'open' | 'half-open'
 
 export interface BreakerOptions {
   /** Consecutive failures that open it; 0 turns the breaker off. */

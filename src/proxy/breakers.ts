@@ -1,6 +1,7 @@
 import type { Logger } from '../log.js'
 import type { BreakerMessage } from '../messages.js'
-import { CircuitBreaker, type BreakerOptions, type BreakerState } from './breaker.js'
+import { CircuitBreaker, type BreakerOptions } from './breaker.js'
+import type { BreakerState } from './types.js'
 import type { UpstreamMetrics } from './metrics.js'
 
 /**

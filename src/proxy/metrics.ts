@@ -1,5 +1,5 @@
 import { Counter, Gauge, type Registry } from 'prom-client'
-import type { BreakerState } from './breaker.js'
+import type { BreakerState } from './types.js'
 
 /** Metrics of the upstream protection: the breakers' states, requests they refused, retries. */
 

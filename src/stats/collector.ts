@@ -1,5 +1,6 @@
 import type { Logger } from '../log.js'
-import { mergeBatches, type StatsBatch } from './batch.js'
+import { mergeBatches } from './batch.js'
+import type { StatsBatch } from './types.js'
 import { resolutionFor, summarize, type StatsAnswer, type StatsQuery } from './query.js'
 import { RESOLUTION_MS, type StatsStore } from './store.js'
 

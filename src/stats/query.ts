@@ -1,5 +1,6 @@
 import { SHADOW } from './recorder.js'
-import { splitDims, splitPair, type Dims } from './batch.js'
+import { splitDims, splitPair } from './batch.js'
+import type { Dims } from './types.js'
 import { percentile } from './latency.js'
 import type { Bucket, Resolution } from './store.js'
 

@@ -1,4 +1,5 @@
-import { dimsKey, Tally, type StatsBatch } from './batch.js'
+import { dimsKey, Tally } from './batch.js'
+import type { StatsBatch } from './types.js'
 import { latencyBucket } from './latency.js'
 import type { RouteNamer } from './routes.js'
 

@@ -1,5 +1,5 @@
 import type { Redis } from 'ioredis'
-import type { StatsBatch } from './batch.js'
+import type { StatsBatch } from './types.js'
 import { RESOLUTION_MS, TOP_KEEP, type Bucket, type Resolution, type Retention, type StatsStore } from './store.js'
 import { STATS_PREFIX } from '../redis/keys.js'
 

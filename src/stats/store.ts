@@ -1,4 +1,5 @@
-import { Tally, type StatsBatch } from './batch.js'
+import { Tally } from './batch.js'
+import type { StatsBatch } from './types.js'
 
 /**
  * Where statistics are kept: minute buckets and hourly rollups (every batch is added to both), each with the counts

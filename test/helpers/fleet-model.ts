@@ -1,5 +1,6 @@
 import { LeaseTable, SWEEP_MS, type TakeItem, type TakeResult } from '../../src/limiter/leases.js'
-import { MemoryPool, shapeOf, type Algorithm, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
+import { MemoryPool, shapeOf, type LeasePool } from '../../src/limiter/pool.js'
+import type { Algorithm, LeaseGrant, LeaseRequest } from '../../src/limiter/types.js'
 
 /**
  * A randomized fleet model (issue 19, item 7): instances x workers, each a real LeaseTable, over one shared pool (the

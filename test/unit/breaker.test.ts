@@ -1,5 +1,6 @@
 import t from 'tap'
-import { CircuitBreaker, type BreakerState } from '../../src/proxy/breaker.js'
+import { CircuitBreaker } from '../../src/proxy/breaker.js'
+import type { BreakerState } from '../../src/proxy/types.js'
 import { RetryBudget } from '../../src/proxy/retry.js'
 
 const options = { failures: 3, errorRatio: 0.5, windowMs: 10_000, minRequests: 10, openMs: 5_000 }

@@ -1,7 +1,8 @@
 import fc from 'fast-check'
 import t, { type Test } from 'tap'
 import { LeaseTable } from '../../src/limiter/leases.js'
-import { bucketSlotMs, LocalPool, MemoryPool, shapeOf, type Giveback, type LeaseRequest } from '../../src/limiter/pool.js'
+import { bucketSlotMs, LocalPool, MemoryPool, shapeOf } from '../../src/limiter/pool.js'
+import type { Giveback, LeaseRequest } from '../../src/limiter/types.js'
 import { checkerFor, itemOf, runScenario, type Burst, type Fault, type ModelPool, type Rule, type Scenario } from '../helpers/fleet-model.js'
 
 /*

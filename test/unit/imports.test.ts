@@ -88,3 +88,17 @@ t.test('the checker finds a cycle when there is one', async (t) => {
   ])
   t.same(cycles(g), [['a.ts', 'b.ts', 'c.ts']])
 })
+
+/** A module that is only types: imports of types, and type or interface declarations, nothing that runs. */
+function typesOnly(file: string): string[] {
+  const code = readFileSync(join(SRC, file), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '')
+  return code.split('\n').filter((l) => /^(export\s+)?(default\s+)?(const|let|var|function|class|enum|async)\b/.test(l) || /^import\s+(?!type\b)/.test(l))
+}
+
+t.test('IPC messages import only the domains\' type modules (plain data) and ground modules', async (t) => {
+  const g = graph()
+  const deps = g.get('messages.ts') ?? []
+  t.ok(deps.length > 0, 'messages.ts read')
+  for (const d of deps) t.ok(GROUND.includes(d) || d.endsWith('/types.ts'), `messages.ts imports ${d}`)
+  for (const d of deps.filter((x) => x.endsWith('/types.ts'))) t.same(typesOnly(d), [], `${d} holds only types`)
+})

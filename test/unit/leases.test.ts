@@ -1,6 +1,7 @@
 import t from 'tap'
 import { IDLE_RETURN_MS, LeaseTable, SWEEP_MS, type TakeItem, type TakeResult } from '../../src/limiter/leases.js'
-import { grantSize, LocalPool, MemoryPool, shapeOf, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from '../../src/limiter/pool.js'
+import { grantSize, LocalPool, MemoryPool, shapeOf, type LeasePool } from '../../src/limiter/pool.js'
+import type { Giveback, LeaseGrant, LeaseRequest } from '../../src/limiter/types.js'
 
 /** Counts what a table reports. */
 function events() {

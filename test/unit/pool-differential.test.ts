@@ -1,6 +1,7 @@
 import t from 'tap'
 import type { Redis } from 'ioredis'
-import { MemoryPool, shapeOf, type Algorithm, type Giveback, type LeaseGrant, type LeaseRequest } from '../../src/limiter/pool.js'
+import { MemoryPool, shapeOf } from '../../src/limiter/pool.js'
+import type { Algorithm, Giveback, LeaseGrant, LeaseRequest } from '../../src/limiter/types.js'
 import { RedisPool } from '../../src/limiter/redis-pool.js'
 import { startRedis } from '../helpers/redis.js'
 

@@ -1,6 +1,7 @@
 import t from 'tap'
 import { ConfigError } from '../../src/errors.js'
-import { dimsKey, mergeBatches, type StatsBatch } from '../../src/stats/batch.js'
+import { dimsKey, mergeBatches } from '../../src/stats/batch.js'
+import type { StatsBatch } from '../../src/stats/types.js'
 import { bucketUpperMs, latencyBucket, percentile } from '../../src/stats/latency.js'
 import { summarize } from '../../src/stats/query.js'
 import { StatsRecorder } from '../../src/stats/recorder.js'
