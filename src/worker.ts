@@ -1,5 +1,6 @@
 import cluster from 'node:cluster'
 import { AggregatorRegistry, Registry } from 'prom-client'
+import type { Redis } from 'ioredis'
 import { toPrimary } from './cluster/ipc.js'
 import type { Config } from './config.js'
 import { DelayQueues } from './limiter/delays.js'
@@ -9,18 +10,22 @@ import { SWEEP_MS } from './limiter/leases.js'
 import { PrimaryPool } from './limiter/primary-pool.js'
 import { RedisPool } from './limiter/redis-pool.js'
 import { RuleSet } from './limiter/rules.js'
-import { AccessLog, createLogger } from './log.js'
-import {
-  dispatch,
-  type Handlers,
-  type ToWorker,
-  type LeaseAcquireMessage,
-  type LeaseReleaseMessage,
-} from './messages.js'
+import { AccessLog, createLogger, type Logger } from './log.js'
+import { dispatch, type Handlers, type ToWorker, type LeaseAcquireMessage, type LeaseReleaseMessage } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
-import { HttpCache, type CacheIO } from './cache/http-cache.js'
+import {
+  breakerOptions,
+  cacheOptions,
+  guardOptions,
+  keyOptions,
+  serverOptions,
+  tierOptions,
+  upstreamOptions,
+  upstreamTimeouts,
+} from './options.js'
+import { HttpCache } from './cache/http-cache.js'
 import type { Purge } from './cache/types.js'
 import { cacheStage } from './pipeline/cache.js'
 import { guardStage } from './pipeline/guard.js'
@@ -34,15 +39,15 @@ import { breakerReporter, Breakers } from './proxy/breakers.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { RetryBudget } from './proxy/retry.js'
 import { upstreamDispatcher } from './proxy/upstream-dispatcher.js'
-import { ProxyServer } from './proxy/server.js'
+import { ProxyServer, type ProxyServerHooks } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
 import { RouteNamer } from './stats/routes.js'
 
 /**
- * A worker process: builds its dependencies from the Config, composes the request path (`pipeline`: guard ->
- * limit -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the other workers; every
- * request is recorded once, when its response closes (`record`).
+ * A worker process: builds its parts from the Config (one short function each, below), composes the request path
+ * (`pipeline`: guard -> limit -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the
+ * other workers; every request is recorded once, when its response closes.
  */
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
@@ -50,141 +55,75 @@ const LEASE_MS = 3_000
 /** How often the statistics counted here go to the primary. */
 const STATS_FLUSH_MS = 1_000
 
+/** What every part of a worker may use: its id, logs, metric registry and request counter. */
+interface Base {
+  readonly id: number
+  readonly log: Logger
+  readonly accessLog: AccessLog | null
+  readonly registry: Registry
+  readonly metrics: WorkerMetrics
+  /** Requests being answered now (the server's drain and a gauge read it). */
+  readonly load: { inFlight: number }
+}
+
 /** A worker: built from its Config; `start` listens, `close` drains, `closed` resolves once it is done. */
 export class Worker {
   readonly #server: ProxyServer
+  readonly #timers: NodeJS.Timeout[] = []
+  readonly #tick: () => void
+  readonly #sendStats: (then?: () => void) => void
+  readonly #fromPrimary: (msg: unknown) => void
   #resolveClosed!: () => void
   /** Resolves once the worker drained and handed over its last statistics, leases and log lines. */
   readonly closed = new Promise<void>((r) => (this.#resolveClosed = r))
 
   constructor(config: Config) {
-    const workerId = cluster.worker?.id ?? 0
-    const log = createLogger(config.logLevel, process.stderr, { worker: workerId })
-    const accessLog = config.accessLog ? new AccessLog(process.stdout, workerId) : null
-
-    const registry = new Registry()
-    AggregatorRegistry.setRegistries([registry])
-    new AggregatorRegistry() // answers the primary's metric requests over IPC (prom-client's cluster protocol)
-    let inFlight = 0
-    const metrics = new WorkerMetrics(registry, () => inFlight)
-
+    const base = buildBase(config)
     // No automatic re-send of commands left unanswered by a dropped connection: a cache read simply misses, and the
     // limiter's give-backs are idempotent anyway (src/limiter/pool.ts).
-    const redis = createRedis(config, `worker-${workerId}`, log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
+    const redis = createRedis(config, `worker-${base.id}`, base.log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
     const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => toPrimary(msg))
-    const limiterMetrics = new LimiterMetrics(registry)
-    const limiter = new Limiter(
-      new RuleSet(config.limits, config.allow, config.deny, 1, { ipv6Prefix: config.limitIpv6Prefix }),
-      {
-        redis: redis === null ? null : new RedisPool(redis, limiterMetrics),
-        primary: primaryPool,
-        instances: config.instances,
-        workers: config.workers,
-      },
-      limiterMetrics,
-      log,
-    )
-    setInterval(() => limiter.sweep(), SWEEP_MS).unref()
-
+    const limiterMetrics = new LimiterMetrics(base.registry)
+    const limiter = buildLimiter(config, redis, primaryPool, limiterMetrics, base.log)
     /** Route names (`/items/:id`): the unit of statistics and of the per-route circuit breakers. */
     const routes = new RouteNamer(config.statsRoutes)
     const trusted = new IpSet(config.trustProxy)
-    const upstreamMetrics = new UpstreamMetrics(registry)
-    const breakers: Breakers = new Breakers(
-      {
-        failures: config.breakerFailures,
-        errorRatio: config.breakerErrorRatio,
-        windowMs: config.breakerWindow,
-        minRequests: config.breakerMinRequests,
-        openMs: config.breakerOpenTime,
-      },
-      breakerReporter(upstreamMetrics, log, config.breakerOpenTime, () => breakers.openRoutes().length, (msg) => toPrimary(msg)),
-    )
-    // The upstream: an undici pool composed with the breakers and the retries (src/proxy/upstream-dispatcher.ts).
-    const dispatcher = upstreamDispatcher(
-      config.upstream,
-      { connect: config.connectTimeout, headers: config.headersTimeout, body: config.bodyTimeout },
-      {
-        breakers,
-        budget: new RetryBudget(config.retryBudget),
-        retries: config.retries,
-        onRetry: () => upstreamMetrics.retries.inc(),
-        onRefused: () => upstreamMetrics.refused.inc(),
-      },
-    )
-    const upstream = new Upstream(config, dispatcher, trusted, routes)
-
-    const cacheMetrics = new CacheMetrics(registry)
-    const cacheIO: CacheIO = {
-      upstream, // background refreshes
-      // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
-      publishPurge: (purge: Purge) => toPrimary({ meliproxy: 'cache-purge', purge }),
-    }
-    const cache = config.cache
-      ? new HttpCache(
-          new Tiers(redis, { l1Bytes: config.cacheL1Size, l2TtlCapMs: config.cacheL2TtlCap }, cacheMetrics),
-          cacheIO,
-          {
-            origin: config.upstream,
-            maxObjectBytes: config.cacheMaxObject,
-            rules: config.cacheRules,
-            targetedFields: config.cacheTargetedField === null ? ['cdn-cache-control'] : [config.cacheTargetedField, 'cdn-cache-control'],
-            leaseMs: LEASE_MS,
-          },
-          cacheMetrics,
-        )
-      : null
-
+    const { upstream, dispatcher } = buildUpstream(config, trusted, routes, base)
+    const cache = config.cache ? buildCache(config, redis, upstream, base) : null
     const stats = config.stats ? new StatsRecorder(routes) : null
-    /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
-    function sendStats(then?: () => void): void {
-      const batches = stats?.take() ?? []
-      if (batches.length === 0) return then?.()
-      toPrimary({ meliproxy: 'stats', batches }, then)
-    }
-    setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
 
-    const record = recorder({ metrics, stats, accessLog, log })
+    const record = recorder({ metrics: base.metrics, stats, accessLog: base.accessLog, log: base.log })
     // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
     const pipeline = new Pipeline(
       [
-        ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
-        ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), log)], // rate limits: 429, or RateLimit-* fields on the answer
+        ['guard', guardStage(guardOptions(config), limiter)], // target, Host, header names, declared body size, deny list
+        ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), base.log)], // rate limits: 429, or RateLimit-* fields on the answer
         ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; hits answered, the rest handed on (absent with --no-cache)
         ['upstream', upstreamStage(upstream)], // the upstream's answer, streamed (through the cache's fill, if any)
       ],
       {
         // Every request, once its response closed: in-flight count, metrics, statistics, the access log.
         record: (x) => {
-          inFlight--
+          base.load.inFlight--
           record(x)
         },
-        refused: (_x, err) => metrics.refused.labels(err.code).inc(),
-        bug: (msg, x) => log.error(msg, { path: x.path }),
+        refused: (_x, err) => base.metrics.refused.labels(err.code).inc(),
+        bug: (msg, x) => base.log.error(msg, { path: x.path }),
       },
     )
 
-    const server = new ProxyServer(
-      config,
-      {
-        serve(req, res) {
-          inFlight++
-          pipeline.run(new Exchange(req, res, trusted))
-        },
-        refused(r) {
-          metrics.refused.labels(r.reason).inc()
-          accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
-        },
-        inFlight: () => inFlight,
-        drained: () => exit(),
-      },
-      log,
-    )
+    /** Hands the statistics counted since the last call to the primary; `then` runs once the message is sent. */
+    const sendStats = (then?: () => void): void => {
+      const batches = stats?.take() ?? []
+      if (batches.length === 0) return then?.()
+      toPrimary({ meliproxy: 'stats', batches }, then)
+    }
 
     /** After the drain: the last access-log lines, leases and statistics go out (waiting at most 1 s), then `closed`. */
     const exit = (): void => {
-      accessLog?.flush()
-      log.info('drained, exiting')
+      for (const t of this.#timers) clearInterval(t)
+      base.accessLog?.flush()
+      base.log.info('drained, exiting')
       limiter.releaseAll() // tokens in hand go back before the connection closes
       closeRedis(redis)
       // The last statistics reach the primary before the worker goes.
@@ -192,35 +131,31 @@ export class Worker {
       void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => this.#resolveClosed())
     }
 
-    /** Enforces `next`; the leases of a kept rule whose generation changed (a reset) are dropped: nothing counts them now. */
-    const useRules = (next: RuleSet): void => {
-      const before = new Map(limiter.rules.rules.map((r) => [r.name, r.prefix]))
-      limiter.replaceRules(next)
-      for (const r of next.rules) {
-        const old = before.get(r.name)
-        if (old !== undefined && old !== r.prefix) limiter.forget(old, null)
-      }
+    const hooks: ProxyServerHooks = {
+      serve(req, res) {
+        base.load.inFlight++
+        pipeline.run(new Exchange(req, res, trusted))
+      },
+      refused(r) {
+        base.metrics.refused.labels(r.reason).inc()
+        base.accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+      },
+      inFlight: () => base.load.inFlight,
+      drained: exit,
     }
+    const server = new ProxyServer(serverOptions(config), hooks, base.log)
+    const handlers = primaryHandlers(config, limiter, primaryPool, cache, server, base.log)
 
-    const fromPrimary: Handlers<ToWorker> = {
-      'lease-grant': (msg) => primaryPool.deliver(msg),
-      'cache-purge': (msg) => cache?.dropLocal(msg.purge),
-      drain: () => server.drain('primary asked'),
-      'limits-reset': (msg) => {
-        if (msg.bucket !== null) return limiter.forget(msg.rule, msg.bucket)
-        useRules(limiter.rules.withGenerations({ ...limiter.rules.generations, [msg.rule]: msg.generation }))
-      },
-      'set-rules': (msg) => {
-        useRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version, { ipv6Prefix: config.limitIpv6Prefix, generations: msg.generations }))
-        log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
-      },
-    }
-    process.on('message', (msg: unknown) => dispatch(fromPrimary, msg))
     this.#server = server
+    this.#tick = () => limiter.sweep()
+    this.#sendStats = sendStats
+    this.#fromPrimary = (msg) => dispatch(handlers, msg)
   }
 
-  /** Listens on the proxy port (shared with the other workers); resolves once it does. */
+  /** Listens on the proxy port (shared with the other workers), starts its timers and hears the primary. */
   start(): Promise<void> {
+    this.#timers.push(setInterval(this.#tick, SWEEP_MS).unref(), setInterval(() => this.#sendStats(), STATS_FLUSH_MS).unref())
+    process.on('message', this.#fromPrimary)
     return this.#server.listen()
   }
 
@@ -232,5 +167,83 @@ export class Worker {
   /** Stops taking connections and drains the open ones (SIGTERM, SIGINT, or the primary's drain message). */
   close(reason: string): void {
     this.#server.drain(reason)
+  }
+}
+
+/** The worker's id, loggers and metric registry (answering the primary's metric requests over IPC). */
+function buildBase(config: Config): Base {
+  const id = cluster.worker?.id ?? 0
+  const registry = new Registry()
+  AggregatorRegistry.setRegistries([registry])
+  new AggregatorRegistry() // answers the primary's metric requests over IPC (prom-client's cluster protocol)
+  const load = { inFlight: 0 }
+  return {
+    id,
+    log: createLogger(config.logLevel, process.stderr, { worker: id }),
+    accessLog: config.accessLog ? new AccessLog(process.stdout, id) : null,
+    registry,
+    metrics: new WorkerMetrics(registry, () => load.inFlight),
+    load,
+  }
+}
+
+/** The limiter: the rules of the Config, leasing from Redis (if any) and from the primary. */
+function buildLimiter(config: Config, redis: Redis | null, primary: PrimaryPool, metrics: LimiterMetrics, log: Logger): Limiter {
+  const rules = new RuleSet(config.limits, config.allow, config.deny, 1, keyOptions(config))
+  const stores = { redis: redis === null ? null : new RedisPool(redis, metrics), primary, instances: config.instances, workers: config.workers }
+  return new Limiter(rules, stores, metrics, log)
+}
+
+/** The upstream: an undici pool composed with the per-route breakers and the retries (src/proxy/upstream-dispatcher.ts). */
+function buildUpstream(config: Config, trusted: IpSet, routes: RouteNamer, base: Base): { upstream: Upstream; dispatcher: ReturnType<typeof upstreamDispatcher> } {
+  const metrics = new UpstreamMetrics(base.registry)
+  const breakers: Breakers = new Breakers(
+    breakerOptions(config),
+    breakerReporter(metrics, base.log, config.breakerOpenTime, () => breakers.openRoutes().length, (msg) => toPrimary(msg)),
+  )
+  const dispatcher = upstreamDispatcher(config.upstream, upstreamTimeouts(config), {
+    breakers,
+    budget: new RetryBudget(config.retryBudget),
+    retries: config.retries,
+    onRetry: () => metrics.retries.inc(),
+    onRefused: () => metrics.refused.inc(),
+  })
+  return { upstream: new Upstream(upstreamOptions(config), dispatcher, trusted, routes), dispatcher }
+}
+
+/** The two-tier cache; background refreshes go through `upstream`, purges to the primary (it fans them out). */
+function buildCache(config: Config, redis: Redis | null, upstream: Upstream, base: Base): HttpCache {
+  const metrics = new CacheMetrics(base.registry)
+  const io = {
+    upstream,
+    // The primary owns the fan-out: this instance's other workers by IPC, other instances through Redis.
+    publishPurge: (purge: Purge) => toPrimary({ meliproxy: 'cache-purge', purge }),
+  }
+  return new HttpCache(new Tiers(redis, tierOptions(config), metrics), io, cacheOptions(config, LEASE_MS), metrics)
+}
+
+/** What the primary tells a worker: lease grants, purges, the drain, resets and new rule sets. */
+function primaryHandlers(config: Config, limiter: Limiter, primaryPool: PrimaryPool, cache: HttpCache | null, server: ProxyServer, log: Logger): Handlers<ToWorker> {
+  /** Enforces `next`; the leases of a kept rule whose generation changed (a reset) are dropped: nothing counts them now. */
+  const useRules = (next: RuleSet): void => {
+    const before = new Map(limiter.rules.rules.map((r) => [r.name, r.prefix]))
+    limiter.replaceRules(next)
+    for (const r of next.rules) {
+      const old = before.get(r.name)
+      if (old !== undefined && old !== r.prefix) limiter.forget(old, null)
+    }
+  }
+  return {
+    'lease-grant': (msg) => primaryPool.deliver(msg),
+    'cache-purge': (msg) => cache?.dropLocal(msg.purge),
+    drain: () => server.drain('primary asked'),
+    'limits-reset': (msg) => {
+      if (msg.bucket !== null) return limiter.forget(msg.rule, msg.bucket)
+      useRules(limiter.rules.withGenerations({ ...limiter.rules.generations, [msg.rule]: msg.generation }))
+    },
+    'set-rules': (msg) => {
+      useRules(new RuleSet(msg.limits, msg.allow, msg.deny, msg.version, { ...keyOptions(config), generations: msg.generations }))
+      log.info('rules replaced', { version: msg.version, rules: msg.limits.length })
+    },
   }
 }

@@ -1,7 +1,7 @@
 import type { Redis } from 'ioredis'
 import { ConfigError } from '../errors.js'
 import type { Cidr } from '../net/ip.js'
-import { parseIpList, parseRules } from './rules.js'
+import { parseIpList, parseRules } from './spec.js'
 import type { Generations, RuleSpec } from './types.js'
 import {
   LIMITS_RESET_CHANNEL,

@@ -55,8 +55,13 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
    * then asks again each time the pool says room comes back (at most every RECHECK_MS), and goes on once admitted.
    * Past maxDelay, refused by a rule that does not delay, or Redis gone for a deny rule, it is rejected.
    */
-  async function delay(x: Exchange, p: Pipeline, first: Verdict, counted = true): Promise<void> {
+  async function delay(x: Exchange, p: Pipeline, first: Verdict, decidedBefore = true): Promise<void> {
     const rule = first.rule
+    // A request queued behind waiters without a decision of its own is counted limited if it never gets one.
+    const refuse = (v: Verdict): void => {
+      if (!decidedBefore && v === first) limiter.metrics.decision(rule, false)
+      reject(x, p, v)
+    }
     const started = performance.now()
     // Each request queued ahead needs its cost to come back first: at the rate, for a token bucket; a window's room
     // comes back all at once.
@@ -64,16 +69,16 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
     const soonest = first.resetMs + queues.waiting(first.bucket) * rule.cost(x) * perUnitMs
     if (soonest > rule.maxDelayMs) {
       limiter.metrics.delayed.labels(rule.name, 'too_long').inc()
-      return reject(x, p, first)
+      return refuse(first)
     }
     const ticket = queues.enter(first.bucket)
     if (ticket === null) {
       limiter.metrics.delayed.labels(rule.name, 'queue_full').inc()
-      return reject(x, p, first)
+      return refuse(first)
     }
     let v: Verdict | null
     try {
-      v = await waitForRoom(x, ticket.turn, first, started + rule.maxDelayMs, counted)
+      v = await waitForRoom(x, ticket.turn, first, started + rule.maxDelayMs, decidedBefore)
     } catch (err) {
       log.error('limiter failed while a request waited; request let through', { error: (err as Error).message })
       v = null
@@ -86,19 +91,20 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
       return v === null ? p.next(x) : decided(x, p, v)
     }
     limiter.metrics.delayed.labels(rule.name, 'rejected').inc()
-    reject(x, p, v)
+    refuse(v)
   }
 
   /** The last verdict once it admits, or once waiting more is no use; null when no rule governs the request now. */
-  async function waitForRoom(x: Exchange, turn: Promise<void>, first: Verdict, deadline: number, counted: boolean): Promise<Verdict | null> {
+  async function waitForRoom(x: Exchange, turn: Promise<void>, first: Verdict, deadline: number, decidedBefore: boolean): Promise<Verdict | null> {
     if (!(await DelayQueues.until(turn, deadline - performance.now(), x.res))) return first
     let v = first
     for (;;) {
-      // A request that queued without being decided (others were waiting) is counted on its first decision.
-      const again = limiter.check(x, counted)
-      counted = true
-      if (again === null) return null // the rule went away meanwhile
-      v = again instanceof Promise ? await again : again
+      // A request that queued without being decided (others were waiting) is counted on its first decision; later
+      // ones are the same request asking again.
+      const next = limiter.check(x, decidedBefore)
+      decidedBefore = true
+      if (next === null) return null // the rule went away meanwhile
+      v = next instanceof Promise ? await next : next
       if (v.allowed || !v.rule.delay || v.unavailable) return v
       const left = deadline - performance.now()
       if (left <= 0) return v

@@ -1,5 +1,4 @@
 import type { Dispatcher } from 'undici'
-import type { Config } from '../config.js'
 import type { Exchange } from '../exchange.js'
 import type { IpSet } from '../net/ip.js'
 import type { RoutedRequest } from '../proxy/breaker-interceptor.js'
@@ -7,7 +6,16 @@ import { limitedBody } from '../proxy/guard.js'
 import { upstreamRequestHeaders } from '../proxy/headers.js'
 import { Relay } from '../proxy/relay.js'
 import type { RouteNamer } from '../stats/routes.js'
+import type { UnderscoreAction } from '../proxy/guard.js'
 import type { Stage } from './pipeline.js'
+
+/** What forwarding needs of the configuration (built at the edge, src/options.ts). */
+export interface UpstreamOptions {
+  /** The upstream's origin (scheme, host, port). */
+  readonly upstream: string
+  readonly maxBodySize: number
+  readonly headersWithUnderscores: UnderscoreAction
+}
 
 /**
  * Sending an exchange upstream through the composed dispatcher (src/proxy/upstream-dispatcher.ts: pool, breakers,
@@ -16,14 +24,14 @@ import type { Stage } from './pipeline.js'
  * use. The upstream stage forwards the client's request; the cache refreshes in the background through it too.
  */
 export class Upstream {
-  readonly #config: Config
+  readonly #config: UpstreamOptions
   readonly #dispatch: Dispatcher.Dispatch
   readonly #trusted: IpSet
   readonly #routes: RouteNamer
   readonly #host: string
   readonly #origin: string
 
-  constructor(config: Config, dispatcher: Dispatcher, trusted: IpSet, routes: RouteNamer) {
+  constructor(config: UpstreamOptions, dispatcher: Dispatcher, trusted: IpSet, routes: RouteNamer) {
     this.#config = config
     // Taken once: the composed dispatcher's dispatch needs no `this` (and is a property lookup through undici's proxy).
     this.#dispatch = dispatcher.dispatch

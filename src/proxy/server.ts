@@ -1,6 +1,5 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { Server as NetServer, type Socket } from 'node:net'
-import type { Config } from '../config.js'
 import type { Logger } from '../log.js'
 import { normalizeIp } from '../net/ip.js'
 import { Connections } from './connections.js'
@@ -37,8 +36,19 @@ export interface ProxyServerHooks {
   drained(): void
 }
 
+/** The server's part of the configuration (built at the edge, src/options.ts). */
+export interface ProxyServerOptions {
+  readonly port: number
+  readonly host: string
+  readonly maxHeaderSize: number
+  readonly clientHeadersTimeout: number
+  readonly clientRequestTimeout: number
+  readonly maxConnections: number
+  readonly drainTimeout: number
+}
+
 export class ProxyServer {
-  readonly #config: Config
+  readonly #config: ProxyServerOptions
   readonly #hooks: ProxyServerHooks
   readonly #log: Logger
   readonly #server: Server
@@ -50,7 +60,7 @@ export class ProxyServer {
   #draining = false
   #drained = false
 
-  constructor(config: Config, hooks: ProxyServerHooks, log: Logger) {
+  constructor(config: ProxyServerOptions, hooks: ProxyServerHooks, log: Logger) {
     this.#config = config
     this.#hooks = hooks
     this.#log = log

@@ -1,5 +1,4 @@
 import type { Redis } from 'ioredis'
-import type { Config } from '../config.js'
 import { MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import type { StatsBatch } from './types.js'
@@ -13,6 +12,15 @@ const FLUSH_MS = 1_000
 /** How long closing waits for the last write (Redis may be gone). */
 const CLOSE_FLUSH_MS = 2_000
 
+/** The statistics' part of the configuration (built at the edge, src/options.ts). */
+export interface StatsOptions {
+  /** Off: nothing is counted and queries answer stats_disabled. */
+  readonly stats: boolean
+  /** How long per-minute and hourly rows are kept, ms. */
+  readonly statsRetention: number
+  readonly statsRollupRetention: number
+}
+
 /**
  * The primary's statistics service: takes the workers' batches, writes them to Redis (or keeps them in memory
  * without Redis) once a second, answers the admin API's queries, and writes what is left when it closes.
@@ -21,7 +29,7 @@ export class StatsService {
   readonly #collector: StatsCollector | null
   readonly #timer: NodeJS.Timeout
 
-  constructor(config: Config, redis: Redis | null, log: Logger) {
+  constructor(config: StatsOptions, redis: Redis | null, log: Logger) {
     const retention = { minute: config.statsRetention, hour: config.statsRollupRetention }
     this.#collector = config.stats
       ? new StatsCollector(redis !== null ? new RedisStatsStore(redis, retention) : new MemoryStatsStore(retention), log)

@@ -138,6 +138,8 @@ t.test('delay: a request over the limit waits for room; one whose turn cannot co
   const m = await admin(a, '/metrics')
   t.ok(sumMetric(m.text, 'meliproxy_limiter_delayed_total', /outcome="too_long"/) >= 36, 'refused at once as too_long: room could not come within maxDelay')
   t.ok(sumMetric(m.text, 'meliproxy_limiter_delayed_total', /outcome="admitted"/) > 0, 'admitted after waiting counted')
+  const limited = sumMetric(m.text, 'meliproxy_limiter_requests_total', /rule="d",outcome="limited"/)
+  t.ok(limited >= (r.byStatus[429] ?? 0), `every 429 counted limited, queued ones never decided included (${limited} limited, ${r.byStatus[429] ?? 0} refused)`)
 })
 
 t.test('whenRedisDown: deny answers 503 while Redis is gone, and recovers by itself', async (t) => {

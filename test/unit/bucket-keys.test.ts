@@ -1,6 +1,7 @@
 import fc from 'fast-check'
 import t from 'tap'
-import { bucketKeyOf, CompiledRule, generationOf, parseRules, rulePrefix, RuleSet, type RequestFacts } from '../../src/limiter/rules.js'
+import { bucketKeyOf, CompiledRule, generationOf, rulePrefix, RuleSet, type RequestFacts } from '../../src/limiter/rules.js'
+import { parseRules } from '../../src/limiter/spec.js'
 
 /**
  * Bucket keys (src/limiter/rules.ts): bounded whatever the client sends, never shared by two buckets, the same from a

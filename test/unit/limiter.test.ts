@@ -4,7 +4,8 @@ import { LocalPool, MemoryPool } from '../../src/limiter/pool.js'
 import { Limiter } from '../../src/limiter/limiter.js'
 import { LimiterMetrics } from '../../src/limiter/metrics.js'
 import { parseRuleSetDoc } from '../../src/limiter/rule-store.js'
-import { parseRules, RuleSet } from '../../src/limiter/rules.js'
+import { RuleSet } from '../../src/limiter/rules.js'
+import { parseRules } from '../../src/limiter/spec.js'
 import { createLogger } from '../../src/log.js'
 
 const quiet = createLogger('error', { write: () => true }, {})
