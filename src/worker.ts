@@ -73,6 +73,8 @@ export class Worker {
   readonly #tick: () => void
   readonly #sendStats: (then?: () => void) => void
   readonly #fromPrimary: (msg: unknown) => void
+  /** The first start's promise (null: not started). */
+  #started: Promise<void> | null = null
   #resolveClosed!: () => void
   /** Resolves once the worker drained and handed over its last statistics, leases and log lines. */
   readonly closed = new Promise<void>((r) => (this.#resolveClosed = r))
@@ -128,7 +130,10 @@ export class Worker {
       closeRedis(redis)
       // The last statistics reach the primary before the worker goes.
       const sent = Promise.all([dispatcher.close(), new Promise<void>((r) => sendStats(r))])
-      void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => this.#resolveClosed())
+      void Promise.race([sent, new Promise((r) => setTimeout(r, 1_000).unref())]).finally(() => {
+        process.off('message', this.#fromPrimary)
+        this.#resolveClosed()
+      })
     }
 
     const hooks: ProxyServerHooks = {
@@ -152,11 +157,16 @@ export class Worker {
     this.#fromPrimary = (msg) => dispatch(handlers, msg)
   }
 
-  /** Listens on the proxy port (shared with the other workers), starts its timers and hears the primary. */
+  /**
+   * Listens on the proxy port (shared with the other workers), starts its timers and hears the primary; once: a
+   * second call returns the first one's promise, and a worker closed before it started stays closed.
+   */
   start(): Promise<void> {
+    if (this.#started !== null) return this.#started
+    if (this.#server.draining) return (this.#started = Promise.resolve())
     this.#timers.push(setInterval(this.#tick, SWEEP_MS).unref(), setInterval(() => this.#sendStats(), STATS_FLUSH_MS).unref())
     process.on('message', this.#fromPrimary)
-    return this.#server.listen()
+    return (this.#started = this.#server.listen())
   }
 
   /** The proxy port it listens on (with port 0 in a test: the one the system chose). */
