@@ -89,11 +89,31 @@ t.test('the checker finds a cycle when there is one', async (t) => {
   t.same(cycles(g), [['a.ts', 'b.ts', 'c.ts']])
 })
 
-/** A module that is only types: imports of types, and type or interface declarations, nothing that runs. */
-function typesOnly(file: string): string[] {
-  const code = readFileSync(join(SRC, file), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '')
-  return code.split('\n').filter((l) => /^(export\s+)?(default\s+)?(const|let|var|function|class|enum|async)\b/.test(l) || /^import\s+(?!type\b)/.test(l))
+/**
+ * The lines of a module that run (or bring in modules that run): declarations of values, imports and re-exports
+ * that are not `type` ones, a default export of a value. A module that is only types has none.
+ */
+function runningLines(text: string): string[] {
+  const code = text.replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '')
+  return code.split('\n').filter(
+    (l) =>
+      /^\s*(export\s+)?(default\s+)?(declare\s+)?(const|let|var|function|class|enum|async|abstract)\b/.test(l) ||
+      /^import\s+(?!type\b)/.test(l) ||
+      /^export\s*(\*|\{)/.test(l) ||
+      /^export\s+default\s+(?!interface\b|type\b)/.test(l),
+  )
 }
+
+function typesOnly(file: string): string[] {
+  return runningLines(readFileSync(join(SRC, file), 'utf8'))
+}
+
+t.test('the types-only check sees what runs', async (t) => {
+  t.same(runningLines("import type { A } from './a.js'\nexport type B = A\nexport interface C { readonly d: number }\nexport type { E } from './e.js'"), [])
+  for (const line of ["export * from './pool.js'", "export { shapeOf } from './pool.js'", "import { x } from './a.js'", "import './side.js'", 'export const A = 1', 'export default 42', 'export enum E { A }', '  const hidden = 1']) {
+    t.same(runningLines(line), [line], line)
+  }
+})
 
 t.test('IPC messages import only the domains\' type modules (plain data) and ground modules', async (t) => {
   const g = graph()
