@@ -71,11 +71,15 @@ function parseRule(raw: unknown, index: number): RuleSpec {
   if (raw.match !== undefined) {
     if (!isObject(raw.match)) throw new ConfigError(`${field}.match`, 'must be a mapping of ip, path, method, header')
     checkKeys(raw.match, MATCH_KEYS, `${field}.match`)
+    // CIDRs and path globs are checked where they are written (the first bad field is the one named); the rule's
+    // matchers are compiled from them once the whole `match` is read.
     if (raw.match.ip !== undefined) {
       match.ip = strings(raw.match.ip, `${field}.match.ip`)
+      for (const ip of match.ip) cidrOf(ip, `${field}.match.ip`)
     }
     if (raw.match.path !== undefined) {
       match.path = strings(raw.match.path, `${field}.match.path`)
+      for (const p of match.path) pathGlobOf(p, `${field}.match.path`)
     }
     if (raw.match.method !== undefined) {
       match.method = strings(raw.match.method, `${field}.match.method`).map((m) => m.toUpperCase())
@@ -102,7 +106,7 @@ function parseRule(raw: unknown, index: number): RuleSpec {
       throw new ConfigError(`${field}.per`, `"${p}" is not one of ip, path, method, header:<name>`)
     })
   }
-  matchersOf(match, `${field}.match`) // CIDRs and globs checked here, and kept for the rule's compilation
+  matchersOf(match, `${field}.match`) // kept for the rule's compilation
   return { name, match, per, limit, window: String(raw.window).trim(), windowMs, ...parseBehaviour(raw, field, limit) }
 }
 
