@@ -140,6 +140,7 @@ t.test('delay: a request over the limit waits for room; one whose turn cannot co
   t.ok(sumMetric(m.text, 'meliproxy_limiter_delayed_total', /outcome="admitted"/) > 0, 'admitted after waiting counted')
   const limited = sumMetric(m.text, 'meliproxy_limiter_requests_total', /rule="d",outcome="limited"/)
   t.ok(limited >= (r.byStatus[429] ?? 0), `every 429 counted limited, queued ones never decided included (${limited} limited, ${r.byStatus[429] ?? 0} refused)`)
+  t.ok(limited <= 101, `a request is counted limited once, not per time it asked again (${limited} limited for 101 requests to this instance)`)
 })
 
 t.test('whenRedisDown: deny answers 503 while Redis is gone, and recovers by itself', async (t) => {
