@@ -15,6 +15,7 @@ import { RulesController, withRules } from './limiter/rules-controller.js'
 import { dispatch, type Handlers, type ToPrimary, type CachePurgeMessage, type LeaseGrantMessage, type LimitsResetMessage, type SetRulesMessage } from './messages.js'
 import { BreakerBoard } from './proxy/breaker-board.js'
 import { closeRedis, createRedis } from './redis/client.js'
+import { statsOptions } from './options.js'
 import { StatsService } from './stats/service.js'
 
 /**
@@ -59,7 +60,7 @@ export class Primary {
     const log = (this.#log = createLogger(this.#config.logLevel, process.stderr, { role: 'primary', pid: process.pid }))
     this.#redis = createRedis(this.#config, 'primary', log)
     this.#subscriber = this.#redis === null ? null : createRedis(this.#config, 'primary-sub', log, { enableOfflineQueue: true })
-    this.#stats = new StatsService(this.#config, this.#redis, log)
+    this.#stats = new StatsService(statsOptions(this.#config), this.#redis, log)
     // Forgets buckets as they expire, at most 3 ms of work every 100 ms (never a walk of the whole pool).
     const pool = this.#pool
     let longestSweep = 0

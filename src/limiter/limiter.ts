@@ -105,6 +105,12 @@ export class Limiter {
     })
   }
 
+  /** Counts a request against the shadow rules only: one refused before its first `check` (queued, then refused). */
+  countShadow(facts: RequestFacts & { shadowLimitedBy?: string | undefined; finished?: boolean }): void {
+    const shadow = this.#rules.shadowBucketsFor(facts)
+    if (shadow.length > 0) this.#shadow(shadow, facts)
+  }
+
   /**
    * Counts a request against the shadow rules, apart from the enforced ones (so a shadow rule never makes another
    * reject): the outcome goes to the metrics (`shadow_allowed`, `shadow_limited`) and, while the request is not

@@ -57,9 +57,13 @@ export function limitStage(limiter: Limiter, queues: DelayQueues, log: Logger): 
    */
   async function delay(x: Exchange, p: Pipeline, first: Verdict, decidedBefore = true): Promise<void> {
     const rule = first.rule
-    // A request queued behind waiters without a decision of its own is counted limited if it never gets one.
+    // A request queued behind waiters without a decision of its own is counted (limited, and by the shadow rules) if
+    // it is refused without one.
     const refuse = (v: Verdict): void => {
-      if (!decidedBefore && v === first) limiter.metrics.decision(rule, false)
+      if (!decidedBefore && v === first) {
+        limiter.metrics.decision(rule, false)
+        limiter.countShadow(x)
+      }
       reject(x, p, v)
     }
     const started = performance.now()

@@ -38,6 +38,8 @@ t.before(async () => {
       { name: 'x', match: { path: '/search/*' }, limit: 10, window: '1h', cost: { header: 'x-cost', max: 6 } },
       { name: 'd', match: { path: '/slow-lane/*' }, algorithm: 'token-bucket', limit: 2, window: '2s', burst: 1, onExceed: 'delay', maxDelay: '3s' },
       { name: 'r', match: { path: '/short/*' }, limit: 100, window: '1m', whenRedisDown: 'deny' },
+      // Watches the delay rule's path: it must count every request there once, the queued ones refused included.
+      { name: 'ds', match: { path: '/slow-lane/*' }, limit: 1_000_000, window: '1h', mode: 'shadow' },
     ],
   })
   ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
@@ -141,6 +143,12 @@ t.test('delay: a request over the limit waits for room; one whose turn cannot co
   const limited = sumMetric(m.text, 'meliproxy_limiter_requests_total', /rule="d",outcome="limited"/)
   t.ok(limited >= (r.byStatus[429] ?? 0), `every 429 counted limited, queued ones never decided included (${limited} limited, ${r.byStatus[429] ?? 0} refused)`)
   t.ok(limited <= 101, `a request is counted limited once, not per time it asked again (${limited} limited for 101 requests to this instance)`)
+  let shadow = 0
+  for (let i = 0; i < 50 && shadow < 101; i++) {
+    if (i > 0) await sleep(100)
+    shadow = sumMetric((await admin(a, '/metrics')).text, 'meliproxy_limiter_requests_total', /rule="ds",outcome="shadow_/)
+  }
+  t.equal(shadow, 101, 'the shadow rule on the same path counted each of the 101 requests to this instance once, those refused while queued included')
 })
 
 t.test('whenRedisDown: deny answers 503 while Redis is gone, and recovers by itself', async (t) => {
