@@ -21,6 +21,7 @@ import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import { HttpCache, type CacheIO, type Purge } from './cache/http-cache.js'
+import { bodyStage } from './pipeline/body.js'
 import { cacheStage } from './pipeline/cache.js'
 import { guardStage } from './pipeline/guard.js'
 import { limitStage } from './pipeline/limit.js'
@@ -33,6 +34,7 @@ import { breakerReporter, Breakers } from './proxy/breakers.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { RetryBudget } from './proxy/retry.js'
 import { upstreamDispatcher } from './proxy/upstream-dispatcher.js'
+import { SlowBodies } from './proxy/request-body.js'
 import { ProxyServer } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
@@ -40,7 +42,7 @@ import { RouteNamer } from './stats/routes.js'
 
 /**
  * A worker process: builds its dependencies from the Config, composes the request path (`pipeline`: guard ->
- * limit -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the other workers; every
+ * limit -> body -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the other workers; every
  * request is recorded once, when its response closes (`record`).
  */
 
@@ -144,11 +146,20 @@ export class Worker {
     setInterval(() => sendStats(), STATS_FLUSH_MS).unref()
 
     const record = recorder({ metrics, stats, accessLog, log })
+    const bodies = {
+      buffered: metrics.requestBodies.labels('buffered'),
+      streamed: metrics.requestBodies.labels('streamed'),
+      slowBuffered: metrics.slowBodies.labels('buffered'),
+      slowStreamed: metrics.slowBodies.labels('streamed'),
+    }
+    const slowBodies = new SlowBodies(config.requestBodyMinRate, () => bodies.slowStreamed.inc())
     // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
     const pipeline = new Pipeline(
       [
-        ['guard', guardStage(config, limiter)], // target, Host, header names, declared body size, deny list
+        ['guard', guardStage(config, limiter)], // version, Transfer-Encoding, target, Host, header names, declared body size, deny list
         ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), log)], // rate limits: 429, or RateLimit-* fields on the answer
+        // a body up to --request-buffering read whole (a slow one never reaches the upstream), a larger one streamed
+        ['body', bodyStage(config, slowBodies, { buffered: () => bodies.buffered.inc(), streamed: () => bodies.streamed.inc() })],
         ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; hits answered, the rest handed on (absent with --no-cache)
         ['upstream', upstreamStage(upstream)], // the upstream's answer, streamed (through the cache's fill, if any)
       ],
@@ -171,8 +182,13 @@ export class Worker {
           pipeline.run(new Exchange(req, res, trusted))
         },
         refused(r) {
-          metrics.refused.labels(r.reason).inc()
-          accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+          if (r.counted) metrics.refused.labels(r.reason).inc()
+          accessLog?.write({ time: Date.now(), ip: r.ip, method: r.method, path: r.path, status: r.status, bytes: r.bytes, reason: r.reason, durationMs: 0, upstreamMs: null })
+        },
+        refusedDuring(x, reason) {
+          // A request that went upstream is not a refusal; its body's timeout is counted as a slow body either way.
+          if (reason === 'ERR_HTTP_REQUEST_TIMEOUT') (x.forwarded ? bodies.slowStreamed : bodies.slowBuffered).inc()
+          if (!x.forwarded) metrics.refused.labels(reason).inc()
         },
         inFlight: () => inFlight,
         drained: () => exit(),
