@@ -141,7 +141,7 @@ export function readBody(req: IncomingMessage, buffer: number, max: number, done
   const onData = (chunk: Buffer): void => {
     chunks.push(chunk)
     size += chunk.length
-    if (size <= buffer) return
+    if (size <= buffer && size <= max) return
     stop()
     req.pause()
     if (size > max) done.tooLarge()
