@@ -51,12 +51,13 @@ const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
 /**
  * Why a request's Transfer-Encoding is refused, or null when it is exactly `chunked` (any case). `value` is every
  * Transfer-Encoding field line of the request joined with ", " (RFC 9110 5.3: lines of one field are one list).
- * As nginx does: an empty list element (`,chunked`), a coding that is not a token, `chunked` with parameters or not
- * last or twice is malformed (400); any other coding (`gzip, chunked`, `cunked`) is one this proxy does not
- * implement (501, RFC 9112 6.1). RFC 9110 5.6.1 lets a recipient skip empty elements; a proxy that forwards the request
+ * As nginx does: an empty list element (`,chunked`) or a coding that is not a token is malformed (400); any coding
+ * but chunked (`gzip, chunked`, `cunked`) is one this proxy does not implement (501, RFC 9112 6.1); `chunked` twice
+ * or with parameters is malformed (400). RFC 9110 5.6.1 lets a recipient skip empty elements; a proxy that forwards the request
  * must not read it differently from the next hop, so here they are refused.
  */
 export function transferCodingProblem(value: string): MeliproxyError | null {
+  if (value.length === 7 && value.toLowerCase() === 'chunked') return null
   const codings = value.split(',')
   for (const raw of codings) {
     const coding = raw.trim()
@@ -65,16 +66,15 @@ export function transferCodingProblem(value: string): MeliproxyError | null {
     const name = semi === -1 ? coding : coding.slice(0, semi).trimEnd()
     if (!TOKEN.test(name)) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed Transfer-Encoding')
   }
-  for (let i = 0; i < codings.length; i++) {
-    const coding = codings[i]!.trim()
-    const semi = coding.indexOf(';')
-    const name = (semi === -1 ? coding : coding.slice(0, semi).trimEnd()).toLowerCase()
-    if (name !== 'chunked') {
-      return new MeliproxyError(ErrorCodes.UNKNOWN_TRANSFER_CODING, `transfer coding "${name.slice(0, 32)}" is not implemented (only chunked is)`)
+  const names = codings.map((c) => c.trim().toLowerCase())
+  for (const name of names) {
+    const coding = name.split(';', 1)[0]!.trimEnd()
+    if (coding !== 'chunked') {
+      return new MeliproxyError(ErrorCodes.UNKNOWN_TRANSFER_CODING, `transfer coding "${coding.slice(0, 32)}" is not implemented (only chunked is)`)
     }
-    if (semi !== -1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'chunked takes no parameters')
-    if (i !== codings.length - 1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'chunked must be applied once, as the last coding')
   }
+  if (names.length > 1) return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'chunked must be applied once')
+  if (names[0] !== 'chunked') return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'chunked takes no parameters')
   return null
 }
 
