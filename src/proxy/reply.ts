@@ -116,6 +116,8 @@ export interface ParserRefusal {
   readonly text: string
   /** Its body's length (what the access log counts). */
   readonly bytes: number
+  /** The error it reports. */
+  readonly error: MeliproxyError
 }
 
 const REASON_PHRASE: Record<number, string> = { 400: 'Bad Request', 405: 'Method Not Allowed', 408: 'Request Timeout', 431: 'Request Header Fields Too Large' }
@@ -136,20 +138,28 @@ export function parserRefusal(parserCode: string | undefined): ParserRefusal {
       : parserCode === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new MeliproxyError(ErrorCodes.REQUEST_TIMEOUT, 'the request did not arrive in time')
         : new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed request')
-  return { status: err.status, code: err.code, text: rawAnswer(err), bytes: Buffer.byteLength(errorBody(err)) }
+  return { status: err.status, code: err.code, text: rawAnswer(err), bytes: Buffer.byteLength(errorBody(err)), error: err }
 }
 
 /**
  * The parser refused the rest of a request whose exchange is under way (a bad chunk in its body, or Node's
  * --client-request-timeout while its body arrives): `refusal` goes out on the raw socket in place of the exchange's
  * answer and the connection closes; the exchange records it (status and `reason`). When its answer already began,
- * the connection is cut instead. Returns the exchange, or null when none is (or still needs to be) answered.
+ * the connection is cut instead. An answer still queued behind earlier ones of a pipelined connection goes out as a
+ * normal answer in its turn (a raw write would cut the earlier ones). Returns the exchange, or null when none is (or
+ * still needs to be) answered.
  */
 export function answerRaw(res: ServerResponse, refusal: ParserRefusal, reason: string): Exchange | null {
   const x = (res as Tagged)[EXCHANGE]
   if (x === undefined || x.recorded || x.answeredRaw) return null
-  x.answeredRaw = true
   x.reason = reason
+  if (res.socket === null && !res.headersSent) {
+    res.shouldKeepAlive = false
+    sendError(x, refusal.error)
+    x.answeredRaw = true // nothing else answers it now (its stage may still try)
+    return x
+  }
+  x.answeredRaw = true
   const socket = res.socket ?? x.req.socket
   if (res.headersSent) {
     socket.destroy()

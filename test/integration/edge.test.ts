@@ -166,6 +166,20 @@ t.test('a GET with a bad chunk is refused before a cached answer is written', as
   t.equal(text.match(/HTTP\/1\.1 /g)?.length, 1, 'no cached 200 before it')
 })
 
+t.test('a bad chunk in a request pipelined behind a slow one: the slow answer first, then the 400, then the close', async (t) => {
+  const from = '127.0.0.94'
+  const text = await rawExchange(
+    proxy.port,
+    `GET /slow?ms=400 HTTP/1.1\r\n${H}\r\nPOST /echo/queued-bad HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n`,
+    3_000,
+    from,
+  )
+  t.same([...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1])), [200, 400], 'in order')
+  t.match(text, /slow done/, 'the slow answer whole')
+  t.equal(upstream.hits('/echo/queued-bad'), 0)
+  t.ok(await waitFor(() => accessLines().some((l) => l.path === '/echo/queued-bad' && l.status === 400), 2_000), 'logged with the 400 it got')
+})
+
 t.test('header names with "_" are dropped by default: not forwarded, not the body framing', async (t) => {
   const r = parseRaw(await rawExchange(proxy.port, `POST /echo/us HTTP/1.1\r\n${H}Transfer_Encoding: chunked\r\nX_Api_Key: k\r\nX-Kept: 1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello`))
   t.equal(r.status, 200)
