@@ -75,7 +75,9 @@ t.test('slow bodies up to --request-buffering never reach the upstream: no reque
   const clients = Array.from({ length: N }, (_, i) => dripClient(p.port, `POST /echo/drip-${i} HTTP/1.1\r\n${H}Content-Length: 40\r\n\r\n`, 15_000))
   // Meanwhile a GET is answered, and the upstream has no connection but the probe's (one per worker at most).
   await new Promise((r) => setTimeout(r, 1_500))
+  const probeStarted = performance.now()
   const probe = await send(`${p.url}/echo/probe`)
+  t.comment(`probe GET answered in ${(performance.now() - probeStarted).toFixed(1)} ms while ${N} bodies dripped`)
   t.equal(probe.status, 200, 'a GET meanwhile is answered')
   t.equal(own.seen.filter((s) => s.url.startsWith('/echo/drip')).length, 0, 'the upstream saw none of the slow requests')
   t.ok(own.openConnections() <= 2, `upstream connections while ${N} bodies drip: ${own.openConnections()} (the probe's)`)
