@@ -160,6 +160,13 @@ for (const [name, bytes, status, code] of framing) {
   })
 }
 
+t.test('a bare HTTP/0.9 line (`GET /` and nothing more) is never forwarded: 408 when the headers time out', async (t) => {
+  const before = upstream.seen.length
+  const r = parseRaw(await rawExchange(proxy.port, 'GET /echo/v09-bare\r\n', 5_000))
+  t.equal(r.status, 408)
+  t.equal(upstream.seen.length, before, 'the upstream saw nothing')
+})
+
 t.test('a GET with a bad chunk is refused before a cached answer is written', async (t) => {
   t.equal((await send(`${proxy.url}/cacheable`)).status, 200)
   t.ok(await waitFor(async () => (await send(`${proxy.url}/cacheable`)).headers['x-cache'] === 'HIT', 3_000), 'cached')
