@@ -63,26 +63,30 @@ export function streamBody(req: IncomingMessage, prefix: readonly Buffer[], max:
 
 /**
  * The streamed bodies of a worker, checked every CHECK_MS: one that received less than `minRate` bytes a second over
- * its last RATE_WINDOW_MS is ended with SlowBodyError. A body whose bytes wait unread on our side (the upstream reads
+ * its last RATE_WINDOW_MS is ended with SlowBodyError (the first window is its grace period). A body whose bytes wait unread on our side (the upstream reads
  * slowly, or its request waits for a connection) is not the client's fault: its window starts again.
  */
 export class SlowBodies {
   readonly #bodies = new Set<StreamedBody>()
   readonly #minRate: number
   readonly #onSlow: () => void
+  readonly #windowMs: number
+  readonly #checkMs: number
   #timer: NodeJS.Timeout | null = null
 
-  /** `minRate` in bytes a second (0: never); `onSlow` counts each body ended. */
-  constructor(minRate: number, onSlow: () => void) {
+  /** `minRate` in bytes a second (0: never); `onSlow` counts each body ended; the window and check period for tests. */
+  constructor(minRate: number, onSlow: () => void, timing: { windowMs: number; checkMs: number } = { windowMs: RATE_WINDOW_MS, checkMs: CHECK_MS }) {
     this.#minRate = minRate
     this.#onSlow = onSlow
+    this.#windowMs = timing.windowMs
+    this.#checkMs = timing.checkMs
   }
 
   /** Watches `body` until it ends. */
   add(body: StreamedBody): void {
     if (this.#minRate === 0) return
     this.#bodies.add(body)
-    if (this.#timer === null) this.#timer = setInterval(this.#check, CHECK_MS).unref()
+    if (this.#timer === null) this.#timer = setInterval(this.#check, this.#checkMs).unref()
   }
 
   delete(body: StreamedBody): void {
@@ -102,7 +106,7 @@ export class SlowBodies {
     const now = performance.now()
     for (const b of this.#bodies) {
       const elapsed = now - b.windowStart
-      if (elapsed < RATE_WINDOW_MS) continue
+      if (elapsed < this.#windowMs) continue
       const waiting = b.writableLength > 0 || b.readableLength > 0
       if (!waiting && b.windowBytes < (this.#minRate * elapsed) / 1000) {
         this.#onSlow()
