@@ -4,7 +4,7 @@ import { BodyTooLargeError, ClientAbortError, SlowBodyError } from '../errors.js
 
 /**
  * The client's request body on its way upstream, as nginx reads it (`proxy_request_buffering`): a body up to
- * `--request-buffering` bytes is read whole before the upstream request is opened (`BodyReader`), so a client that
+ * `--request-buffering` bytes is read whole before the upstream request is opened (`readBody`), so a client that
  * sends it slowly ties up nothing upstream (its 408 comes from Node's --client-request-timeout check). A larger body
  * streams through a `StreamedBody`, which counts it against --max-body-size when it has no declared length and which
  * `SlowBodies` ends (408, the upstream request aborted) once it arrives slower than --request-body-min-rate.
@@ -20,8 +20,9 @@ export class StreamedBody extends Transform {
   readonly #max: number | null
   readonly #watch: SlowBodies | null
   #seen = 0
-  /** Bytes received since `windowStart` (SlowBodies reads and resets them). */
+  /** Bytes received since `windowStart` (SlowBodies reads and resets both). */
   windowBytes = 0
+  /** When the current rate window began (performance.now()). */
   windowStart = performance.now()
 
   constructor(max: number | null, watch: SlowBodies | null) {
@@ -63,8 +64,9 @@ export function streamBody(req: IncomingMessage, prefix: readonly Buffer[], max:
 
 /**
  * The streamed bodies of a worker, checked every CHECK_MS: one that received less than `minRate` bytes a second over
- * its last RATE_WINDOW_MS is ended with SlowBodyError (the first window is its grace period). A body whose bytes wait unread on our side (the upstream reads
- * slowly, or its request waits for a connection) is not the client's fault: its window starts again.
+ * its last RATE_WINDOW_MS is ended with SlowBodyError (the first window is its grace period). A body whose bytes wait
+ * unread on our side (the upstream reads slowly, or its request waits for a connection) is not the client's fault: its
+ * window starts again.
  */
 export class SlowBodies {
   readonly #bodies = new Set<StreamedBody>()
@@ -89,6 +91,7 @@ export class SlowBodies {
     if (this.#timer === null) this.#timer = setInterval(this.#check, this.#checkMs).unref()
   }
 
+  /** Stops watching `body` (it ended, or failed); the timer stops with the last one. */
   delete(body: StreamedBody): void {
     this.#bodies.delete(body)
     if (this.#bodies.size === 0 && this.#timer !== null) {
