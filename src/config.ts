@@ -78,6 +78,10 @@ export interface Config {
   readonly clientRequestTimeout: number
   readonly maxConnections: number
   readonly headersWithUnderscores: UnderscoreAction
+  /** Request bodies up to this size are read whole before the upstream request opens (0: every body streams). */
+  readonly requestBuffering: number
+  /** A streamed request body slower than this (bytes a second) is ended with 408 (0: no minimum). */
+  readonly requestBodyMinRate: number
   readonly stats: boolean
   readonly statsRetention: number
   readonly statsRollupRetention: number
@@ -255,7 +259,9 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', timeout, 10_000, '10s'),
   opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', timeout, 120_000, '2m'),
   opt('maxConnections', '--max-connections <n>', 'open client connections per worker; more are closed at once', integer(1, 1_000_000, 'a count'), 10_000),
-  opt('headersWithUnderscores', '--headers-with-underscores <action>', 'request header names with "_": allow (forward), drop, or reject (400)', underscoreAction, 'allow'),
+  opt('headersWithUnderscores', '--headers-with-underscores <action>', 'request header names with "_": drop (as nginx), allow (forward: a smuggling risk with CGI/WSGI/PHP back ends), or reject (400)', underscoreAction, 'drop'),
+  opt('requestBuffering', '--request-buffering <bytes>', 'request bodies up to this size are read whole before the upstream request opens (0: stream every body)', bytes, 64 * 1024, '64kb'),
+  opt('requestBodyMinRate', '--request-body-min-rate <bytes>', 'bytes a second, over 5 s windows, a streamed request body must arrive at (408 below; 0: no minimum)', bytes, 1024, '1kb'),
   opt('breakerFailures', '--breaker-failures <n>', 'consecutive upstream failures that open the circuit breaker (0: no breaker)', integer(0, 10_000, 'a count'), 5),
   opt('breakerErrorRatio', '--breaker-error-ratio <r>', 'failure ratio over the breaker window that opens it', ratio, 0.5),
   opt('breakerWindow', '--breaker-window <duration>', 'window of the failure ratio', timeout, 10_000, '10s'),

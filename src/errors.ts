@@ -23,6 +23,8 @@ export const ERRORS = {
   uri_too_long: 414,
   rate_limited: 429,
   headers_too_large: 431,
+  unknown_transfer_coding: 501, // a Transfer-Encoding other than chunked (RFC 9112 6.1)
+  http_version_not_supported: 505, // a request line of HTTP/2.0 or another version than 1.0 and 1.1
   not_cached: 504, // only-if-cached and nothing usable is stored (RFC 9111 5.2.1.7)
   limiter_unavailable: 503, // a whenRedisDown: deny rule while Redis is unreachable
   // the admin API's
@@ -55,6 +57,8 @@ export const ErrorCodes = {
   URI_TOO_LONG: 'uri_too_long',
   RATE_LIMITED: 'rate_limited',
   HEADERS_TOO_LARGE: 'headers_too_large',
+  UNKNOWN_TRANSFER_CODING: 'unknown_transfer_coding',
+  HTTP_VERSION_NOT_SUPPORTED: 'http_version_not_supported',
   NOT_CACHED: 'not_cached',
   LIMITER_UNAVAILABLE: 'limiter_unavailable',
   INVALID_JSON: 'invalid_json',
@@ -141,6 +145,16 @@ export class CircuitOpenError extends MeliproxyError {
 export class BodyTooLargeError extends MeliproxyError {
   constructor(max: number) {
     super(ErrorCodes.BODY_TOO_LARGE, `the request body is over ${max} bytes`)
+  }
+}
+
+/**
+ * A request body that did not arrive in time: a buffered one within --client-request-timeout, a streamed one at
+ * --request-body-min-rate. 408, the connection closed after it, and an upstream request made for it aborted.
+ */
+export class SlowBodyError extends MeliproxyError {
+  constructor(message: string) {
+    super(ErrorCodes.REQUEST_TIMEOUT, message)
   }
 }
 

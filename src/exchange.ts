@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Readable } from 'node:stream'
 import type { Dispatcher } from 'undici'
 import type { MeliproxyError } from './errors.js'
 import type { RequestFacts } from './limiter/rules.js'
@@ -60,6 +61,12 @@ export class Exchange implements RequestFacts, ExchangeResult {
   cache: string | undefined = undefined
   /** Set by the cache stage for the upstream stage: what watches the upstream's answer. */
   tap: UpstreamTap | null = null
+  /** The request body for the upstream, as the body stage left it: read whole, streaming, or none. */
+  body: Buffer | Readable | null = null
+  /** Set once the request was handed to the upstream: from then on it is not a refusal, whatever happens. */
+  forwarded = false
+  /** Set when the server answered it on the raw socket (the parser refused its body, or it timed out). */
+  answeredRaw = false
   /** What to tell while the exchange is upstream and its client leaves. */
   departure: Departure | null = null
   // ExchangeResult: kept by src/proxy/reply.ts and the relay.

@@ -99,6 +99,10 @@ export class WorkerMetrics {
   readonly upstreamErrors: Counter<'error'>
   /** Requests refused by the parser or the guards (and pipelined ones dropped after a closing answer), by reason. */
   readonly refused: Counter<'reason'>
+  /** Request bodies, by how they went upstream: buffered (read whole first) or streamed. */
+  readonly requestBodies: Counter<'mode'>
+  /** Request bodies ended for arriving too slowly, by how they were going: buffered (never forwarded) or streamed. */
+  readonly slowBodies: Counter<'mode'>
   /** route -> (status * 16 + method index) -> pending count: no string is built per request. */
   readonly #counts = new Map<string, Map<number, { readonly labels: Record<'method' | 'status' | 'route', string>; n: number }>>()
 
@@ -150,6 +154,18 @@ export class WorkerMetrics {
       name: 'meliproxy_refused_requests_total',
       help: 'Requests refused before the upstream (parser errors by Node code, guards by error code; after_close: pipelined after a closing answer)',
       labelNames: ['reason'],
+      registers: [registry],
+    })
+    this.requestBodies = new Counter({
+      name: 'meliproxy_request_bodies_total',
+      help: 'Request bodies by mode: buffered (read whole before the upstream request) or streamed',
+      labelNames: ['mode'],
+      registers: [registry],
+    })
+    this.slowBodies = new Counter({
+      name: 'meliproxy_slow_request_bodies_total',
+      help: 'Requests answered 408 because their body arrived too slowly, by mode (buffered ones never reached the upstream)',
+      labelNames: ['mode'],
       registers: [registry],
     })
     collectDefaultMetrics({ register: registry })

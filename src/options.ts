@@ -2,6 +2,7 @@ import type { TierOptions } from './cache/tiers.js'
 import type { CacheOptions } from './cache/http-cache.js'
 import type { Config } from './config.js'
 import type { KeyOptions } from './limiter/rules.js'
+import type { BodyOptions } from './pipeline/body.js'
 import type { GuardOptions } from './pipeline/guard.js'
 import type { UpstreamOptions } from './pipeline/upstream.js'
 import type { BreakerOptions } from './proxy/breaker.js'
@@ -27,6 +28,10 @@ export function serverOptions(config: Config): ProxyServerOptions {
 
 export function guardOptions(config: Config): GuardOptions {
   return pick(config, ['maxUrlLength', 'maxBodySize', 'headersWithUnderscores'])
+}
+
+export function bodyOptions(config: Config): BodyOptions {
+  return pick(config, ['requestBuffering', 'maxBodySize'])
 }
 
 export function upstreamOptions(config: Config): UpstreamOptions {

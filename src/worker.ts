@@ -16,6 +16,7 @@ import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
 import { Exchange } from './exchange.js'
 import {
+  bodyOptions,
   breakerOptions,
   cacheOptions,
   guardOptions,
@@ -27,6 +28,7 @@ import {
 } from './options.js'
 import { HttpCache } from './cache/http-cache.js'
 import type { Purge } from './cache/types.js'
+import { bodyStage } from './pipeline/body.js'
 import { cacheStage } from './pipeline/cache.js'
 import { guardStage } from './pipeline/guard.js'
 import { limitStage } from './pipeline/limit.js'
@@ -39,6 +41,7 @@ import { breakerReporter, Breakers } from './proxy/breakers.js'
 import { UpstreamMetrics } from './proxy/metrics.js'
 import { RetryBudget } from './proxy/retry.js'
 import { upstreamDispatcher } from './proxy/upstream-dispatcher.js'
+import { SlowBodies } from './proxy/request-body.js'
 import { ProxyServer, type ProxyServerHooks } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
 import { StatsRecorder } from './stats/recorder.js'
@@ -46,8 +49,8 @@ import { RouteNamer } from './stats/routes.js'
 
 /**
  * A worker process: builds its parts from the Config (one short function each, below), composes the request path
- * (`pipeline`: guard -> limit -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with the
- * other workers; every request is recorded once, when its response closes.
+ * (`pipeline`: guard -> limit -> body -> cache -> upstream, src/pipeline/) and serves it on the socket it shares with
+ * the other workers; every request is recorded once, when its response closes.
  */
 
 /** How long a cache miss lease lasts (and a waiter waits for the peer fetching). */
@@ -95,11 +98,15 @@ export class Worker {
     const stats = config.stats ? new StatsRecorder(routes) : null
 
     const record = recorder({ metrics: base.metrics, stats, accessLog: base.accessLog, log: base.log })
+    const bodies = bodyCounters(base.metrics)
+    const slowBodies = new SlowBodies(config.requestBodyMinRate, () => bodies.slowStreamed.inc())
     // The request path, in order: each stage answers the exchange or hands it on (src/pipeline/).
     const pipeline = new Pipeline(
       [
-        ['guard', guardStage(guardOptions(config), limiter)], // target, Host, header names, declared body size, deny list
+        ['guard', guardStage(guardOptions(config), limiter)], // version, Transfer-Encoding, target, Host, header names, declared body size, deny list
         ['limit', limitStage(limiter, new DelayQueues(limiterMetrics), base.log)], // rate limits: 429, or RateLimit-* fields on the answer
+        // a body up to --request-buffering read whole (a slow one never reaches the upstream), a larger one streamed
+        ['body', bodyStage(bodyOptions(config), slowBodies, { buffered: () => bodies.buffered.inc(), streamed: () => bodies.streamed.inc() })],
         ['cache', cacheStage(cache)], // L1, L2, revalidation, collapsing; hits answered, the rest handed on (absent with --no-cache)
         ['upstream', upstreamStage(upstream)], // the upstream's answer, streamed (through the cache's fill, if any)
       ],
@@ -142,8 +149,13 @@ export class Worker {
         pipeline.run(new Exchange(req, res, trusted))
       },
       refused(r) {
-        base.metrics.refused.labels(r.reason).inc()
-        base.accessLog?.write({ time: Date.now(), ...r, durationMs: 0, upstreamMs: null })
+        if (r.counted) base.metrics.refused.labels(r.reason).inc()
+        base.accessLog?.write({ time: Date.now(), ip: r.ip, method: r.method, path: r.path, status: r.status, bytes: r.bytes, reason: r.reason, durationMs: 0, upstreamMs: null })
+      },
+      refusedDuring(x, reason) {
+        // A request that went upstream is not a refusal; its body's timeout is counted as a slow body either way.
+        if (reason === 'ERR_HTTP_REQUEST_TIMEOUT') (x.forwarded ? bodies.slowStreamed : bodies.slowBuffered).inc()
+        if (!x.forwarded) base.metrics.refused.labels(reason).inc()
       },
       inFlight: () => base.load.inFlight,
       drained: exit,
@@ -194,6 +206,16 @@ function buildBase(config: Config): Base {
     registry,
     metrics: new WorkerMetrics(registry, () => load.inFlight),
     load,
+  }
+}
+
+/** The request-body counters, by how the body went upstream (buffered whole, or streamed). */
+function bodyCounters(metrics: WorkerMetrics) {
+  return {
+    buffered: metrics.requestBodies.labels('buffered'),
+    streamed: metrics.requestBodies.labels('streamed'),
+    slowBuffered: metrics.slowBodies.labels('buffered'),
+    slowStreamed: metrics.slowBodies.labels('streamed'),
   }
 }
 

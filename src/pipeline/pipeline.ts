@@ -3,8 +3,8 @@ import type { Exchange } from '../exchange.js'
 import { onResponseEnd, sendError, track, type EndListener } from '../proxy/reply.js'
 
 /**
- * The request path as an ordered list of named stages (src/worker.ts lists them: guard -> limit -> cache ->
- * upstream). A stage looks at the exchange and either answers it (`p.reject`, or an answer of its own through
+ * The request path as an ordered list of named stages (src/worker.ts lists them: guard -> limit -> body -> cache
+ * -> upstream). A stage looks at the exchange and either answers it (`p.reject`, or an answer of its own through
  * src/proxy/reply.ts) or hands it on (`p.next`); no stage calls back up. Stages are plain functions made once at
  * start: a stage that decides synchronously (a guard, a lease in hand, an L1 hit) costs no promise and no closure per
  * request.

@@ -2,7 +2,6 @@ import type { Dispatcher } from 'undici'
 import type { Exchange } from '../exchange.js'
 import type { IpSet } from '../net/ip.js'
 import type { RoutedRequest } from '../proxy/breaker-interceptor.js'
-import { limitedBody } from '../proxy/guard.js'
 import { upstreamRequestHeaders } from '../proxy/headers.js'
 import { Relay } from '../proxy/relay.js'
 import type { RouteNamer } from '../stats/routes.js'
@@ -20,7 +19,7 @@ export interface UpstreamOptions {
 /**
  * Sending an exchange upstream through the composed dispatcher (src/proxy/upstream-dispatcher.ts: pool, breakers,
  * retries): the forwarded request's headers (RFC 9110 rewriting, a cache's validators in place of the client's), its
- * body (counted against --max-body-size as it streams when it has no declared length) and the route name the breakers
+ * body (read whole or streaming, as src/pipeline/body.ts prepared it) and the route name the breakers
  * use. The upstream stage forwards the client's request; the cache refreshes in the background through it too.
  */
 export class Upstream {
@@ -41,12 +40,10 @@ export class Upstream {
     this.#host = new URL(config.upstream).host
   }
 
-  /** Sends the client's request upstream, its body included; `validators` (if any) replace the client's. */
+  /** Sends the client's request upstream with the body the body stage prepared; `validators` (if any) replace the client's. */
   forward(x: Exchange, handler: Dispatcher.DispatchHandler, validators: string[] | null): void {
-    const hasBody = x.headers['content-length'] !== undefined || x.headers['transfer-encoding'] !== undefined
-    // A body without a declared length is counted as it streams (one with a length was checked by the guard).
-    const body = !hasBody ? null : x.headers['content-length'] === undefined ? limitedBody(x.req, this.#config.maxBodySize) : x.req
-    this.#send(x, handler, validators, body)
+    x.forwarded = true
+    this.#send(x, handler, validators, x.body)
   }
 
   /** Sends the request again without its body, for the cache's background refresh. */

@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Dispatcher } from 'undici'
-import { BodyTooLargeError, CircuitOpenError, ClientAbortError } from '../errors.js'
+import { BodyTooLargeError, CircuitOpenError, ClientAbortError, SlowBodyError } from '../errors.js'
 import type { Breakers, Outcome } from './breakers.js'
 import { DecoratorHandler, NOT_SENT } from './decorator.js'
 import { failureOutcome } from './failures.js'
@@ -58,7 +58,8 @@ class BreakerHandler extends DecoratorHandler {
   }
 
   override onResponseError(controller: Dispatcher.DispatchController, err: Error): void {
-    const clients = err instanceof ClientAbortError || err instanceof BodyTooLargeError
+    // The client's failings (it left, its body was too large or too slow) say nothing about the upstream.
+    const clients = err instanceof ClientAbortError || err instanceof BodyTooLargeError || err instanceof SlowBodyError
     this.#record(clients ? null : failureOutcome(err, this.#answered))
     this.inner.onResponseError?.(controller, err)
   }

@@ -19,8 +19,9 @@ interface State {
   closing: boolean
   /** A refusal to send once `pending` drops to 0, then close. */
   finalAnswer: string | null
-  /** The last request accepted on the connection. */
+  /** The last request accepted on the connection, and its response. */
   last: IncomingMessage | null
+  lastRes: ServerResponse | null
   readonly socket: Socket
 }
 
@@ -43,7 +44,7 @@ export class Connections {
   #state(socket: Tagged<Socket>): State {
     let s = socket[STATE]
     if (s === undefined) {
-      s = { pending: 0, closing: false, finalAnswer: null, last: null, socket }
+      s = { pending: 0, closing: false, finalAnswer: null, last: null, lastRes: null, socket }
       socket[STATE] = s
     }
     return s
@@ -58,6 +59,7 @@ export class Connections {
     if (s.closing) return false
     s.pending++
     s.last = req
+    s.lastRes = res
     ;(res as Tagged<ServerResponse>)[STATE] = s
     res.on('close', answered)
     return true
@@ -69,14 +71,26 @@ export class Connections {
   }
 
   /**
-   * The parser refused what came after the accepted requests: `answer` (a raw response with Connection: close) goes
-   * out once those are answered, and the connection then closes. When the refused bytes are the body of the request
-   * being read (a bad chunk), that request cannot be completed: the answer goes out at once.
+   * The parser refused bytes on the connection; what becomes of `answer` (a raw response with Connection: close, or ''
+   * to close only):
+   * - the bytes are the rest of the request being read (a bad chunk, a body too slow) and its answer is still to come:
+   *   that response is returned, for the caller to answer in its place (src/proxy/reply.ts answerRaw);
+   * - the connection was already closing after an earlier answer: 'unsent', nothing more goes out;
+   * - otherwise the answer goes out once the requests before it are answered ('sent' at once, or 'queued'), then
+   *   the connection closes.
    */
-  refuse(socket: Socket, answer: string): void {
+  refuse(socket: Socket, answer: string): 'sent' | 'queued' | 'unsent' | ServerResponse {
     const s = this.#state(socket)
+    const wasClosing = s.closing
     s.closing = true
-    if (s.pending === 0 || (s.last !== null && !s.last.complete)) endRaw(socket, answer)
-    else s.finalAnswer = answer
+    const res = s.lastRes
+    if (s.last !== null && !s.last.complete && res !== null && !res.writableEnded && !res.destroyed) return res
+    if (wasClosing) return 'unsent'
+    if (s.pending === 0) {
+      endRaw(socket, answer)
+      return 'sent'
+    }
+    s.finalAnswer = answer
+    return 'queued'
   }
 }

@@ -66,6 +66,7 @@ export class Relay implements Dispatcher.DispatchHandler, Departure {
     if (err instanceof ClientAbortError || x.res.destroyed) return // nobody to answer
     const error = toUpstreamError(err)
     x.error = error
+    if (error.status < 500) x.reason = error.code // the client's failing (its body too large or too slow), not the upstream's
     if (x.res.headersSent) return cut(x, err)
     sendError(x, error, err instanceof CircuitOpenError ? ['retry-after', String(err.retryAfterSeconds)] : undefined)
   }

@@ -1,6 +1,6 @@
 import type { ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
-import { BodyTooLargeError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
+import { BodyTooLargeError, ErrorCodes, errorBody, MeliproxyError, SlowBodyError } from '../errors.js'
 import type { Exchange } from '../exchange.js'
 
 /**
@@ -13,7 +13,7 @@ import type { Exchange } from '../exchange.js'
 /** Answers whole: the status line, the fields (a flat name/value list) and the body. */
 export function send(x: Exchange, status: number, statusMessage: string | undefined, headers: string[], body: Buffer | string | undefined): void {
   const res = x.res
-  if (res.destroyed) return // the client left: nothing is sent, and it is recorded as such
+  if (res.destroyed || x.answeredRaw) return // the client left (recorded as such), or the server answered it already
   if (statusMessage === undefined) res.writeHead(status, headers)
   else res.writeHead(status, statusMessage, headers)
   res.end(body)
@@ -26,15 +26,15 @@ export function sendError(x: Exchange, err: MeliproxyError, extraHeaders?: reado
   const body = errorBody(err)
   const headers = ['content-type', 'application/json', 'content-length', String(Buffer.byteLength(body))]
   if (extraHeaders !== undefined) for (const h of extraHeaders) headers.push(h)
-  // The rest of a body over the limit is never read: the connection cannot carry another request.
-  if (err instanceof BodyTooLargeError) x.res.shouldKeepAlive = false
+  // The rest of a body over the limit or too slow is never read: the connection cannot carry another request.
+  if (err instanceof BodyTooLargeError || err instanceof SlowBodyError) x.res.shouldKeepAlive = false
   send(x, err.status, undefined, headers, body)
 }
 
 /** Starts a streamed answer (the upstream's): the status line and fields. */
 export function sendHead(x: Exchange, status: number, statusMessage: string | undefined, headers: string[]): void {
   const res = x.res
-  if (res.destroyed) return
+  if (res.destroyed || x.answeredRaw) return
   if (statusMessage === undefined) res.writeHead(status, headers)
   else res.writeHead(status, statusMessage, headers)
   x.status = status
@@ -78,7 +78,8 @@ export type EndListener = (this: ServerResponse) => void
 /**
  * Makes the listener that runs once per exchange when its response closes (sent, cut, or its client gone): an
  * upstream request still running for it hears that the client left, an answer not completely sent is recorded with
- * status 0 (unless we cut it ourselves), then `record`.
+ * status 0 and reason `client_closed` (unless we cut it ourselves, or the server answered it on the raw socket), then
+ * `record`.
  */
 export function onResponseEnd(record: (x: Exchange) => void): EndListener {
   return function ended(this: Tagged): void {
@@ -89,7 +90,10 @@ export function onResponseEnd(record: (x: Exchange) => void): EndListener {
     // socket, so never finished; a delivered answer is finished and then detached from it).
     if (!this.writableEnded || (this.socket === null && !this.writableFinished)) {
       x.departure?.clientLeft()
-      if (x.error === null) x.status = 0
+      if (x.error === null && !x.answeredRaw) {
+        x.status = 0
+        x.reason ??= 'client_closed'
+      }
     }
     record(x)
   }
@@ -110,6 +114,10 @@ export interface ParserRefusal {
   readonly code: string
   /** The whole response, with Connection: close. */
   readonly text: string
+  /** Its body's length (what the access log counts). */
+  readonly bytes: number
+  /** The error it reports. */
+  readonly error: MeliproxyError
 }
 
 const REASON_PHRASE: Record<number, string> = { 400: 'Bad Request', 405: 'Method Not Allowed', 408: 'Request Timeout', 431: 'Request Header Fields Too Large' }
@@ -130,7 +138,37 @@ export function parserRefusal(parserCode: string | undefined): ParserRefusal {
       : parserCode === 'ERR_HTTP_REQUEST_TIMEOUT'
         ? new MeliproxyError(ErrorCodes.REQUEST_TIMEOUT, 'the request did not arrive in time')
         : new MeliproxyError(ErrorCodes.BAD_REQUEST, 'malformed request')
-  return { status: err.status, code: err.code, text: rawAnswer(err) }
+  return { status: err.status, code: err.code, text: rawAnswer(err), bytes: Buffer.byteLength(errorBody(err)), error: err }
+}
+
+/**
+ * The parser refused the rest of a request whose exchange is under way (a bad chunk in its body, or Node's
+ * --client-request-timeout while its body arrives): `refusal` goes out on the raw socket in place of the exchange's
+ * answer and the connection closes; the exchange records it (status and `reason`). When its answer already began,
+ * the connection is cut instead. An answer still queued behind earlier ones of a pipelined connection goes out as a
+ * normal answer in its turn (a raw write would cut the earlier ones). Returns the exchange, or null when none is (or
+ * still needs to be) answered.
+ */
+export function answerRaw(res: ServerResponse, refusal: ParserRefusal, reason: string): Exchange | null {
+  const x = (res as Tagged)[EXCHANGE]
+  if (x === undefined || x.recorded || x.answeredRaw) return null
+  x.reason = reason
+  if (res.socket === null && !res.headersSent) {
+    res.shouldKeepAlive = false
+    sendError(x, refusal.error)
+    x.answeredRaw = true // nothing else answers it now (its stage may still try)
+    return x
+  }
+  x.answeredRaw = true
+  const socket = res.socket ?? x.req.socket
+  if (res.headersSent) {
+    socket.destroy()
+    return x
+  }
+  x.status = refusal.status
+  x.bytes = refusal.bytes
+  endRaw(socket, refusal.text)
+  return x
 }
 
 const CONNECT_REFUSAL = rawAnswer(new MeliproxyError(ErrorCodes.METHOD_NOT_ALLOWED, 'CONNECT is not supported'))

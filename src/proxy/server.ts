@@ -3,7 +3,8 @@ import { Server as NetServer, type Socket } from 'node:net'
 import type { Logger } from '../log.js'
 import { normalizeIp } from '../net/ip.js'
 import { Connections } from './connections.js'
-import { parserRefusal, refuseConnect } from './reply.js'
+import type { Exchange } from '../exchange.js'
+import { answerRaw, parserRefusal, refuseConnect } from './reply.js'
 
 /**
  * The proxy's HTTP/1.1 server in a worker: Node's server with our limits (header size and timeouts, a per-worker
@@ -14,7 +15,11 @@ import { parserRefusal, refuseConnect } from './reply.js'
 /** While draining, a keep-alive socket idle this long is closed (see #drainStep). */
 const DRAIN_IDLE_MS = 1_000
 
-/** A refusal made before any pipeline stage saw a request, for the access log and metrics. */
+/**
+ * Bytes no pipeline stage saw as a request (refused by the parser, pipelined after a closing answer, a request the
+ * client abandoned half-sent), for the access log and metrics. `status` is what the client received: 0 when nothing
+ * was sent (`reason`: `after_close`, `parse_error_unsent`, `client_closed`).
+ */
 export interface EarlyRefusal {
   readonly ip: string
   readonly method: string
@@ -22,6 +27,8 @@ export interface EarlyRefusal {
   readonly status: number
   readonly bytes: number
   readonly reason: string
+  /** Counted as a refusal (false: the client left; nothing was refused). */
+  readonly counted: boolean
 }
 
 /** What the server asks of the worker. */
@@ -30,6 +37,11 @@ export interface ProxyServerHooks {
   serve(req: IncomingMessage, res: ServerResponse): void
   /** A request or bytes refused before the pipeline: logged and counted by the worker. */
   refused(r: EarlyRefusal): void
+  /**
+   * The parser refused the rest of an exchange's request (a bad chunk, its body too slow: `reason` is Node's code):
+   * the refusal was sent in place of its answer, and the exchange records itself when its response closes.
+   */
+  refusedDuring(x: Exchange, reason: string): void
   /** Requests being answered now. */
   inFlight(): number
   /** The drain is over (nothing in flight, no socket left, or the drain timeout passed). */
@@ -102,7 +114,7 @@ export class ProxyServer {
     if (!this.#connections.accept(req.socket, req, res)) {
       // Pipelined after an answer that closes the connection: never processed, never answered, logged.
       return this.#hooks.refused({
-        ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: 'after_close',
+        ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: 'after_close', counted: true,
       })
     }
     if (this.#draining) {
@@ -127,24 +139,45 @@ export class ProxyServer {
 
   /**
    * Bytes the parser refused (smuggling attempts, oversized or malformed headers, timeouts): a 4xx after the answers
-   * to the requests pipelined before them, then close; logged and counted like any refused request.
+   * to the requests pipelined before them, then close; logged and counted like any refused request. When they are the
+   * rest of a request under way (a bad chunk, a body that did not arrive within --client-request-timeout), the 4xx is
+   * that request's answer. Every line logged says what the client received: status 0 when nothing was sent.
    */
   readonly #clientError = (err: NodeJS.ErrnoException, socket: Socket): void => {
     if (err.code === 'ECONNRESET' || !socket.writable || socket.destroyed) {
-      socket.destroy() // the client went away: nothing to answer, nothing was requested
+      socket.destroy() // the client went away: nothing to answer; a request under way records itself
       return
     }
+    const code = err.code ?? 'parse_error'
+    this.#log.debug('client error', { code })
+    const ip = normalizeIp(socket.remoteAddress ?? '')
     // Bytes after a request that asked to close: nothing is answered (the connection closes after that request's
     // answer), as for a request pipelined after any closing answer.
-    const afterClose = err.code === 'HPE_CLOSED_CONNECTION'
-    const refusal = afterClose ? null : parserRefusal(err.code)
-    if (refusal === null) this.#connections.closeAfter(socket)
-    else this.#connections.refuse(socket, refusal.text)
+    if (code === 'HPE_CLOSED_CONNECTION') {
+      this.#connections.closeAfter(socket)
+      return this.#hooks.refused({ ip, method: '-', path: '-', status: 0, bytes: 0, reason: 'after_close', counted: true })
+    }
+    // The client ended its side in the middle of a request: nothing is answered and nothing was refused. The answers
+    // to the requests before it still go out; a request under way cannot complete (its exchange records client_closed).
+    if (code === 'HPE_INVALID_EOF_STATE') {
+      const fate = this.#connections.refuse(socket, '')
+      if (typeof fate !== 'string') socket.destroy()
+      else this.#hooks.refused({ ip, method: '-', path: '-', status: 0, bytes: 0, reason: 'client_closed', counted: false })
+      return
+    }
+    const refusal = parserRefusal(code)
+    const fate = this.#connections.refuse(socket, refusal.text)
+    if (typeof fate !== 'string') {
+      const x = answerRaw(fate, refusal, code)
+      if (x !== null) this.#hooks.refusedDuring(x, code)
+      else socket.destroy()
+      return
+    }
+    const sent = fate !== 'unsent'
     this.#hooks.refused({
-      ip: normalizeIp(socket.remoteAddress ?? ''), method: '-', path: '-', status: refusal?.status ?? 0,
-      bytes: refusal?.text.length ?? 0, reason: afterClose ? 'after_close' : (err.code ?? 'parse_error'),
+      ip, method: '-', path: '-', status: sent ? refusal.status : 0, bytes: sent ? refusal.bytes : 0,
+      reason: sent ? code : 'parse_error_unsent', counted: true,
     })
-    this.#log.debug('client error', { code: err.code })
   }
 
   /** CONNECT (a tunnel to somewhere else) is not something this proxy does. */

@@ -21,6 +21,8 @@ export interface TestUpstream {
   hits(path: string): number
   /** Replace or add a route; the handler gets the request after its body has been read. */
   route(path: string, handler: (req: IncomingMessage, res: ServerResponse, body: Buffer) => void): void
+  /** Client connections open to it now. */
+  openConnections(): number
   close(): Promise<void>
 }
 
@@ -113,6 +115,7 @@ export async function startUpstream(): Promise<TestUpstream> {
     seen,
     hits: (path) => seen.filter((s) => s.url.split('?')[0] === path).length,
     route: (path, handler) => routes.set(path, handler),
+    openConnections: () => sockets.size,
     close: () =>
       new Promise<void>((resolve) => {
         for (const s of sockets) s.destroy()

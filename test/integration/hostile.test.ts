@@ -89,7 +89,7 @@ t.test('slowloris: headers sent too slowly get 408 and the connection closed', a
   t.equal(upstream.hits('/echo/slow'), 0)
 })
 
-t.test('seeded fuzz of request lines and headers: no worker crash, no 5xx from meliproxy', async (t) => {
+t.test('seeded fuzz of request lines and headers: no worker crash, no 5xx but the framing refusals (501, 505)', async (t) => {
   let seed = 0x5eed
   const rand = (n: number): number => {
     seed = (seed * 1_103_515_245 + 12_345) & 0x7fffffff
@@ -111,8 +111,9 @@ t.test('seeded fuzz of request lines and headers: no worker crash, no 5xx from m
     if (rand(4) === 0) req += 'body' + pick(values)
     statuses.push(parseRaw(await rawExchange(proxy.port, req, 300)).status)
   }
-  const fivexx = statuses.filter((s) => s >= 500)
-  t.same(fivexx, [], 'no 5xx')
+  // 501 (a Transfer-Encoding other than chunked) and 505 (HTTP/2.0 as text) are refusals of the request, on purpose.
+  const fivexx = statuses.filter((s) => s >= 500 && s !== 501 && s !== 505)
+  t.same(fivexx, [], 'no other 5xx')
   t.ok(statuses.filter((s) => s >= 400 && s < 500).length > 50, 'most are refused with a 4xx')
   t.same(proxy.workerPids().sort(), pidsAtStart, 'the same workers are alive')
   t.equal(sumMetric((await admin(proxy, '/metrics')).text, 'meliproxy_worker_restarts_total'), 0)

@@ -69,6 +69,22 @@ t.test('the example config file loads and documents every option', async (t) => 
   }
 })
 
+t.test('request buffering, the body rate and header names with "_": defaults, sources, and bad values named', async (t) => {
+  const d = loadConfig({ flags: {}, env: {} })
+  t.equal(d.requestBuffering, 64 * 1024)
+  t.equal(d.requestBodyMinRate, 1024)
+  t.equal(d.headersWithUnderscores, 'drop')
+  t.equal(loadConfig({ flags: { requestBuffering: '0' }, env: {} }).requestBuffering, 0, '0 streams every body')
+  t.equal(loadConfig({ flags: {}, env: { MELIPROXY_REQUEST_BODY_MIN_RATE: '0' } }).requestBodyMinRate, 0)
+  t.equal(loadConfig({ flags: {}, env: { MELIPROXY_HEADERS_WITH_UNDERSCORES: 'allow' } }).headersWithUnderscores, 'allow')
+  const json = join(dir, 'edge.json')
+  writeFileSync(json, JSON.stringify({ requestBuffering: '1mb' }))
+  t.equal(loadConfig({ flags: { configFile: json }, env: {} }).requestBuffering, 1024 ** 2)
+  t.throws(() => loadConfig({ flags: { requestBuffering: 'lots' }, env: {} }), /--request-buffering: "lots" is not a size/)
+  t.throws(() => loadConfig({ flags: { requestBodyMinRate: '-1' }, env: {} }), /--request-body-min-rate/)
+  t.throws(() => loadConfig({ flags: { headersWithUnderscores: 'keep' }, env: {} }), /--headers-with-underscores/)
+})
+
 t.test('limitIpv6Prefix is 64 by default, 1 to 128 from any source, and names the field when bad', async (t) => {
   t.equal(loadConfig({ flags: {}, env: {} }).limitIpv6Prefix, 64)
   t.equal(loadConfig({ flags: { limitIpv6Prefix: '48' }, env: {} }).limitIpv6Prefix, 48)
