@@ -143,23 +143,7 @@ export class Worker {
       })
     }
 
-    const hooks: ProxyServerHooks = {
-      serve(req, res) {
-        base.load.inFlight++
-        pipeline.run(new Exchange(req, res, trusted))
-      },
-      refused(r) {
-        if (r.counted) base.metrics.refused.labels(r.reason).inc()
-        base.accessLog?.write({ time: Date.now(), ip: r.ip, method: r.method, path: r.path, status: r.status, bytes: r.bytes, reason: r.reason, durationMs: 0, upstreamMs: null })
-      },
-      refusedDuring(x, reason) {
-        // A request that went upstream is not a refusal; its body's timeout is counted as a slow body either way.
-        if (reason === 'ERR_HTTP_REQUEST_TIMEOUT') (x.forwarded ? bodies.slowStreamed : bodies.slowBuffered).inc()
-        if (!x.forwarded) base.metrics.refused.labels(reason).inc()
-      },
-      inFlight: () => base.load.inFlight,
-      drained: exit,
-    }
+    const hooks = serverHooks(base, trusted, bodies, (x) => pipeline.run(x), exit)
     const server = new ProxyServer(serverOptions(config), hooks, base.log)
     const handlers = primaryHandlers(config, limiter, primaryPool, cache, server, base.log)
 
@@ -206,6 +190,27 @@ function buildBase(config: Config): Base {
     registry,
     metrics: new WorkerMetrics(registry, () => load.inFlight),
     load,
+  }
+}
+
+/** What the server hands the worker: requests to serve, refusals to log and count, the load, the end of the drain. */
+function serverHooks(base: Base, trusted: IpSet, bodies: ReturnType<typeof bodyCounters>, run: (x: Exchange) => void, drained: () => void): ProxyServerHooks {
+  return {
+    serve(req, res) {
+      base.load.inFlight++
+      run(new Exchange(req, res, trusted))
+    },
+    refused(r) {
+      if (r.counted) base.metrics.refused.labels(r.reason).inc()
+      base.accessLog?.write({ time: Date.now(), ip: r.ip, method: r.method, path: r.path, status: r.status, bytes: r.bytes, reason: r.reason, durationMs: 0, upstreamMs: null })
+    },
+    refusedDuring(x, reason) {
+      // A request that went upstream is not a refusal; its body's timeout is counted as a slow body either way.
+      if (reason === 'ERR_HTTP_REQUEST_TIMEOUT') (x.forwarded ? bodies.slowStreamed : bodies.slowBuffered).inc()
+      if (!x.forwarded) base.metrics.refused.labels(reason).inc()
+    },
+    inFlight: () => base.load.inFlight,
+    drained,
   }
 }
 
