@@ -1,4 +1,4 @@
-import type { Redis } from 'ioredis'
+import type { RedisClient } from '../redis/client.js'
 import { BUCKET_PREFIX } from '../redis/keys.js'
 import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
@@ -305,12 +305,12 @@ export interface RedisCalls {
 
 /** Leases from Redis. Rejects when Redis does (the limiter falls back). */
 export class RedisPool implements LeasePool {
-  readonly #redis: Redis
+  readonly #redis: RedisClient
   readonly #acquire: Record<Algorithm, Script>
   readonly #release: Script
   readonly #calls: RedisCalls
 
-  constructor(redis: Redis, calls: RedisCalls) {
+  constructor(redis: RedisClient, calls: RedisCalls) {
     this.#redis = redis
     this.#calls = calls
     const script = (name: string, lua: string): Script => {

@@ -1,27 +1,57 @@
-import { Redis, type RedisOptions } from 'ioredis'
+import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis'
 import type { Config } from '../config.js'
 import type { Logger } from '../log.js'
 
 /**
- * The one way meliproxy connects to Redis: standalone (--redis-url) or through Sentinel (--redis-sentinels).
- * The options are the fail-fast set from shared/STACK.md: a command never waits in an offline queue (callers fall
- * back instead of hanging, and nothing stale is replayed later), reconnects are quick, and `failoverDetector`
- * follows Sentinel's switch so no write lands on a demoted master (split-brain).
+ * The one way meliproxy connects to Redis: standalone (--redis-url), through Sentinel (--redis-sentinels) or to a
+ * Redis Cluster (--redis-cluster). The options are the fail-fast set from shared/STACK.md: a command never waits in
+ * an offline queue (callers fall back instead of hanging, and nothing stale is replayed later), reconnects are quick,
+ * and `failoverDetector` follows Sentinel's switch so no write lands on a demoted master (split-brain). On a cluster
+ * the same holds per command: a command whose connection closed is not sent again elsewhere (it may have applied),
+ * it fails and the caller falls back; a MOVED redirect (never applied) is followed.
  */
+
+/** A connection to whichever Redis is configured: one server (standalone, Sentinel's master) or a cluster. */
+export type RedisClient = Redis | Cluster
+
+/** How the Config reaches Redis. */
+export type RedisMode = 'none' | 'standalone' | 'sentinel' | 'cluster'
+
+/** The Config's Redis topology. */
+export function redisMode(config: Config): RedisMode {
+  if (config.redisCluster.length > 0) return 'cluster'
+  if (config.redisSentinels.length > 0) return 'sentinel'
+  return config.redisUrl !== null ? 'standalone' : 'none'
+}
 
 /** True when the Config names a Redis. */
 export function redisConfigured(config: Config): boolean {
-  return config.redisUrl !== null || config.redisSentinels.length > 0
+  return redisMode(config) !== 'none'
+}
+
+/** True when the client is a Redis Cluster client (keys of one multi-key command must share a slot). */
+export function isCluster(client: RedisClient): client is Cluster {
+  return client instanceof Cluster
+}
+
+/** The masters a client writes to: the cluster's masters, or the one server. */
+export function masters(client: RedisClient): Redis[] {
+  return isCluster(client) ? client.nodes('master') : [client]
 }
 
 /**
  * Opens a fail-fast client, or returns null when no Redis is configured. `name` shows in CLIENT LIST.
  * Connection errors are logged at debug level: callers see failures as rejected commands and fall back.
+ * `overrides` are connection options (for a cluster: each node's connection), except `enableOfflineQueue`, which
+ * on a cluster is the cluster's own queue (used while it has no slot map yet).
  */
-export function createRedis(config: Config, name: string, log: Logger, overrides: RedisOptions = {}): Redis | null {
+export function createRedis(config: Config, name: string, log: Logger, overrides: RedisOptions = {}): RedisClient | null {
   const client = open(config, name, overrides)
   if (client === null) return null
   client.on('error', (err: Error) => log.debug('redis error', { client: name, error: err.message }))
+  if (isCluster(client)) {
+    client.on('node error', (err: Error, node: string) => log.debug('redis node error', { client: name, node, error: err.message }))
+  }
   // ioredis 6 gives up for good ('end') when the failover detector fires while it is still reconnecting after a
   // dead master: the +switch-master message aborts the reconnect in progress. Nothing else of ours ends a client
   // except closeRedis(), so any other 'end' means connect again.
@@ -35,16 +65,16 @@ export function createRedis(config: Config, name: string, log: Logger, overrides
   return client
 }
 
-const closing = new WeakSet<Redis>()
+const closing = new WeakSet<RedisClient>()
 
 /** Closes a client made by createRedis for good. */
-export function closeRedis(client: Redis | null): void {
+export function closeRedis(client: RedisClient | null): void {
   if (client === null) return
   closing.add(client)
   client.disconnect()
 }
 
-function open(config: Config, name: string, overrides: RedisOptions): Redis | null {
+function open(config: Config, name: string, overrides: RedisOptions): RedisClient | null {
   const common: RedisOptions = {
     connectionName: `meliproxy-${name}`,
     enableOfflineQueue: false,
@@ -54,6 +84,7 @@ function open(config: Config, name: string, overrides: RedisOptions): Redis | nu
     lazyConnect: false,
     ...overrides,
   }
+  if (config.redisCluster.length > 0) return openCluster(config, common)
   if (config.redisSentinels.length > 0) {
     return new Redis({
       ...common,
@@ -69,4 +100,39 @@ function open(config: Config, name: string, overrides: RedisOptions): Redis | nu
     return new Redis(config.redisUrl, config.redisPassword === null ? common : { ...common, password: config.redisPassword })
   }
   return null
+}
+
+/** How often a cluster client reads the slot map again by itself (it also does on every MOVED). */
+export const CLUSTER_SLOTS_REFRESH_MS = 1_000
+
+function openCluster(config: Config, common: RedisOptions): Cluster {
+  const { enableOfflineQueue, retryStrategy: _nodeRetry, lazyConnect, ...node } = common
+  const options: ClusterOptions = {
+    // Each node's connection. ioredis keeps a node's own offline queue on (it queues while the node connects) and
+    // never reconnects a lost node: it drops it and reads the slot map again, which names the promoted replica.
+    redisOptions: {
+      ...node,
+      password: config.redisPassword ?? undefined,
+      ...(config.redisTls ? { tls: {} } : {}),
+    },
+    enableOfflineQueue,
+    lazyConnect,
+    // A command whose connection closed (a master killed mid-command) may have applied: sending it again to another
+    // node (the default, after 100 ms, up to 16 times) could count a lease grant twice. Fail it; the caller falls
+    // back. The same for CLUSTERDOWN (no master for the slot yet): fail now rather than queue until failover ends.
+    retryDelayOnFailover: 0,
+    retryDelayOnClusterDown: 0,
+    // TRYAGAIN (a slot migrating, never applied) and MOVED are safe to follow, a few times at most.
+    retryDelayOnTryAgain: 50,
+    maxRedirections: 6,
+    slotsRefreshTimeout: 1_000,
+    slotsRefreshInterval: CLUSTER_SLOTS_REFRESH_MS,
+    clusterRetryStrategy: (attempt: number) => Math.min(attempt * 50, 250),
+    enableReadyCheck: true,
+    scaleReads: 'master',
+  }
+  return new Cluster(
+    config.redisCluster.map((s) => ({ host: s.host, port: s.port })),
+    options,
+  )
 }
