@@ -1,4 +1,4 @@
-import type { RedisClient } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/client.js'
 import { BUCKET_PREFIX } from '../redis/keys.js'
 import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 
@@ -328,6 +328,11 @@ export class RedisPool implements LeasePool {
   /** True while the connection is up (commands are not queued while it is down: they fail at once). */
   get ready(): boolean {
     return this.#redis.status === 'ready'
+  }
+
+  /** True on a Redis Cluster: one call failing says nothing of buckets on the other masters. */
+  get perKeyFailures(): boolean {
+    return isCluster(this.#redis)
   }
 
   acquire(req: LeaseRequest): Promise<LeaseGrant> {
