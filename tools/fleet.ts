@@ -1,9 +1,10 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createConnection, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { startLocalCluster } from './redis-cluster.js'
 
 /**
  * `npm run fleet -- --instances 3 --port 8080 [--redis sentinel|cluster] [meliproxy flags...]`: the whole topology on
@@ -138,28 +139,11 @@ async function startSentinels(tmp: string): Promise<RedisTopology> {
   }
 }
 
-/** Three masters and three replicas in one Redis Cluster, each node with its own folder and cluster bus port. */
+/** Three masters and three replicas in one Redis Cluster (tools/redis-cluster.ts). */
 async function startCluster(tmp: string): Promise<RedisTopology> {
-  const nodes: number[] = []
-  for (let i = 0; i < 6; i++) {
-    const [p, bus] = [await freePort(), await freePort()]
-    const dir = join(tmp, `cluster-${i}`)
-    mkdirSync(dir)
-    start(`redis node ${i + 1}`, 'redis-server', [...redisArgs(p, dir), '--cluster-enabled', 'yes', '--cluster-port', String(bus),
-      '--cluster-config-file', join(dir, 'nodes.conf'), '--cluster-node-timeout', '1500'])
-    nodes.push(p)
-  }
-  for (const p of nodes) await waitListening(p, 'redis node')
-  const addresses = nodes.map((p) => `127.0.0.1:${p}`)
-  const created = spawnSync('redis-cli', ['--cluster', 'create', ...addresses, '--cluster-replicas', '1', '--cluster-yes'], { stdio: 'ignore' })
-  if (created.status !== 0) throw new Error(`redis-cli --cluster create failed (exit ${created.status ?? created.signal})`)
-  const deadline = Date.now() + 15_000
-  const ok = (p: number) => /cluster_state:ok/.test(spawnSync('redis-cli', ['-p', String(p), 'cluster', 'info'], { encoding: 'utf8' }).stdout ?? '')
-  while (!nodes.every(ok)) {
-    if (Date.now() > deadline) throw new Error('the redis cluster did not reach cluster_state:ok within 15 s')
-    await new Promise((r) => setTimeout(r, 200))
-  }
-  return { flags: ['--redis-cluster', addresses.join(',')], description: `redis cluster (3 masters, 3 replicas) ${addresses.join(',')}` }
+  const ports = await startLocalCluster(tmp, (name, args) => start(name, 'redis-server', args), freePort)
+  const addresses = ports.map((p) => `127.0.0.1:${p}`).join(',')
+  return { flags: ['--redis-cluster', addresses], description: `redis cluster (3 masters, 3 replicas) ${addresses}` }
 }
 
 async function main(): Promise<void> {
