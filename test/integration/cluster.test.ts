@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs'
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
 import { steadyLoad, sumMetric } from '../helpers/load.js'
@@ -199,4 +200,30 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
       `a replica served the slots ${failoverMs} ms after SIGKILL, meliproxy saw the new master after ${seenMs} ms; ` +
       `limiter fallbacks ${fallbacks}; statuses ${JSON.stringify(result.byStatus)}`,
   )
+})
+
+/** CPU time (user + system) a process has used, in seconds (Linux /proc; clock ticks of 10 ms). */
+function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  return (Number(fields[11]) + Number(fields[12])) / 100
+}
+
+t.test('every node down: requests are still served, and no primary spins or leaks reconnecting', async (t) => {
+  await Promise.all(cluster.nodes.map((n) => n.stop()))
+  const cpuBefore = [a, b].map((p) => cpuSeconds(p.proc.pid!))
+  const started = Date.now()
+  const got: number[] = []
+  for (let i = 0; i < 20; i++) {
+    const p = i % 2 === 0 ? a : b
+    got.push((await send(`${p.url}/${i % 4 === 0 ? 'cat/h1' : i % 4 === 1 ? 'lim/' + i : 'miss/d' + i}`)).status)
+  }
+  t.same(got.filter((s) => s !== 200 && s !== 429), [], `every request answered 200 or 429: ${got.join(',')}`)
+  await new Promise((r) => setTimeout(r, 3_000))
+  const wallSeconds = (Date.now() - started) / 1000
+  const used = [a, b].map((p, i) => cpuSeconds(p.proc.pid!) - cpuBefore[i]!)
+  // A reconnect loop without backoff keeps a primary near 100% of a core; a primary waiting to reconnect is near 0.
+  t.ok(used.every((s) => s < wallSeconds / 2), `primaries used ${used.map((s) => s.toFixed(2)).join(' and ')} s of CPU in ${wallSeconds.toFixed(1)} s`)
+  t.same([...a.stderr, ...b.stderr].filter((l) => /MaxListenersExceeded/.test(l)), [], 'no listener leak warning')
+  t.equal((await admin(a, '/readyz')).status, 200, '/readyz stays 200')
 })
