@@ -305,11 +305,16 @@ const CLUSTER_SCENARIOS = ['cluster cache hit (L2, L1 off)', 'cluster cache hit 
 function printSpread(masters: readonly number[], what: string): void {
   const rows = masters.map((port) => {
     const stats = redisCli(['-p', String(port), 'info', 'commandstats'])
-    const byCommand = new Map<string, number>()
-    for (const m of stats.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) byCommand.set(m[1]!, Number(m[2]))
-    for (const c of ['config', 'info', 'cluster', 'ping', 'role', 'command', 'client', 'readonly']) byCommand.delete(c)
-    const total = [...byCommand.values()].reduce((a, b) => a + b, 0)
-    const top = [...byCommand].sort((a, b) => b[1] - a[1]).slice(0, 4).map(([c, n]) => `${c} ${n}`).join(', ')
+    const byCommand = new Map<string, { calls: number; usec: number }>()
+    for (const m of stats.matchAll(/^cmdstat_([^:]+):calls=(\d+),usec=\d+,usec_per_call=([\d.]+)/gm)) {
+      if (!/^(config|info|cluster|ping|role|command|client|readonly|replconf)/.test(m[1]!)) byCommand.set(m[1]!, { calls: Number(m[2]), usec: Number(m[3]) })
+    }
+    const total = [...byCommand.values()].reduce((a, b) => a + b.calls, 0)
+    const top = [...byCommand]
+      .sort((a, b) => b[1].calls - a[1].calls)
+      .slice(0, 4)
+      .map(([c, x]) => `${c} ${x.calls} (${x.usec} us each)`)
+      .join(', ')
     return { port, total, top, keys: Number(redisCli(['-p', String(port), 'dbsize']).trim()) }
   })
   const all = rows.reduce((a, r) => a + r.total, 0) || 1
