@@ -1,4 +1,5 @@
-import { isCluster, redisMode, type RedisClient } from '../redis/client.js'
+import { redisMode } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import type { PurgeHub } from '../cache/purge-hub.js'
 import type { Supervisor } from '../cluster/supervisor.js'
 import { isLoopback, type Config } from '../config.js'

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import type { RedisClient } from '../redis/client.js'
+import type { RedisClient } from '../redis/cluster.js'
 import type { Logger } from '../log.js'
 import { PURGE_CHANNEL } from '../redis/keys.js'
 import type { Purge } from './http-cache.js'

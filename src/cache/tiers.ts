@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Redis } from 'ioredis'
-import { isCluster, masters, type RedisClient } from '../redis/client.js'
+import { isCluster, masters, type RedisClient } from '../redis/cluster.js'
 import { LRUCache } from 'lru-cache'
 import { compilePathGlob } from '../limiter/glob.js'
 import { decodeEntry, encodeEntry, entrySize, keepMs, variantId, type CacheEntry } from './entry.js'

@@ -1,4 +1,4 @@
-import { isCluster, type RedisClient } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import { BUCKET_PREFIX } from '../redis/keys.js'
 import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type Algorithm, type Giveback, type LeaseGrant, type LeasePool, type LeaseRequest } from './pool.js'
 

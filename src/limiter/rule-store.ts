@@ -1,7 +1,7 @@
 import { ConfigError } from '../errors.js'
 import type { Cidr } from '../net/ip.js'
 import { parseIpList, parseRules, type Generations, type RuleSpec } from './rules.js'
-import { isCluster, type RedisClient } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import {
   CLUSTER_RULES_CURRENT_KEY,
   CLUSTER_RULES_HISTORY_KEY,

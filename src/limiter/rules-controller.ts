@@ -1,4 +1,4 @@
-import type { RedisClient } from '../redis/client.js'
+import type { RedisClient } from '../redis/cluster.js'
 import { deepFreeze, type Config } from '../config.js'
 import { ErrorCodes, MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'

@@ -1,6 +1,7 @@
 import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis'
 import type { Config } from '../config.js'
 import type { Logger } from '../log.js'
+import { isCluster, type RedisClient } from './cluster.js'
 
 /**
  * The one way meliproxy connects to Redis: standalone (--redis-url), through Sentinel (--redis-sentinels) or to a
@@ -11,8 +12,6 @@ import type { Logger } from '../log.js'
  * it fails and the caller falls back; a MOVED redirect (never applied) is followed.
  */
 
-/** A connection to whichever Redis is configured: one server (standalone, Sentinel's master) or a cluster. */
-export type RedisClient = Redis | Cluster
 
 /** How the Config reaches Redis. */
 export type RedisMode = 'none' | 'standalone' | 'sentinel' | 'cluster'
@@ -27,16 +26,6 @@ export function redisMode(config: Config): RedisMode {
 /** True when the Config names a Redis. */
 export function redisConfigured(config: Config): boolean {
   return redisMode(config) !== 'none'
-}
-
-/** True when the client is a Redis Cluster client (keys of one multi-key command must share a slot). */
-export function isCluster(client: RedisClient): client is Cluster {
-  return client instanceof Cluster
-}
-
-/** The masters a client writes to: the cluster's masters, or the one server. */
-export function masters(client: RedisClient): Redis[] {
-  return isCluster(client) ? client.nodes('master') : [client]
 }
 
 /**

@@ -1,4 +1,4 @@
-import { isCluster, type RedisClient } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import type { StatsBatch } from './batch.js'
 import { RESOLUTION_MS, TOP_KEEP, type Bucket, type Resolution, type Retention, type StatsStore } from './store.js'
 import { STATS_CLUSTER_SHARDS, STATS_PREFIX } from '../redis/keys.js'

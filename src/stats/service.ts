@@ -1,4 +1,4 @@
-import type { RedisClient } from '../redis/client.js'
+import type { RedisClient } from '../redis/cluster.js'
 import type { Config } from '../config.js'
 import { MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
