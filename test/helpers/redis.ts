@@ -183,6 +183,8 @@ export async function startCluster(): Promise<ClusterTopology> {
       launch(
         ['--port', String(port), '--bind', '127.0.0.1', '--cluster-enabled', 'yes', '--cluster-port', String(busPort),
           '--cluster-config-file', join(dir, 'nodes.conf'), '--cluster-node-timeout', String(CLUSTER_NODE_TIMEOUT_MS),
+          // The masters that are up keep serving their slots while one fails over (the default refuses every key).
+          '--cluster-require-full-coverage', 'no',
           '--save', '', '--appendonly', 'no', '--repl-diskless-sync-delay', '0', '--dir', dir],
         port,
       ),
