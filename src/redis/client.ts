@@ -12,7 +12,6 @@ import { isCluster, type RedisClient } from './cluster.js'
  * it fails and the caller falls back; a MOVED redirect (never applied) is followed.
  */
 
-
 /** How the Config reaches Redis. */
 export type RedisMode = 'none' | 'standalone' | 'sentinel' | 'cluster'
 
