@@ -4,6 +4,7 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { clusterMasters, redisCli, startLocalCluster } from '../tools/redis-cluster.js'
 import { buckets } from './buckets.js'
 import { soak } from './soak.js'
 
@@ -149,6 +150,13 @@ async function main(): Promise<void> {
   }
   const noLimitsConfig = join(dir, 'no-limits.json')
   writeFileSync(noLimitsConfig, JSON.stringify({ redisUrl: `redis://127.0.0.1:${redisPort}` }))
+  // The same shared tier on a local Redis Cluster (3 masters + 3 replicas), when redis-cli can create one.
+  const hasCluster = hasRedis && spawnSync('sh', ['-c', 'command -v redis-cli']).status === 0
+  const wantCluster = hasCluster && (ONLY === null || CLUSTER_SCENARIOS.some((name) => ONLY.test(name)))
+  const clusterPorts = wantCluster ? await startLocalCluster(dir, (_name, a) => launch('redis-server', a), freePort) : []
+  const seeds = clusterPorts.map((p) => `127.0.0.1:${p}`).join(',')
+  const clusterLimitsConfig = join(dir, 'cluster-limits.json')
+  writeFileSync(clusterLimitsConfig, JSON.stringify({ redisCluster: seeds, limits: BENCH_LIMITS }))
 
   const path = '/categories/MLA97994'
   const redisUrl = `redis://127.0.0.1:${redisPort}`
@@ -167,6 +175,8 @@ async function main(): Promise<void> {
     cacheL1Sliding: hasRedis ? (await startMeliproxy(upstream, ['--config', join(dir, 'sliding.json')])) + path : null,
     cacheL1Bucket: hasRedis ? (await startMeliproxy(upstream, ['--config', join(dir, 'token-bucket.json')])) + path : null,
     cacheL2: hasRedis ? (await startMeliproxy(upstream, ['--redis-url', redisUrl, '--cache-l1-size', '0'])) + path : null,
+    clusterL2: wantCluster ? (await startMeliproxy(upstream, ['--redis-cluster', seeds, '--cache-l1-size', '0'])) + path : null,
+    clusterL1Limits: wantCluster ? (await startMeliproxy(upstream, ['--config', clusterLimitsConfig])) + path : null,
   }
   for (const url of Object.values(targets)) if (url !== null) await waitUp(url)
 
@@ -183,8 +193,10 @@ async function main(): Promise<void> {
     ['meliproxy cache hit (L1, no stats)', targets.cacheL1NoStats],
     ['meliproxy cache hit (L1, no log)', targets.cacheL1Quiet],
     ['meliproxy cache hit (L2, L1 off)', targets.cacheL2],
+    ['cluster cache hit (L2, L1 off)', targets.clusterL2],
     ['meliproxy cache hit (L1, Redis)', targets.cacheL1Redis],
     ['meliproxy cache hit + 4 limit rules', targets.cacheL1Limits],
+    ['cluster cache hit + 4 limit rules', targets.clusterL1Limits],
     ['cache hit + 1 fixed rule', targets.cacheL1Fixed],
     ['cache hit + 1 sliding rule', targets.cacheL1Sliding],
     ['cache hit + 1 token-bucket rule', targets.cacheL1Bucket],
@@ -193,6 +205,7 @@ async function main(): Promise<void> {
     ['meliproxy + 4 limit rules (Redis)', targets.limits],
   ]
   if (!hasRedis) console.log('redis-server not found: the Redis scenarios are skipped')
+  else if (!hasCluster) console.log('redis-cli not found: the Redis Cluster scenarios are skipped')
   const active = scenarios.filter((s): s is [string, string] => s[1] !== null && (ONLY === null || ONLY.test(s[0])))
   for (const [name, url] of active) load(name, url, 2) // warm-up: JIT, keep-alive pools
   const runs = new Map<string, Figures[]>(active.map(([name]) => [name, []]))
@@ -204,14 +217,18 @@ async function main(): Promise<void> {
   }
   let limitScripts = 0
   let limitRequests = 0
+  // What each cluster master ran during the measured rounds (INFO commandstats), and the keys it holds.
+  const masters = clusterMasters(clusterPorts)
+  for (const p of masters) redisCli(['-p', String(p), 'config', 'resetstat'])
   for (let round = 0; round < ROUNDS; round++) {
     // Every other round runs in reverse order, so no scenario always follows the same neighbour.
     const order = round % 2 === 0 ? active : [...active].reverse()
     for (const [name, url] of order) {
-      const before = name.includes('limit rules') ? evalshaCalls() : 0
+      const counted = name.includes('limit rules') && !name.startsWith('cluster')
+      const before = counted ? evalshaCalls() : 0
       const figures = load(name, url, DURATION)
       runs.get(name)!.push(figures)
-      if (name.includes('limit rules')) {
+      if (counted) {
         limitScripts += evalshaCalls() - before
         limitRequests += figures.rps * DURATION
       }
@@ -253,6 +270,58 @@ async function main(): Promise<void> {
   ratio('access log on / off (cache hit, L1)', 'meliproxy cache hit (L1)', 'meliproxy cache hit (L1, no log)', '')
   ratio('meliproxy cache hit (L1, no access log) / bare node', 'meliproxy cache hit (L1, no log)', 'bare node (memory)', '')
   ratio('meliproxy cache hit (L2, L1 off) / bare node', 'meliproxy cache hit (L2, L1 off)', 'bare node (memory)', '')
+  ratio('Redis Cluster / one Redis: cache hit (L2, L1 off)', 'cluster cache hit (L2, L1 off)', 'meliproxy cache hit (L2, L1 off)', '')
+  ratio('Redis Cluster / one Redis: cache hit + 4 limit rules', 'cluster cache hit + 4 limit rules', 'meliproxy cache hit + 4 limit rules', '')
+  if (masters.length > 0) {
+    printSpread(masters, 'the measured rounds of the cluster scenarios: one URL, one client')
+    // Then many keys: 1,000 URLs three times each through the L2-only instance (a miss, then two L2 hits).
+    for (const p of masters) redisCli(['-p', String(p), 'config', 'resetstat'])
+    const base = targets.clusterL2!.slice(0, -path.length)
+    let next = 0
+    const statuses = new Map<string, number>()
+    const lane = async (): Promise<void> => {
+      while (next < 3_000) {
+        const i = next++
+        let outcome: string
+        try {
+          const r = await fetch(`${base}/categories/MLA${i % 1_000}`)
+          await r.arrayBuffer()
+          outcome = `${r.status} ${r.headers.get('x-cache') ?? ''}`.trim()
+        } catch (err) {
+          outcome = String((err as { cause?: unknown }).cause ?? err)
+        }
+        statuses.set(outcome, (statuses.get(outcome) ?? 0) + 1)
+      }
+    }
+    await Promise.all(Array.from({ length: 16 }, lane))
+    printSpread(masters, `1,000 URLs x 3 through L2 (${[...statuses].map(([k, n]) => `${k}: ${n}`).join(', ')}), then every key held`)
+  }
+}
+
+/** The cluster scenarios (started only when --only selects one of them). */
+const CLUSTER_SCENARIOS = ['cluster cache hit (L2, L1 off)', 'cluster cache hit + 4 limit rules']
+
+/** Per cluster master: commands run (INFO commandstats, since the reset before the rounds), their mix, and keys held. */
+function printSpread(masters: readonly number[], what: string): void {
+  const rows = masters.map((port) => {
+    const stats = redisCli(['-p', String(port), 'info', 'commandstats'])
+    const byCommand = new Map<string, { calls: number; usec: number }>()
+    for (const m of stats.matchAll(/^cmdstat_([^:]+):calls=(\d+),usec=\d+,usec_per_call=([\d.]+)/gm)) {
+      if (!/^(config|info|cluster|ping|role|command|client|readonly|replconf)/.test(m[1]!)) byCommand.set(m[1]!, { calls: Number(m[2]), usec: Number(m[3]) })
+    }
+    const total = [...byCommand.values()].reduce((a, b) => a + b.calls, 0)
+    const top = [...byCommand]
+      .sort((a, b) => b[1].calls - a[1].calls)
+      .slice(0, 4)
+      .map(([c, x]) => `${c} ${x.calls} (${x.usec} us each)`)
+      .join(', ')
+    return { port, total, top, keys: Number(redisCli(['-p', String(port), 'dbsize']).trim()) }
+  })
+  const all = rows.reduce((a, r) => a + r.total, 0) || 1
+  console.log(`\nRedis Cluster spread per master (${what}):`)
+  for (const r of rows) {
+    console.log(`  master :${r.port}: ${r.total} commands (${((100 * r.total) / all).toFixed(1)}%), ${r.keys} keys; most: ${r.top}`)
+  }
 }
 
 function stopAll(): void {

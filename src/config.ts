@@ -18,7 +18,7 @@ import { parseRoutePatterns } from './stats/routes.js'
  * Precedence: flag > environment (MELIPROXY_*) > config file > default.
  */
 
-/** A Redis Sentinel address. */
+/** A Redis Sentinel or Redis Cluster node address. */
 export interface HostPort {
   readonly host: string
   readonly port: number
@@ -36,8 +36,12 @@ export interface Config {
   readonly adminToken: string | null
   readonly redisUrl: string | null
   readonly redisSentinels: readonly HostPort[]
+  /** Redis Cluster seed nodes (any few of the cluster's nodes; the rest are discovered). */
+  readonly redisCluster: readonly HostPort[]
   readonly redisMaster: string
   readonly redisPassword: string | null
+  /** TLS to every Redis Cluster node (a standalone Redis takes rediss:// instead). */
+  readonly redisTls: boolean
   readonly trustProxy: readonly Cidr[]
   readonly logLevel: LogLevel
   readonly accessLog: boolean
@@ -235,8 +239,10 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('adminToken', '--admin-token <token>', 'bearer token for the admin API', optionalSecret, null),
   opt('redisUrl', '--redis-url <url>', 'standalone Redis, redis://[:password@]host:port[/db]', redisUrl, null),
   opt('redisSentinels', '--redis-sentinels <host:port,...>', 'Redis Sentinel addresses', hostPorts, [], 'none'),
+  opt('redisCluster', '--redis-cluster <host:port,...>', 'Redis Cluster seed nodes (the others are discovered)', hostPorts, [], 'none'),
   opt('redisMaster', '--redis-master <name>', 'Sentinel master name', nonEmpty, 'mymaster'),
   opt('redisPassword', '--redis-password <pw>', 'Redis password', optionalSecret, null),
+  opt('redisTls', '--redis-tls', 'connect to the Redis Cluster nodes over TLS (standalone: use rediss://)', bool, false),
   opt('trustProxy', '--trust-proxy <cidr,...>', 'peers whose X-Forwarded-For is believed', cidrs, [], 'none'),
   opt('logLevel', '--log-level <level>', `log level: ${LOG_LEVELS.join(', ')}`, logLevel, 'info'),
   opt('accessLog', '--no-access-log', 'turn off the JSON access log on stdout', bool, true),
@@ -358,8 +364,16 @@ export function loadConfig(sources: ConfigSources): Config {
   if (config.clientHeadersTimeout > config.clientRequestTimeout) {
     throw new ConfigError('--client-headers-timeout', 'must not be longer than --client-request-timeout')
   }
-  if (config.redisUrl && config.redisSentinels.length > 0) {
-    throw new ConfigError('--redis-url', 'give either --redis-url or --redis-sentinels, not both')
+  const redisTopologies = [
+    config.redisUrl !== null && '--redis-url',
+    config.redisSentinels.length > 0 && '--redis-sentinels',
+    config.redisCluster.length > 0 && '--redis-cluster',
+  ].filter((f): f is string => f !== false)
+  if (redisTopologies.length > 1) {
+    throw new ConfigError(redisTopologies.join(' and '), 'give only one of --redis-url, --redis-sentinels, --redis-cluster')
+  }
+  if (config.redisTls && config.redisCluster.length === 0) {
+    throw new ConfigError('--redis-tls', 'applies to --redis-cluster only (a standalone Redis takes a rediss:// URL)')
   }
   return deepFreeze(config)
 }

@@ -14,7 +14,7 @@ import { STALE_REQUEST_MS } from './limiter/primary-pool.js'
 import { RulesController, withRules } from './limiter/rules-controller.js'
 import { dispatch, type Handlers, type ToPrimary, type CachePurgeMessage, type LeaseGrantMessage, type LimitsResetMessage, type SetRulesMessage } from './messages.js'
 import { BreakerBoard } from './proxy/breaker-board.js'
-import { closeRedis, createRedis } from './redis/client.js'
+import { closeRedis, createRedis, createSubscriber } from './redis/client.js'
 import { statsOptions } from './options.js'
 import { StatsService } from './stats/service.js'
 
@@ -59,7 +59,7 @@ export class Primary {
     this.#config = options.config
     const log = (this.#log = createLogger(this.#config.logLevel, process.stderr, { role: 'primary', pid: process.pid }))
     this.#redis = createRedis(this.#config, 'primary', log)
-    this.#subscriber = this.#redis === null ? null : createRedis(this.#config, 'primary-sub', log, { enableOfflineQueue: true })
+    this.#subscriber = createSubscriber(this.#config, 'primary-sub', log, this.#redis)
     this.#stats = new StatsService(statsOptions(this.#config), this.#redis, log)
     // Forgets buckets as they expire, at most 3 ms of work every 100 ms (never a walk of the whole pool).
     const pool = this.#pool

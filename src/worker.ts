@@ -1,6 +1,5 @@
 import cluster from 'node:cluster'
 import { AggregatorRegistry, Registry } from 'prom-client'
-import type { Redis } from 'ioredis'
 import { toPrimary } from './cluster/ipc.js'
 import type { Config } from './config.js'
 import { DelayQueues } from './limiter/delays.js'
@@ -44,6 +43,7 @@ import { upstreamDispatcher } from './proxy/upstream-dispatcher.js'
 import { SlowBodies } from './proxy/request-body.js'
 import { ProxyServer, type ProxyServerHooks } from './proxy/server.js'
 import { closeRedis, createRedis } from './redis/client.js'
+import type { RedisClient } from './redis/cluster.js'
 import { StatsRecorder } from './stats/recorder.js'
 import { RouteNamer } from './stats/routes.js'
 
@@ -225,7 +225,7 @@ function bodyCounters(metrics: WorkerMetrics) {
 }
 
 /** The limiter: the rules of the Config, leasing from Redis (if any) and from the primary. */
-function buildLimiter(config: Config, redis: Redis | null, primary: PrimaryPool, metrics: LimiterMetrics, log: Logger): Limiter {
+function buildLimiter(config: Config, redis: RedisClient | null, primary: PrimaryPool, metrics: LimiterMetrics, log: Logger): Limiter {
   const rules = new RuleSet(config.limits, config.allow, config.deny, 1, keyOptions(config))
   const stores = { redis: redis === null ? null : new RedisPool(redis, metrics), primary, instances: config.instances, workers: config.workers }
   return new Limiter(rules, stores, metrics, log)
@@ -249,7 +249,7 @@ function buildUpstream(config: Config, trusted: IpSet, routes: RouteNamer, base:
 }
 
 /** The two-tier cache; background refreshes go through `upstream`, purges to the primary (it fans them out). */
-function buildCache(config: Config, redis: Redis | null, upstream: Upstream, base: Base): HttpCache {
+function buildCache(config: Config, redis: RedisClient | null, upstream: Upstream, base: Base): HttpCache {
   const metrics = new CacheMetrics(base.registry)
   const io = {
     upstream,

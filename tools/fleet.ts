@@ -4,10 +4,12 @@ import { createConnection, createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { startLocalCluster } from './redis-cluster.js'
 
 /**
- * `npm run fleet -- --instances 3 --port 8080 [meliproxy flags...]`: the whole topology on this machine, on loopback.
- * Redis master + replica + 3 sentinels, N meliproxy instances sharing them, and HAProxy with the shipped
+ * `npm run fleet -- --instances 3 --port 8080 [--redis sentinel|cluster] [meliproxy flags...]`: the whole topology on
+ * this machine, on loopback. Redis master + replica + 3 sentinels (`--redis sentinel`, the default) or a Redis Cluster
+ * of 3 masters + 3 replicas (`--redis cluster`), N meliproxy instances sharing it, and HAProxy with the shipped
  * config/haproxy.cfg in front (listening on --port). Every other flag goes to each instance. Ctrl-C (or SIGTERM)
  * stops everything it started, in order: HAProxy, the instances (each drains), then Redis; nothing is left running.
  */
@@ -29,6 +31,15 @@ function intFlag(args: string[], name: string, def: number, min: number, max: nu
   if (raw === undefined || !Number.isInteger(n) || n < min || n > max) usage(`${name}: ${JSON.stringify(raw ?? '')} is not a whole number from ${min} to ${max}`)
   args.splice(i, 2)
   return n
+}
+
+function choiceFlag<T extends string>(args: string[], name: string, choices: readonly T[]): T {
+  const i = args.indexOf(name)
+  if (i < 0) return choices[0]!
+  const raw = args[i + 1] as T
+  if (!choices.includes(raw)) usage(`${name}: ${JSON.stringify(raw ?? '')} is not one of ${choices.join(', ')}`)
+  args.splice(i, 2)
+  return raw
 }
 
 function freePort(): Promise<number> {
@@ -95,13 +106,56 @@ async function stopAll(tmp: string): Promise<void> {
   rmSync(tmp, { recursive: true, force: true })
 }
 
+/** A running Redis topology: the meliproxy flags that reach it, and one line describing it. */
+interface RedisTopology {
+  readonly flags: string[]
+  readonly description: string
+}
+
+function redisArgs(p: number, dir: string): string[] {
+  return ['--port', String(p), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--repl-diskless-sync-delay', '0', '--dir', dir]
+}
+
+/** A master, a replica, three sentinels (shared/STACK.md: diskless sync without delay). */
+async function startSentinels(tmp: string): Promise<RedisTopology> {
+  const [master, replica] = [await freePort(), await freePort()]
+  start('redis master', 'redis-server', redisArgs(master, tmp))
+  await waitListening(master, 'redis master')
+  start('redis replica', 'redis-server', [...redisArgs(replica, tmp), '--replicaof', '127.0.0.1', String(master)])
+  const sentinels: number[] = []
+  for (let i = 0; i < 3; i++) {
+    const p = await freePort()
+    const conf = join(tmp, `sentinel-${i}.conf`)
+    writeFileSync(conf, [`port ${p}`, 'bind 127.0.0.1', `dir ${tmp}`, `sentinel monitor mymaster 127.0.0.1 ${master} 2`,
+      'sentinel down-after-milliseconds mymaster 1000', 'sentinel failover-timeout mymaster 5000', ''].join('\n'))
+    start(`sentinel ${i + 1}`, 'redis-server', [conf, '--sentinel'])
+    sentinels.push(p)
+  }
+  for (const p of [replica, ...sentinels]) await waitListening(p, 'redis')
+  const sentinelList = sentinels.map((p) => `127.0.0.1:${p}`).join(',')
+  return {
+    flags: ['--redis-sentinels', sentinelList],
+    description: `redis master 127.0.0.1:${master}, replica 127.0.0.1:${replica}, sentinels ${sentinelList}`,
+  }
+}
+
+/** Three masters and three replicas in one Redis Cluster (tools/redis-cluster.ts). */
+async function startCluster(tmp: string): Promise<RedisTopology> {
+  const ports = await startLocalCluster(tmp, (name, args) => start(name, 'redis-server', args), freePort)
+  const addresses = ports.map((p) => `127.0.0.1:${p}`).join(',')
+  return { flags: ['--redis-cluster', addresses], description: `redis cluster (3 masters, 3 replicas) ${addresses}` }
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2)
   const instances = intFlag(args, '--instances', 3, 1, 64)
   const port = intFlag(args, '--port', 8080, 1, 65535)
-  for (const tool of ['redis-server', 'haproxy']) {
+  const topology = choiceFlag(args, '--redis', ['sentinel', 'cluster'] as const)
+  const tools: [string, string][] = [['redis-server', 'redis-server'], ['haproxy', 'haproxy']]
+  if (topology === 'cluster') tools.push(['redis-cli', 'redis-tools'])
+  for (const [tool, pkg] of tools) {
     if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) {
-      usage(`${tool} is not on the PATH; install it (apt-get install ${tool}) and run again`)
+      usage(`${tool} is not on the PATH; install it (apt-get install ${pkg}) and run again`)
     }
   }
   if (await listening(port)) usage(`--port: ${port} is already in use`)
@@ -111,24 +165,7 @@ async function main(): Promise<void> {
   process.on('SIGINT', stop)
   process.on('SIGTERM', stop)
   try {
-    // Redis: a master, a replica, three sentinels (shared/STACK.md: diskless sync without delay).
-    const [master, replica] = [await freePort(), await freePort()]
-    const redisArgs = (p: number, dir: string): string[] =>
-      ['--port', String(p), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--repl-diskless-sync-delay', '0', '--dir', dir]
-    start('redis master', 'redis-server', redisArgs(master, tmp))
-    await waitListening(master, 'redis master')
-    start('redis replica', 'redis-server', [...redisArgs(replica, tmp), '--replicaof', '127.0.0.1', String(master)])
-    const sentinels: number[] = []
-    for (let i = 0; i < 3; i++) {
-      const p = await freePort()
-      const conf = join(tmp, `sentinel-${i}.conf`)
-      writeFileSync(conf, [`port ${p}`, 'bind 127.0.0.1', `dir ${tmp}`, `sentinel monitor mymaster 127.0.0.1 ${master} 2`,
-        'sentinel down-after-milliseconds mymaster 1000', 'sentinel failover-timeout mymaster 5000', ''].join('\n'))
-      start(`sentinel ${i + 1}`, 'redis-server', [conf, '--sentinel'])
-      sentinels.push(p)
-    }
-    for (const p of [replica, ...sentinels]) await waitListening(p, 'redis')
-    const sentinelList = sentinels.map((p) => `127.0.0.1:${p}`).join(',')
+    const redis = topology === 'cluster' ? await startCluster(tmp) : await startSentinels(tmp)
 
     // The instances.
     const proxies: { port: number; admin: number }[] = []
@@ -136,7 +173,7 @@ async function main(): Promise<void> {
       const [p, a] = [await freePort(), await freePort()]
       proxies.push({ port: p, admin: a })
       start(`meliproxy ${i + 1}`, process.execPath, [BIN, '--host', '127.0.0.1', '--port', String(p), '--admin-port', String(a),
-        '--redis-sentinels', sentinelList, '--instances', String(instances), '--trust-proxy', '127.0.0.1/32',
+        ...redis.flags, '--instances', String(instances), '--trust-proxy', '127.0.0.1/32',
         '--shutdown-delay', '2s', '--no-access-log', ...args])
     }
     for (const p of proxies) await waitListening(p.port, 'meliproxy')
@@ -153,7 +190,7 @@ async function main(): Promise<void> {
     const lines = [
       `meliproxy fleet ready: http://127.0.0.1:${port} (HAProxy in front of ${instances} instances)`,
       ...proxies.map((p, i) => `  instance ${i + 1}: proxy http://127.0.0.1:${p.port}, admin and dashboard http://127.0.0.1:${p.admin}/`),
-      `  redis master 127.0.0.1:${master}, replica 127.0.0.1:${replica}, sentinels ${sentinelList}`,
+      `  ${redis.description}`,
       `  dashboard: http://127.0.0.1:${proxies[0]!.admin}/`,
       'Ctrl-C stops everything.',
     ]

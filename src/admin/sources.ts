@@ -1,4 +1,5 @@
-import type { Redis } from 'ioredis'
+import { redisMode } from '../redis/client.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import type { PurgeHub } from '../cache/purge-hub.js'
 import type { Supervisor } from '../cluster/supervisor.js'
 import { isLoopback, type Config } from '../config.js'
@@ -14,7 +15,7 @@ export interface PrimaryParts {
   readonly version: string
   readonly startedAt: number
   readonly supervisor: Supervisor
-  readonly redis: Redis | null
+  readonly redis: RedisClient | null
   readonly breakers: BreakerBoard
   readonly rules: RulesController
   readonly stats: StatsService
@@ -67,9 +68,19 @@ export function adminSources(parts: PrimaryParts): AdminSources {
   }
 
   async function redisRole(): Promise<string | null> {
-    if (redis === null || redis.status !== 'ready') return null
+    if (redis === null || redis.status !== 'ready' || isCluster(redis)) return null
     const role = (await within(redis.role().catch(() => null), 500, null)) as unknown[] | null
     return role === null ? null : String(role[0])
+  }
+
+  /** A cluster's state (CLUSTER INFO's cluster_state) and the masters this instance sees, with their connections' state. */
+  async function clusterView(): Promise<Record<string, unknown>> {
+    if (redis === null || !isCluster(redis)) return {}
+    const info = redis.status === 'ready' ? await within(redis.cluster('INFO').catch(() => null), 500, null) : null
+    const state = info === null ? null : (/cluster_state:(\w+)/.exec(String(info))?.[1] ?? null)
+    const masters = redis.nodes('master').map((n) => ({ address: `${n.options.host}:${n.options.port}`, state: n.status }))
+    masters.sort((a, b) => a.address.localeCompare(b.address))
+    return { clusterState: state, masters }
   }
 
   async function status(): Promise<Record<string, unknown>> {
@@ -89,9 +100,10 @@ export function adminSources(parts: PrimaryParts): AdminSources {
       },
       redis: {
         configured: redis !== null,
-        mode: redis === null ? 'none' : config.redisSentinels.length > 0 ? 'sentinel' : 'standalone',
+        mode: redisMode(config),
         state: redis?.status ?? 'none',
         role: await redisRole(),
+        ...(await clusterView()),
       },
       limiter: await limiterFigures(),
       rules: { version: rs.version.version, source: rs.version.source, updatedAt: rs.version.updatedAt, count: rs.limits.length },

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto'
-import type { Redis } from 'ioredis'
+import type { RedisClient } from '../redis/cluster.js'
 import type { Logger } from '../log.js'
 import { PURGE_CHANNEL } from '../redis/keys.js'
 import type { Purge } from './types.js'
@@ -12,7 +12,7 @@ import { dropSharedMatching, pathGlobMatcher } from './tiers.js'
  */
 export class PurgeHub {
   readonly #id = randomUUID()
-  readonly #redis: Redis | null
+  readonly #redis: RedisClient | null
   readonly #deliver: (purge: Purge, exceptWorker: number | null) => void
   readonly #log: Logger
 
@@ -20,7 +20,7 @@ export class PurgeHub {
    * `deliver` hands a purge to this instance's workers but one; `subscriber` is the primary's connection for
    * channels (it may be shared with others: messages of other channels are ignored).
    */
-  constructor(redis: Redis | null, subscriber: Redis | null, deliver: (purge: Purge, exceptWorker: number | null) => void, log: Logger) {
+  constructor(redis: RedisClient | null, subscriber: RedisClient | null, deliver: (purge: Purge, exceptWorker: number | null) => void, log: Logger) {
     this.#redis = redis
     this.#deliver = deliver
     this.#log = log

@@ -1,5 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Redis } from 'ioredis'
+import { isCluster, masters, type RedisClient } from '../redis/cluster.js'
 import { LRUCache } from 'lru-cache'
 import { compilePathGlob } from '../limiter/glob.js'
 import { decodeEntry, encodeEntry, entrySize, keepMs, variantId, type CacheEntry } from './entry.js'
@@ -24,17 +25,40 @@ export function pathGlobMatcher(origin: string, glob: string): ((key: string) =>
   }
 }
 
-/** Deletes from L2 every stored URL `match` accepts (a SCAN over the entry keys); returns how many. */
-export async function dropSharedMatching(redis: Redis, match: (key: string) => boolean): Promise<number> {
+/**
+ * Deletes from L2 every stored URL `match` accepts (a SCAN over the entry keys of every master: a cluster's keys are
+ * spread over its masters); returns how many.
+ */
+export async function dropSharedMatching(redis: RedisClient, match: (key: string) => boolean): Promise<number> {
+  const counts = await Promise.all(masters(redis).map((node) => dropMatchingOn(node, match)))
+  return counts.reduce((a, b) => a + b, 0)
+}
+
+async function dropMatchingOn(node: Redis, match: (key: string) => boolean): Promise<number> {
   let n = 0
   let cursor = '0'
   do {
-    const [next, found] = await redis.scan(cursor, 'MATCH', ENTRY_PREFIX + '*', 'COUNT', 500)
+    const [next, found] = await node.scan(cursor, 'MATCH', ENTRY_PREFIX + '*', 'COUNT', 500)
     cursor = next
     const doomed = found.filter((k) => match(k.slice(ENTRY_PREFIX.length)))
-    if (doomed.length > 0) n += await redis.del(...doomed)
+    if (doomed.length > 0) n += await deleteKeys(node, doomed)
   } while (cursor !== '0')
   return n
+}
+
+/**
+ * Deletes keys in one round trip. A cluster node refuses a DEL of keys in different slots (CROSSSLOT), so each key is
+ * its own DEL there, in one pipeline to that node (or, through a cluster client, one DEL per key routed by its slot).
+ */
+async function deleteKeys(redis: RedisClient, keys: readonly string[]): Promise<number> {
+  if (isCluster(redis)) {
+    const counts = await Promise.all(keys.map((k) => redis.del(k)))
+    return counts.reduce((a, b) => a + b, 0)
+  }
+  const p = redis.pipeline()
+  for (const k of keys) p.del(k)
+  const results = (await p.exec()) ?? []
+  return results.reduce((n, [err, v]) => n + (err === null ? Number(v) : 0), 0)
 }
 
 /** Tier sizes and bounds. */
@@ -64,11 +88,11 @@ function pick(variants: readonly CacheEntry[], requestHeaders: IncomingHttpHeade
 /** L1 and L2 together. */
 export class Tiers {
   readonly #l1: LRUCache<string, CacheEntry[]> | null
-  readonly #redis: Redis | null
+  readonly #redis: RedisClient | null
   readonly #options: TierOptions
   readonly #metrics: CacheMetrics
 
-  constructor(redis: Redis | null, options: TierOptions, metrics: CacheMetrics) {
+  constructor(redis: RedisClient | null, options: TierOptions, metrics: CacheMetrics) {
     this.#redis = redis
     this.#options = options
     this.#metrics = metrics
@@ -162,7 +186,7 @@ export class Tiers {
     if (!this.l2Ready) return 0
     const redis = this.#redis!
     try {
-      if (keys !== null) return keys.length === 0 ? 0 : await redis.del(...keys.map((k) => ENTRY_PREFIX + k))
+      if (keys !== null) return keys.length === 0 ? 0 : await deleteKeys(redis, keys.map((k) => ENTRY_PREFIX + k))
       return await dropSharedMatching(redis, match)
     } catch {
       this.#metrics.l2Errors.inc()

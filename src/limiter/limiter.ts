@@ -28,6 +28,8 @@ export interface Verdict {
 
 /** After a Redis failure, how long requests skip Redis before one tries it again. */
 const REDIS_RETRY_MS = 500
+/** Buckets remembered as failing (Redis Cluster), at most; past it the expired ones are dropped. */
+const FAILED_KEYS_PRUNE_AT = 10_000
 export const FALLBACK_PREFIX = 'fallback:'
 
 /** Where a Limiter leases tokens. */
@@ -51,7 +53,14 @@ export class Limiter {
   readonly #instances: number
   readonly #metrics: LimiterMetrics
   readonly #log: Logger
+  /** Until when requests skip Redis after a failure (on a cluster: until when the limiter counts as degraded). */
   #redisSkipUntil = 0
+  /**
+   * On a Redis Cluster a failure skips Redis only for the buckets of the failed call (bucket key -> until when): their
+   * master may be the only one away (killed, failing over), and every other bucket keeps counting on its own master.
+   * Null on one Redis, where a failure skips every bucket.
+   */
+  readonly #failedKeys: Map<string, number> | null
 
   constructor(rules: RuleSet, stores: LimiterStores, metrics: LimiterMetrics, log: Logger) {
     this.#rules = rules
@@ -59,6 +68,7 @@ export class Limiter {
     this.#log = log
     this.#instances = stores.instances
     this.#redis = stores.redis
+    this.#failedKeys = stores.redis?.perKeyFailures === true ? new Map() : null
     const events = (pool: string): LeaseEvents => ({
       leased: (n) => metrics.leased(pool, n),
       returned: (n) => metrics.returned(pool, n),
@@ -152,12 +162,13 @@ export class Limiter {
   #take(items: readonly Bucket[]): TakeResult | Promise<TakeResult> {
     const leases = this.#redisLeases
     if (leases === null) return this.#primaryLeases.take(items)
-    if (this.#redis!.ready && Date.now() >= this.#redisSkipUntil) {
+    if (this.#redis!.ready && !this.#skipsRedis(items)) {
       const result = leases.take(items)
       if (!(result instanceof Promise)) return result
       return result.then(
         (r) => {
-          if (this.#metrics.isDegraded) {
+          // On a cluster, other buckets may still be failing: back on Redis once none failed for a retry period.
+          if (this.#metrics.isDegraded && Date.now() >= this.#redisSkipUntil) {
             this.#metrics.recovered()
             this.#log.info('limiter back on redis')
           }
@@ -165,13 +176,37 @@ export class Limiter {
         },
         (err: Error) => {
           this.#metrics.redisErrors.inc()
-          this.#redisSkipUntil = Date.now() + REDIS_RETRY_MS
+          this.#skipRedis(items)
           return this.#fallback(items, err.message)
         },
       )
     }
     // Redis is unusable: tokens already leased from it are still good for their window.
     return leases.takeLocal(items) ?? this.#fallback(items, this.#redis!.ready ? 'redis failed a moment ago' : 'redis is not connected')
+  }
+
+  /** True while these buckets skip Redis after a failure (all of them on one Redis; on a cluster, these ones). */
+  #skipsRedis(items: readonly Bucket[]): boolean {
+    const failed = this.#failedKeys
+    if (failed === null) return Date.now() < this.#redisSkipUntil
+    if (failed.size === 0) return false
+    const now = Date.now()
+    for (let i = 0; i < items.length; i++) {
+      const until = failed.get(items[i]!.key)
+      if (until !== undefined && now < until) return true
+    }
+    return false
+  }
+
+  #skipRedis(items: readonly Bucket[]): void {
+    const until = Date.now() + REDIS_RETRY_MS
+    this.#redisSkipUntil = until
+    const failed = this.#failedKeys
+    if (failed === null) return
+    if (failed.size >= FAILED_KEYS_PRUNE_AT) {
+      for (const [key, at] of failed) if (at <= until - REDIS_RETRY_MS) failed.delete(key)
+    }
+    for (const b of items) failed.set(b.key, until)
   }
 
   /**

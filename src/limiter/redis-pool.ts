@@ -1,4 +1,4 @@
-import type { Redis } from 'ioredis'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import { BUCKET_PREFIX } from '../redis/keys.js'
 import { bucketSlotMs, SHAPE_SETTLE_MS, shapeOf, SLIDING_SLOTS, STALE_RETRY_MS, type LeasePool } from './pool.js'
 import type { Algorithm, Giveback, LeaseGrant, LeaseRequest } from './types.js'
@@ -306,12 +306,12 @@ export interface RedisCalls {
 
 /** Leases from Redis. Rejects when Redis does (the limiter falls back). */
 export class RedisPool implements LeasePool {
-  readonly #redis: Redis
+  readonly #redis: RedisClient
   readonly #acquire: Record<Algorithm, Script>
   readonly #release: Script
   readonly #calls: RedisCalls
 
-  constructor(redis: Redis, calls: RedisCalls) {
+  constructor(redis: RedisClient, calls: RedisCalls) {
     this.#redis = redis
     this.#calls = calls
     const script = (name: string, lua: string): Script => {
@@ -329,6 +329,11 @@ export class RedisPool implements LeasePool {
   /** True while the connection is up (commands are not queued while it is down: they fail at once). */
   get ready(): boolean {
     return this.#redis.status === 'ready'
+  }
+
+  /** True on a Redis Cluster: one call failing says nothing of buckets on the other masters. */
+  get perKeyFailures(): boolean {
+    return isCluster(this.#redis)
   }
 
   acquire(req: LeaseRequest): Promise<LeaseGrant> {

@@ -1,15 +1,18 @@
-import type { Redis } from 'ioredis'
 import { ConfigError } from '../errors.js'
 import type { Cidr } from '../net/ip.js'
 import { parseIpList, parseRules } from './spec.js'
 import type { Generations, RuleSpec } from './types.js'
+import { isCluster, type RedisClient } from '../redis/cluster.js'
 import {
+  CLUSTER_RULES_CURRENT_KEY,
+  CLUSTER_RULES_HISTORY_KEY,
+  CLUSTER_RULES_VERSION_KEY,
   LIMITS_RESET_CHANNEL,
   RULES_CHANNEL,
-  RULES_CURRENT_KEY as CURRENT_KEY,
+  RULES_CURRENT_KEY,
   RULES_GENERATIONS_KEY as GENERATIONS_KEY,
-  RULES_HISTORY_KEY as HISTORY_KEY,
-  RULES_VERSION_KEY as VERSION_KEY,
+  RULES_HISTORY_KEY,
+  RULES_VERSION_KEY,
 } from '../redis/keys.js'
 
 /**
@@ -197,28 +200,32 @@ return n
 
 /** Versions in Redis, shared by every instance. */
 export class RedisRuleStore implements RuleStore {
-  readonly #redis: Redis
+  readonly #redis: RedisClient
+  readonly #keys: { readonly version: string; readonly current: string; readonly history: string }
 
-  constructor(redis: Redis) {
+  constructor(redis: RedisClient) {
     this.#redis = redis
+    this.#keys = isCluster(redis)
+      ? { version: CLUSTER_RULES_VERSION_KEY, current: CLUSTER_RULES_CURRENT_KEY, history: CLUSTER_RULES_HISTORY_KEY }
+      : { version: RULES_VERSION_KEY, current: RULES_CURRENT_KEY, history: RULES_HISTORY_KEY }
     redis.defineCommand('meliproxyPutRules', { numberOfKeys: 3, lua: PUT_SCRIPT })
     redis.defineCommand('meliproxyNewGeneration', { numberOfKeys: 1, lua: GENERATION_SCRIPT })
   }
 
   async current(): Promise<RuleVersion | null> {
-    const text = await this.#redis.get(CURRENT_KEY)
+    const text = await this.#redis.get(this.#keys.current)
     return text === null ? null : (JSON.parse(text) as RuleVersion)
   }
 
   async put(doc: RuleSetDoc, source: RuleVersion['source']): Promise<RuleVersion> {
     const body = JSON.stringify({ updatedAt: new Date().toISOString(), source, ...doc })
     const put = (this.#redis as unknown as { meliproxyPutRules: (...a: (string | number)[]) => Promise<string> }).meliproxyPutRules
-    const text = await put.call(this.#redis, VERSION_KEY, CURRENT_KEY, HISTORY_KEY, body, HISTORY_KEEP, RULES_CHANNEL)
+    const text = await put.call(this.#redis, this.#keys.version, this.#keys.current, this.#keys.history, body, HISTORY_KEEP, RULES_CHANNEL)
     return JSON.parse(text) as RuleVersion
   }
 
   async history(): Promise<RuleVersion[]> {
-    const list = await this.#redis.lrange(HISTORY_KEY, 0, HISTORY_KEEP - 1)
+    const list = await this.#redis.lrange(this.#keys.history, 0, HISTORY_KEEP - 1)
     return list.map((t) => JSON.parse(t) as RuleVersion)
   }
 

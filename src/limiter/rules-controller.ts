@@ -1,4 +1,4 @@
-import type { Redis } from 'ioredis'
+import type { RedisClient } from '../redis/cluster.js'
 import { deepFreeze, type Config } from '../config.js'
 import { ErrorCodes, MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
@@ -36,9 +36,9 @@ export const RESYNC_MS = 5_000
 /** What the controller asks of the primary. */
 export interface RulesControllerDeps {
   /** The primary's Redis connection (null without Redis). */
-  readonly redis: Redis | null
+  readonly redis: RedisClient | null
   /** A connection for the channels (null without Redis). */
-  readonly subscriber: Redis | null
+  readonly subscriber: RedisClient | null
   /** The instance's own pool (embedded mode, and the fallback), whose counters a reset of one bucket clears. */
   readonly pool: MemoryPool
   readonly log: Logger

@@ -19,6 +19,14 @@ export const RULES_VERSION_KEY = 'mp:limits:version'
 export const RULES_CURRENT_KEY = 'mp:limits:current'
 export const RULES_HISTORY_KEY = 'mp:limits:history'
 /**
+ * The same three on a Redis Cluster, where one script writes all three: the `{mp:limits}` hash tag puts them in one
+ * slot (a script's keys must share one). Standalone and Sentinel keep the names above, so an existing store is read
+ * as it is.
+ */
+export const CLUSTER_RULES_VERSION_KEY = '{mp:limits}:version'
+export const CLUSTER_RULES_CURRENT_KEY = '{mp:limits}:current'
+export const CLUSTER_RULES_HISTORY_KEY = '{mp:limits}:history'
+/**
  * Hash rule -> generation (src/limiter/rule-store.ts): HINCRBY on a reset of the whole rule. The generation is part of
  * every bucket key of the rule, so a reset is this one step for the whole fleet; the old buckets are never read
  * again and expire by themselves. No expiry (one field per rule ever reset).
@@ -39,5 +47,12 @@ export const LEASE_PREFIX = 'mp:lease:'
 /** Channel: cache purges, JSON {keys} or {glob}; every worker drops them from L1. */
 export const PURGE_CHANNEL = 'mp:cache:purge'
 
-/** Statistics (src/stats/redis-store.ts): minute buckets (--stats-retention) and hourly rollups (--stats-rollup-retention). */
+/**
+ * Statistics (src/stats/redis-store.ts): minute buckets (--stats-retention) and hourly rollups (--stats-rollup-retention),
+ * `mp:st:<m|h>:<start ms>:<part>`. On a Redis Cluster each flush goes to one of STATS_CLUSTER_SHARDS shards,
+ * `mp:st:{s:<shard>}:<m|h>:<start ms>:<part>` (one slot per shard, so a flush stays one MULTI; the shards spread the
+ * writes of one minute over the masters), and a read adds the shards up.
+ */
 export const STATS_PREFIX = 'mp:st:'
+/** Statistics shards on a Redis Cluster. */
+export const STATS_CLUSTER_SHARDS = 12

@@ -1,4 +1,4 @@
-import type { Redis } from 'ioredis'
+import type { RedisClient } from '../redis/cluster.js'
 import { MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import type { StatsBatch } from './types.js'
@@ -29,7 +29,7 @@ export class StatsService {
   readonly #collector: StatsCollector | null
   readonly #timer: NodeJS.Timeout
 
-  constructor(config: StatsOptions, redis: Redis | null, log: Logger) {
+  constructor(config: StatsOptions, redis: RedisClient | null, log: Logger) {
     const retention = { minute: config.statsRetention, hour: config.statsRollupRetention }
     this.#collector = config.stats
       ? new StatsCollector(redis !== null ? new RedisStatsStore(redis, retention) : new MemoryStatsStore(retention), log)

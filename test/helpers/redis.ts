@@ -149,3 +149,106 @@ export async function startSentinels(): Promise<SentinelTopology> {
   }
   return topology
 }
+
+/** Three masters and three replicas in one Redis Cluster, every node on a free loopback port. */
+export interface ClusterTopology {
+  /** All six processes; which are masters changes on a failover (see masters()). */
+  readonly nodes: RedisProcess[]
+  /** `127.0.0.1:p1,...` of every node, for --redis-cluster. */
+  readonly seedList: string
+  /** The nodes that are masters now (asked of the nodes themselves; a dead one is left out). */
+  masters(): Promise<RedisProcess[]>
+  /** The node that serves `key` now. */
+  masterOf(key: string): Promise<RedisProcess>
+  /** Waits until every live node reports cluster_state:ok; false after `ms`. */
+  healthy(ms: number): Promise<boolean>
+  stop(): Promise<void>
+}
+
+/** How long a cluster node waits before it calls a silent peer failed (the replica takes over after it). */
+export const CLUSTER_NODE_TIMEOUT_MS = 1_500
+
+/**
+ * Starts a 3-master + 3-replica Redis Cluster (redis-server --cluster-enabled yes, then redis-cli --cluster create)
+ * and waits until every node reports cluster_state:ok and every replica is in sync. Each node has its own temp dir.
+ */
+export async function startCluster(): Promise<ClusterTopology> {
+  const nodes: RedisProcess[] = []
+  const stopAll = () => Promise.all(nodes.map((n) => n.stop())).then(() => {})
+  for (let i = 0; i < 6; i++) {
+    const port = await freePort()
+    const busPort = await freePort()
+    const dir = mkdtempSync(join(tmpdir(), 'meliproxy-cluster-'))
+    nodes.push(
+      launch(
+        ['--port', String(port), '--bind', '127.0.0.1', '--cluster-enabled', 'yes', '--cluster-port', String(busPort),
+          '--cluster-config-file', join(dir, 'nodes.conf'), '--cluster-node-timeout', String(CLUSTER_NODE_TIMEOUT_MS),
+          // The masters that are up keep serving their slots while one fails over (the default refuses every key).
+          '--cluster-require-full-coverage', 'no',
+          '--save', '', '--appendonly', 'no', '--repl-diskless-sync-delay', '0', '--dir', dir],
+        port,
+      ),
+    )
+  }
+  if (!(await waitFor(async () => (await Promise.all(nodes.map((n) => answers(n.port)))).every(Boolean), 5_000))) {
+    await stopAll()
+    throw new Error('cluster nodes did not start')
+  }
+  const created = await new Promise<number | null>((resolve) => {
+    const cli = spawn('redis-cli', ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`), '--cluster-replicas', '1', '--cluster-yes'], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    })
+    cli.once('exit', (code) => resolve(code))
+    cli.once('error', () => resolve(null))
+  })
+  if (created !== 0) {
+    await stopAll()
+    throw new Error(`redis-cli --cluster create failed (exit ${created})`)
+  }
+  const clients = new Map(nodes.map((n) => [n, n.client()]))
+  const alive = (n: RedisProcess) => n.proc.exitCode === null && n.proc.signalCode === null
+  const topology: ClusterTopology = {
+    nodes,
+    seedList: nodes.map((n) => `127.0.0.1:${n.port}`).join(','),
+    async masters() {
+      const out: RedisProcess[] = []
+      for (const n of nodes.filter(alive)) {
+        const role = await clients.get(n)!.role().catch(() => null)
+        if (role !== null && role[0] === 'master') out.push(n)
+      }
+      return out
+    },
+    async masterOf(key) {
+      const slot = Number(await clients.get(nodes.find(alive)!)!.cluster('KEYSLOT', key))
+      for (const n of await topology.masters()) {
+        const slots = await clients.get(n)!.cluster('SLOTS')
+        const owner = slots.find(([from, to]) => slot >= from && slot <= to)
+        if (owner?.[2]?.[1] === n.port) return n
+      }
+      throw new Error(`no master serves ${key}`)
+    },
+    healthy(ms) {
+      return waitFor(async () => {
+        for (const n of nodes.filter(alive)) {
+          const info = await clients.get(n)!.cluster('INFO').catch(() => '')
+          if (!/cluster_state:ok/.test(String(info))) return false
+        }
+        return true
+      }, ms)
+    },
+    stop: stopAll,
+  }
+  const synced = await waitFor(async () => {
+    for (const n of nodes) {
+      const info = await clients.get(n)!.info('replication').catch(() => '')
+      if (/role:slave/.test(info) && !/master_link_status:up/.test(info)) return false
+      if (!/role:/.test(info)) return false
+    }
+    return true
+  }, 10_000)
+  if (!synced || !(await topology.healthy(10_000))) {
+    await stopAll()
+    throw new Error(`redis cluster not ready (replicas synced: ${synced})`)
+  }
+  return topology
+}

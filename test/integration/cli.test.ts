@@ -30,6 +30,11 @@ const cases: { name: string; args: string[]; env?: Record<string, string>; names
   { name: 'an IPv6 prefix of 0', args: [], env: { MELIPROXY_LIMIT_IPV6_PREFIX: '0' }, names: /MELIPROXY_LIMIT_IPV6_PREFIX.*"0"/ },
   { name: 'an IPv6 prefix in the file that is not a number', args: ['--config', file('v6.json', '{"limitIpv6Prefix":"/64"}')], names: /limitIpv6Prefix \(in .*v6\.json\).*"\/64"/ },
   { name: 'an unknown flag', args: ['--prot', '1'], names: /unknown option '--prot'/ },
+  { name: 'two Redis topologies', args: ['--redis-url', 'redis://127.0.0.1:6379', '--redis-cluster', '127.0.0.1:7000'], names: /--redis-url and --redis-cluster: give only one of --redis-url, --redis-sentinels, --redis-cluster/ },
+  { name: 'a cluster from the environment next to Sentinel in the file', args: ['--config', file('sentinels.yaml', 'redisSentinels: 127.0.0.1:26379\n')], env: { MELIPROXY_REDIS_CLUSTER: '127.0.0.1:7000,127.0.0.1:7001' }, names: /--redis-sentinels and --redis-cluster: give only one/ },
+  { name: 'a cluster seed that is not host:port', args: ['--redis-cluster', '127.0.0.1'], names: /--redis-cluster.*"127\.0\.0\.1" is not host:port/ },
+  { name: 'a cluster seed in the file with a bad port', args: ['--config', file('cluster.json', '{"redisCluster":["127.0.0.1:99999"]}')], names: /redisCluster \(in .*cluster\.json\).*"99999"/ },
+  { name: 'TLS without a cluster', args: ['--redis-url', 'redis://127.0.0.1:6379', '--redis-tls'], names: /--redis-tls: applies to --redis-cluster only/ },
 ]
 
 for (const c of cases) {
@@ -47,7 +52,7 @@ t.test('--help documents every flag, its environment variable and the precedence
   const r = await runBinary(['--help'])
   t.equal(r.code, 0)
   for (const flag of ['--port', '--host', '--upstream', '--workers', '--config', '--admin-port', '--admin-host',
-    '--admin-token', '--redis-url', '--redis-sentinels', '--redis-master', '--redis-password', '--trust-proxy',
+    '--admin-token', '--redis-url', '--redis-sentinels', '--redis-cluster', '--redis-master', '--redis-password', '--redis-tls', '--trust-proxy',
     '--log-level', '--no-access-log', '--version']) {
     t.match(r.stdout, flag, `mentions ${flag}`)
   }

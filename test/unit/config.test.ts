@@ -52,6 +52,19 @@ t.test('redis-url and redis-sentinels together are refused', async (t) => {
   )
 })
 
+t.test('exactly one Redis topology: any two of url, sentinels and cluster are refused, naming both', async (t) => {
+  const url = 'redis://127.0.0.1:6379'
+  const sentinels = '127.0.0.1:26379'
+  const cluster = '127.0.0.1:7000,127.0.0.1:7001'
+  t.throws(() => loadConfig({ flags: { redisUrl: url, redisCluster: cluster }, env: {} }), /^--redis-url and --redis-cluster: give only one of/)
+  t.throws(() => loadConfig({ flags: { redisSentinels: sentinels }, env: { MELIPROXY_REDIS_CLUSTER: cluster } }), /^--redis-sentinels and --redis-cluster/)
+  t.throws(() => loadConfig({ flags: { redisUrl: url, redisSentinels: sentinels, redisCluster: cluster }, env: {} }), /^--redis-url and --redis-sentinels and --redis-cluster/)
+  const c = loadConfig({ flags: { redisCluster: cluster, redisTls: true, redisPassword: 'pw' }, env: {} })
+  t.same(c.redisCluster, [{ host: '127.0.0.1', port: 7000 }, { host: '127.0.0.1', port: 7001 }])
+  t.equal(c.redisTls, true)
+  t.equal(c.redisUrl, null)
+})
+
 t.test('an overridden but invalid file value is still an error', async (t) => {
   const bad = join(dir, 'bad.yaml')
   writeFileSync(bad, 'port: 0\n')

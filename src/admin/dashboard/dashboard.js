@@ -129,7 +129,10 @@ async function refreshStatus() {
   $('status-line').textContent =
     'v' + s.version + ' · up ' + fmt(s.uptimeSeconds) + ' s · upstream ' + s.upstream + ' · rules v' + s.rules.version
   $('workers').textContent = s.workers.listening + '/' + s.workers.desired + ' · ' + s.workers.restarts
-  $('redis').textContent = s.redis.configured ? s.redis.state + (s.redis.role ? ' (' + s.redis.role + ')' : '') : 'not used'
+  const redisDetail = s.redis.mode === 'cluster'
+    ? 'cluster, ' + s.redis.masters.filter((m) => m.state === 'ready').length + ' of ' + s.redis.masters.length + ' masters ready'
+    : s.redis.role
+  $('redis').textContent = s.redis.configured ? s.redis.state + (redisDetail ? ' (' + redisDetail + ')' : '') : 'not used'
   $('leases').textContent = s.limiter
     ? fmt(s.limiter.leases) + ' · ' + fmt(s.limiter.returnedTokens) + ' · ' + fmt(s.limiter.redisCalls)
     : '–'
