@@ -78,6 +78,16 @@ export function transferCodingProblem(value: string): MeliproxyError | null {
   return null
 }
 
+/**
+ * Why a request carrying Transfer-Encoding is refused, or null when its framing is exactly `chunked` in HTTP/1.1.
+ * In an HTTP/1.0 request Transfer-Encoding is faulty framing (RFC 9112 6.1: an HTTP/1.0 recipient may not know it,
+ * and the message must not be relied on); nginx answers 400, and so does this proxy, whatever the coding.
+ */
+export function transferEncodingProblem(rawHeaders: readonly string[], httpVersion: string): MeliproxyError | null {
+  if (httpVersion !== '1.1') return new MeliproxyError(ErrorCodes.BAD_REQUEST, 'Transfer-Encoding in an HTTP/1.0 request')
+  return transferCodingProblem(transferEncoding(rawHeaders) ?? '')
+}
+
 /** Every Transfer-Encoding field line of a request (`rawHeaders`, as sent), joined with ", "; null when there is none. */
 export function transferEncoding(rawHeaders: readonly string[]): string | null {
   let value: string | null = null

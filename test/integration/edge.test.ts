@@ -146,6 +146,13 @@ const framing: [string, string, number, string | null][] = [
   ['HTTP/0.9 without headers', `GET /echo/v09b\r\n\r\n`, 400, 'bad_request'],
   ['HTTP/2.0 as a text request line', `GET /echo/v20 HTTP/2.0\r\n${H}\r\n`, 505, 'http_version_not_supported'],
   ['HTTP/1.2', `GET /echo/v12 HTTP/1.1\r\n${H}\r\n`.replace('HTTP/1.1', 'HTTP/1.2'), 400, 'bad_request'],
+  // RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing (nginx: 400); nor is the request pipelined after it served
+  [
+    'Transfer-Encoding: chunked in an HTTP/1.0 request, keep-alive, a request pipelined after it',
+    `POST /echo/te10 HTTP/1.0\r\n${H}Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /echo/te10-after HTTP/1.0\r\n${H}\r\n`,
+    400,
+    'bad_request',
+  ],
 ]
 
 for (const [name, bytes, status, code] of framing) {

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { dropUnderscored, headerProblem, transferCodingProblem, transferEncoding, versionProblem } from '../../src/proxy/guard.js'
+import { dropUnderscored, headerProblem, transferCodingProblem, transferEncoding, transferEncodingProblem, versionProblem } from '../../src/proxy/guard.js'
 
 t.test('Transfer-Encoding: exactly chunked passes; another coding is 501; a malformed list is 400', async (t) => {
   for (const ok of ['chunked', 'CHUNKED', 'Chunked', ' chunked ', 'chunked\t']) t.equal(transferCodingProblem(ok), null, JSON.stringify(ok))
@@ -57,4 +57,12 @@ t.test('headerProblem: Host once in HTTP/1.1; "_" names refused only with reject
   t.equal(headerProblem([], '1.1', 'drop')?.status, 400)
   t.equal(headerProblem([], '1.0', 'drop'), null)
   t.equal(headerProblem(['Host', 'x', 'host', 'y'], '1.1', 'allow')?.status, 400)
+})
+
+t.test('Transfer-Encoding in HTTP/1.0 is 400 whatever the coding (RFC 9112 6.1); in HTTP/1.1 it is read as above', async (t) => {
+  const chunked = ['Transfer-Encoding', 'chunked']
+  t.equal(transferEncodingProblem(chunked, '1.1'), null)
+  t.equal(transferEncodingProblem(chunked, '1.0')?.status, 400)
+  t.equal(transferEncodingProblem(['Transfer-Encoding', 'gzip'], '1.0')?.status, 400)
+  t.equal(transferEncodingProblem(['Transfer-Encoding', 'gzip'], '1.1')?.status, 501)
 })
