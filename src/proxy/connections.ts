@@ -56,7 +56,12 @@ export class Connections {
    */
   accept(socket: Socket, req: IncomingMessage, res: ServerResponse): boolean {
     const s = this.#state(socket)
-    if (s.closing) return false
+    // An earlier answer that closes the connection may have been decided after its request was handed on (a body read
+    // whole, then refused as too large): the parser may already have read the next request from the same bytes.
+    if (s.closing || (s.lastRes !== null && !s.lastRes.shouldKeepAlive)) {
+      s.closing = true
+      return false
+    }
     s.pending++
     s.last = req
     s.lastRes = res
@@ -75,16 +80,24 @@ export class Connections {
    * to close only):
    * - the bytes are the rest of the request being read (a bad chunk, a body too slow) and its answer is still to come:
    *   that response is returned, for the caller to answer in its place (src/proxy/reply.ts answerRaw);
+   * - they are the rest of a request already answered (refused before its body was read) or whose client left:
+   *   'answered', nothing more goes out (they are no request of their own), the connection closes after that answer;
    * - the connection was already closing after an earlier answer: 'unsent', nothing more goes out;
    * - otherwise the answer goes out once the requests before it are answered ('sent' at once, or 'queued'), then
    *   the connection closes.
    */
-  refuse(socket: Socket, answer: string): 'sent' | 'queued' | 'unsent' | ServerResponse {
+  refuse(socket: Socket, answer: string): 'sent' | 'queued' | 'unsent' | 'answered' | ServerResponse {
     const s = this.#state(socket)
     const wasClosing = s.closing
     s.closing = true
     const res = s.lastRes
-    if (s.last !== null && !s.last.complete && res !== null && !res.writableEnded && !res.destroyed) return res
+    const rest = s.last !== null && !s.last.complete && res !== null
+    if (rest && !res.writableEnded && !res.destroyed) return res
+    if (rest) {
+      if (s.pending === 0) endRaw(socket, '')
+      else s.finalAnswer = ''
+      return 'answered'
+    }
     if (wasClosing) return 'unsent'
     if (s.pending === 0) {
       endRaw(socket, answer)

@@ -162,7 +162,7 @@ export class ProxyServer {
     if (code === 'HPE_INVALID_EOF_STATE') {
       const fate = this.#connections.refuse(socket, '')
       if (typeof fate !== 'string') socket.destroy()
-      else this.#hooks.refused({ ip, method: '-', path: '-', status: 0, bytes: 0, reason: 'client_closed', counted: false })
+      else if (fate !== 'answered') this.#hooks.refused({ ip, method: '-', path: '-', status: 0, bytes: 0, reason: 'client_closed', counted: false })
       return
     }
     const refusal = parserRefusal(code)
@@ -173,6 +173,7 @@ export class ProxyServer {
       else socket.destroy()
       return
     }
+    if (fate === 'answered') return // the rest of a request already answered (and recorded): not a request of its own
     const sent = fate !== 'unsent'
     this.#hooks.refused({
       ip, method: '-', path: '-', status: sent ? refusal.status : 0, bytes: sent ? refusal.bytes : 0,

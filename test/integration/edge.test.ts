@@ -244,3 +244,30 @@ t.test('a client that closes in the middle of its request: status 0, client_clos
   t.equal(upstream.hits('/echo/half'), 0, 'the half-sent buffered body never reached the upstream')
   t.equal(sumMetric(await metrics(), 'meliproxy_refused_requests_total'), refusedBefore, 'neither counted as a refusal')
 })
+
+t.test('a body refused once read (over --max-body-size): one answer, one line; a request pipelined after it is not served', async (t) => {
+  const own = await startUpstream()
+  t.teardown(() => own.close())
+  const p = await startMeliproxy(['--upstream', own.url, '--max-body-size', '100', '--client-headers-timeout', '1s', '--client-request-timeout', '3s'], { workers: 1 })
+  t.teardown(() => p.stop())
+  // The whole chunked body (over the limit) and the next request arrive in one write: the parser reads the next
+  // request before the 413 is decided.
+  const big = `96\r\n${'a'.repeat(150)}\r\n0\r\n\r\n`
+  const text = await rawExchange(p.port, `POST /echo/over HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n${big}GET /echo/after-413 HTTP/1.1\r\n${H}\r\n`)
+  t.same([...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1])), [413], 'the 413, then the close')
+  t.ok(await waitFor(() => accessLines(p).some((l) => l.path === '/echo/after-413'), 3_000))
+  t.equal(accessLines(p).find((l) => l.path === '/echo/after-413')!.reason, 'after_close', 'the pipelined request was dropped, not served')
+  t.equal(own.hits('/echo/after-413'), 0)
+  // A coding refused before its body was read: the body's bytes the parser then refuses are no request of their own.
+  const r = parseRaw(await rawExchange(p.port, `POST /echo/gz HTTP/1.1\r\n${H}Transfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n`))
+  t.equal(r.status, 501)
+  await new Promise((res) => setTimeout(res, 300))
+  t.same(
+    accessLines(p).map((l) => [l.path, l.status, l.reason]),
+    [['/echo/over', 413, 'body_too_large'], ['/echo/after-413', 0, 'after_close'], ['/echo/gz', 501, 'unknown_transfer_coding']],
+    'one line per request, with what the client got',
+  )
+  const m = await metrics(p)
+  t.equal(sumMetric(m, 'meliproxy_refused_requests_total'), 3, 'each counted once')
+  t.equal(sumMetric(m, 'meliproxy_request_bodies_total'), 0, 'no body went on')
+})
