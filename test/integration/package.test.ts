@@ -188,6 +188,54 @@ t.test('the extracted executable serves with the packaged config, forks its work
   t.equal(refused, 1, 'the reloaded limit of 1 a minute refuses a request')
 })
 
+// Installing for real changes this machine (a package, a system user): only as root, and only where meliproxy is not
+// installed already; everything but what Debian keeps on purge is removed afterwards.
+const installSkip =
+  process.getuid?.() !== 0
+    ? 'installing with dpkg needs root (this check runs as root in CI)'
+    : run('dpkg-query', ['-W', 'meliproxy']).status === 0 || existsSync('/usr/bin/meliproxy')
+      ? 'meliproxy is already installed on this machine; not touching it'
+      : false
+
+t.test('installed with dpkg: a system user and the unit enabled; an upgrade keeps an edited config; remove keeps /etc/meliproxy, purge deletes it and keeps the user', { skip: installSkip }, async (t) => {
+  const userBefore = run('getent', ['passwd', 'meliproxy']).status === 0
+  const wants = '/etc/systemd/system/multi-user.target.wants/meliproxy.service'
+  const helper = run('sh', ['-c', 'command -v deb-systemd-helper']).status === 0
+  t.teardown(() => {
+    if (run('dpkg-query', ['-W', 'meliproxy']).status === 0) run('dpkg', ['--purge', 'meliproxy'])
+    if (!userBefore) run('userdel', ['meliproxy'])
+  })
+  const install = run('dpkg', ['--install', deb], 120_000)
+  t.equal(install.status, 0, `dpkg --install: ${install.stderr.trim()}`)
+  t.equal(sha256('/usr/bin/meliproxy'), sha256(exe), '/usr/bin/meliproxy installed')
+  t.equal(run('/usr/bin/meliproxy', ['--version']).stdout.trim(), VERSION)
+  t.ok(existsSync('/lib/systemd/system/meliproxy.service'), 'the unit installed')
+  const user = run('getent', ['passwd', 'meliproxy']).stdout.trim().split(':')
+  t.equal(user[0], 'meliproxy', 'the meliproxy user exists')
+  t.ok(Number(user[2]) < 1000, `a system user (uid ${user[2]})`)
+  t.match(user[6] ?? '', /nologin$/, 'no login shell')
+  if (helper) t.ok(existsSync(wants), 'deb-systemd-helper enabled the unit (multi-user.target.wants)')
+  t.equal(run('dpkg-query', ['-W', '-f', '${Status}', 'meliproxy']).stdout, 'install ok installed')
+
+  // An upgrade (the same package again: postinst runs with the installed version) keeps the edited conffile.
+  writeFileSync('/etc/meliproxy/meliproxy.yaml', readFileSync('/etc/meliproxy/meliproxy.yaml', 'utf8') + '# edited by the operator\n')
+  const again = run('dpkg', ['--install', deb], 120_000)
+  t.equal(again.status, 0, `dpkg --install over itself: ${again.stderr.trim()}`)
+  t.match(readFileSync('/etc/meliproxy/meliproxy.yaml', 'utf8'), /# edited by the operator\n$/, 'the edited config is kept')
+
+  const remove = run('dpkg', ['--remove', 'meliproxy'], 120_000)
+  t.equal(remove.status, 0, `dpkg --remove: ${remove.stderr.trim()}`)
+  t.notOk(existsSync('/usr/bin/meliproxy'), 'remove: the executable is gone')
+  t.notOk(existsSync('/lib/systemd/system/meliproxy.service'), 'remove: the unit is gone')
+  t.ok(existsSync('/etc/meliproxy/meliproxy.yaml'), 'remove: the config stays')
+
+  const purge = run('dpkg', ['--purge', 'meliproxy'], 120_000)
+  t.equal(purge.status, 0, `dpkg --purge: ${purge.stderr.trim()}`)
+  t.notOk(existsSync('/etc/meliproxy'), 'purge: /etc/meliproxy is gone')
+  if (helper) t.notOk(existsSync(wants), 'purge: the enablement is gone')
+  t.equal(run('getent', ['passwd', 'meliproxy']).status, 0, 'purge: the system user stays')
+})
+
 const analyze = run('systemd-analyze', ['--version'])
 const analyzeSkip = analyze.status === 0 ? false : `systemd-analyze cannot run here (${analyze.stderr.trim() || 'not installed: apt-get install systemd, as .ci/run does'})`
 
