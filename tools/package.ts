@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { chmodSync, copyFileSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync, readdirSync } from 'node:fs'
+import { chmodSync, copyFileSync, lutimesSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { join, relative } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { gzipSync } from 'node:zlib'
@@ -84,7 +84,7 @@ function executable(work: string, main: string, version: string, target: string)
   for (const [name, file] of Object.entries(ASSET_FILES)) assets[name] = join(ROOT, file)
   const blob = join(work, 'sea-prep.blob')
   const seaConfig = join(work, 'sea-config.json')
-  writeFileSync(seaConfig, JSON.stringify({ main, output: blob, disableExperimentalSEAWarning: true, useCodeCache: true, assets }, null, 2))
+  writeFileSync(seaConfig, JSON.stringify({ main, output: blob, disableExperimentalSEAWarning: true, assets }, null, 2))
   run(process.execPath, ['--experimental-sea-config', seaConfig])
   copyFileSync(process.execPath, target)
   chmodSync(target, 0o755)
@@ -104,6 +104,29 @@ function write(to: string, text: string | Buffer, mode: number): void {
   mkdirSync(join(to, '..'), { recursive: true })
   writeFileSync(to, text)
   chmodSync(to, mode)
+}
+
+/**
+ * The time stamped on the package's files: SOURCE_DATE_EPOCH when set (reproducible-builds.org), else the last
+ * commit's time, so two builds of one commit give the same package and the same checksum.
+ */
+function sourceDateEpoch(): number {
+  const env = process.env.SOURCE_DATE_EPOCH
+  if (env !== undefined && /^\d+$/.test(env)) return Number(env)
+  try {
+    return Number(run('git', ['log', '-1', '--format=%ct']).trim())
+  } catch {
+    return Math.floor(Date.now() / 1000)
+  }
+}
+
+function stamp(dir: string, epoch: number): void {
+  for (const name of readdirSync(dir)) {
+    const path = join(dir, name)
+    if (statSync(path).isDirectory()) stamp(path, epoch)
+    lutimesSync(path, epoch, epoch)
+  }
+  lutimesSync(dir, epoch, epoch)
 }
 
 function treeBytes(dir: string): number {
@@ -163,7 +186,12 @@ function debian(work: string, exe: string, version: string, packages: Map<string
     0o644,
   )
   chmodSync(join(root, 'DEBIAN'), 0o755)
-  run('dpkg-deb', ['--root-owner-group', '-Zgzip', '--build', root, target])
+  const epoch = sourceDateEpoch()
+  stamp(root, epoch)
+  execFileSync('dpkg-deb', ['--root-owner-group', '-Zgzip', '--build', root, target], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, SOURCE_DATE_EPOCH: String(epoch) },
+  })
 }
 
 async function main(): Promise<void> {
