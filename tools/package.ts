@@ -26,8 +26,15 @@ function fail(message: string): never {
   process.exit(1)
 }
 
-function run(cmd: string, args: string[], opts: { cwd?: string } = {}): string {
-  return execFileSync(cmd, args, { cwd: opts.cwd ?? ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+/** The environment of every command the build runs: the caller's NODE_OPTIONS (a test runner's loaders) left out. */
+function buildEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env = { ...process.env, ...extra }
+  delete env.NODE_OPTIONS
+  return env
+}
+
+function run(cmd: string, args: string[]): string {
+  return execFileSync(cmd, args, { cwd: ROOT, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: buildEnv() })
 }
 
 function outDir(argv: string[]): string {
@@ -190,7 +197,7 @@ function debian(work: string, exe: string, version: string, packages: Map<string
   stamp(root, epoch)
   execFileSync('dpkg-deb', ['--root-owner-group', '-Zgzip', '--build', root, target], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, SOURCE_DATE_EPOCH: String(epoch) },
+    env: buildEnv({ SOURCE_DATE_EPOCH: String(epoch) }),
   })
 }
 
