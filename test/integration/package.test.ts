@@ -1,6 +1,6 @@
 import { spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -163,7 +163,7 @@ function register(): void {
 
     const workers = proxy.workerPids()
     t.equal(workers.length, 2, 'two workers are children of the primary')
-    for (const pid of workers) t.equal(readlinkSync(`/proc/${pid}/exe`), installedBin, `worker ${pid} runs the executable itself`)
+    for (const pid of workers) t.equal(readlinkSync(`/proc/${pid}/exe`), realpathSync(installedBin), `worker ${pid} runs the executable itself`)
     const status = await admin(proxy, '/api/status')
     t.equal(status.body.version, VERSION)
     t.same([...status.body.workers.pids].sort(), [...workers].sort())
