@@ -1,6 +1,6 @@
 import cluster from 'node:cluster'
-import { readFileSync } from 'node:fs'
 import { Command, CommanderError, Option } from 'commander'
+import { version } from './assets.js'
 import { loadConfig, OPTIONS, workerConfigFromEnv, type Config } from './config.js'
 import { ConfigError } from './errors.js'
 import { Primary } from './primary.js'
@@ -12,11 +12,6 @@ import { Worker } from './worker.js'
  */
 
 const EXIT_USAGE = 2
-
-function version(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }
-  return pkg.version
-}
 
 function buildProgram(ver: string): Command {
   const program = new Command('meliproxy')

@@ -1,8 +1,8 @@
-import { readFileSync } from 'node:fs'
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import { ConfigError, ErrorCodes, errorBody, MeliproxyError } from '../errors.js'
 import { parseRuleSetDoc, type RuleVersion } from '../limiter/rule-store.js'
 import { GROUPS, type Group, type StatsAnswer, type StatsQuery } from '../stats/query.js'
+import { readAsset, type AssetName } from '../assets.js'
 import { checkBearer } from './auth.js'
 import { OPENAPI } from './openapi.js'
 
@@ -56,11 +56,11 @@ const MAX_BODY_BYTES = 1024 * 1024
 const STATS_DEFAULT_RANGE_MS = 3_600_000
 const STATS_MAX_LIMIT = 100
 
-const DASHBOARD_DIR = new URL('../../src/admin/dashboard/', import.meta.url)
-const ASSETS: Record<string, { file: string; type: string }> = {
-  '/': { file: 'index.html', type: 'text/html; charset=utf-8' },
-  '/dashboard.js': { file: 'dashboard.js', type: 'text/javascript; charset=utf-8' },
-  '/dashboard.css': { file: 'dashboard.css', type: 'text/css; charset=utf-8' },
+/** The dashboard's files (src/admin/dashboard/, embedded in the single executable: src/assets.ts). */
+const ASSETS: Record<string, { file: AssetName; type: string }> = {
+  '/': { file: 'dashboard/index.html', type: 'text/html; charset=utf-8' },
+  '/dashboard.js': { file: 'dashboard/dashboard.js', type: 'text/javascript; charset=utf-8' },
+  '/dashboard.css': { file: 'dashboard/dashboard.css', type: 'text/css; charset=utf-8' },
 }
 
 function json(res: ServerResponse, status: number, body: unknown): void {
@@ -214,7 +214,7 @@ async function route(req: IncomingMessage, res: ServerResponse, sources: AdminSo
   const asset = ASSETS[path]
   if (asset !== undefined && method === 'GET') {
     // The dashboard's files hold no data (the page asks the API, with the token where one is needed).
-    const body = readFileSync(new URL(asset.file, DASHBOARD_DIR))
+    const body = readAsset(asset.file)
     res.writeHead(200, { 'content-type': asset.type, 'content-length': body.length, 'cache-control': 'no-cache' })
     res.end(body)
     return

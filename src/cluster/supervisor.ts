@@ -122,6 +122,8 @@ export class Supervisor {
   }
 
   #fork(cfg: Config): WorkerState {
+    // cluster.fork() runs process.execPath with process.argv[1]: from the source tree node with bin/meliproxy; in the
+    // single executable the executable itself, whose embedded entry point ignores that argument and starts a worker.
     const worker = cluster.fork({ [WORKER_CONFIG_ENV]: encodeConfig(cfg) })
     const state: WorkerState = { worker, startedAt: Date.now(), listening: false, retiring: false, rulesVersion: this.#hooks.rulesVersion() }
     this.#workers.set(worker.id, state)

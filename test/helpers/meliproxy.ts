@@ -44,9 +44,11 @@ export function childPids(pid: number): number[] {
 
 /**
  * The command line that runs the binary. tap's process-info plugin injects its loaders into every spawned node
- * through NODE_OPTIONS; `env -u` (which execs, keeping the PID) runs the binary as a user would.
+ * through NODE_OPTIONS; `env -u` (which execs, keeping the PID) runs the binary as a user would. `executable`: a
+ * single executable (`npm run package`) run instead of node with bin/meliproxy.
  */
-export function binCommand(args: string[]): [string, string[]] {
+export function binCommand(args: string[], executable?: string): [string, string[]] {
+  if (executable !== undefined) return ['env', ['-u', 'NODE_OPTIONS', executable, ...args]]
   return ['env', ['-u', 'NODE_OPTIONS', process.execPath, BIN, ...args]]
 }
 
@@ -64,9 +66,10 @@ export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv 
 export function runBinary(
   args: string[],
   env: Record<string, string> = {},
+  executable?: string,
 ): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const [cmd, argv] = binCommand(args)
+    const [cmd, argv] = binCommand(args, executable)
     const p = spawn(cmd, argv, { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] })
     let stdout = ''
     let stderr = ''
@@ -103,10 +106,10 @@ export async function admin(p: RunningProxy, path: string): Promise<{ status: nu
   return { status: res.statusCode, body, text }
 }
 
-/** Starts the binary with free ports and `args`, and waits until /readyz says every worker listens. */
+/** Starts the binary (or `executable`) with free ports and `args`, and waits until /readyz says every worker listens. */
 export async function startMeliproxy(
   args: string[],
-  opts: { env?: Record<string, string>; workers?: number; port?: number; adminPort?: number; waitReady?: boolean } = {},
+  opts: { env?: Record<string, string>; workers?: number; port?: number; adminPort?: number; waitReady?: boolean; executable?: string } = {},
 ): Promise<RunningProxy> {
   const port = opts.port ?? (await freePort())
   const adminPort = opts.adminPort ?? (await freePort())
@@ -117,7 +120,7 @@ export async function startMeliproxy(
     '--admin-port', String(adminPort),
     '--workers', String(workers),
     ...args,
-  ])
+  ], opts.executable)
   const proc = spawn(cmd, argv, { env: cleanEnv(opts.env), stdio: ['ignore', 'pipe', 'pipe'] })
   const stdout: string[] = []
   const stderr: string[] = []

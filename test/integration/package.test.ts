@@ -1,0 +1,277 @@
+import { spawnSync } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import t from 'tap'
+import { closeAgents, send } from '../helpers/client.js'
+import { admin, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
+import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
+
+/**
+ * `npm run package` as an operator meets it: the build writes the single executable, the Debian package and their
+ * checksums; the package holds the files, conffiles and dependencies it states; the executable extracted from the
+ * package (`dpkg-deb -x`) runs with the packaged config like bin/meliproxy (a proxied request, workers forked from
+ * the executable itself, the embedded dashboard and OpenAPI document, --version, a reload on SIGHUP); and
+ * `systemd-analyze verify` accepts the packaged unit.
+ */
+
+// The build (a bundle, a 100 MB executable, a compressed package) takes a minute or two on a busy machine.
+t.setTimeout(600_000)
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url))
+const PACKAGER = join(ROOT, 'build/tools/package.js')
+const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version
+const EXE_NAME = `meliproxy-${VERSION}-linux-x64`
+const DEB_NAME = `meliproxy_${VERSION.replace('-', '~')}_amd64.deb`
+
+function run(cmd: string, args: string[], timeoutMs = 60_000): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 16 * 1024 * 1024 })
+  return { status: r.status, stdout: r.stdout ?? '', stderr: r.stderr ?? (r.error ? String(r.error) : '') }
+}
+
+let out = ''
+let exe = ''
+let deb = ''
+/** Where the package is extracted: its files as they land on a VM, under this folder. */
+let root = ''
+let installedBin = ''
+let installedConfig = ''
+
+const sha256 = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
+
+// .ci/run installs dpkg, so CI always runs this file; elsewhere it says why it did not run.
+if (run('sh', ['-c', 'command -v dpkg-deb']).status === 0) register()
+else t.plan(0, 'dpkg-deb is not installed (apt-get install dpkg, as .ci/run does)')
+
+function register(): void {
+  t.before(() => {
+    out = mkdtempSync(join(tmpdir(), 'meliproxy-package-'))
+    exe = join(out, EXE_NAME)
+    deb = join(out, DEB_NAME)
+    root = join(out, 'root')
+    installedBin = join(root, 'usr/bin/meliproxy')
+    installedConfig = join(root, 'etc/meliproxy/meliproxy.yaml')
+    t.ok(existsSync(PACKAGER), 'the packager is compiled (npm test runs tsc -p tools/tsconfig.json first)')
+    const built = run(process.execPath, [PACKAGER, '--out', out], 540_000)
+    if (built.status !== 0) throw new Error(`npm run package failed (${built.status}):\n${built.stderr}`)
+    mkdirSync(root)
+    const x = run('dpkg-deb', ['-x', deb, root])
+    if (x.status !== 0) throw new Error(`dpkg-deb -x failed: ${x.stderr}`)
+  })
+
+  t.teardown(() => {
+    if (out !== '') rmSync(out, { recursive: true, force: true })
+  })
+
+  t.test('the build writes the executable, the package and a SHA256SUMS file that checks both', async (t) => {
+    t.ok(statSync(exe).mode & 0o100, `${EXE_NAME} is executable`)
+    t.ok(statSync(deb).size > 0, `${DEB_NAME} is written`)
+    const sums = readFileSync(join(out, 'SHA256SUMS'), 'utf8')
+    t.same(sums.trim().split('\n').sort(), [`${sha256(deb)}  ${DEB_NAME}`, `${sha256(exe)}  ${EXE_NAME}`].sort())
+    const check = spawnSync('sha256sum', ['-c', 'SHA256SUMS'], { cwd: out, encoding: 'utf8' })
+    t.equal(check.status, 0, `sha256sum -c accepts it: ${check.stdout.trim()}`)
+    t.equal(sha256(installedBin), sha256(exe), '/usr/bin/meliproxy in the package is that executable')
+  })
+
+  t.test('dpkg-deb lists the package fields, its conffiles and its files with their owners and modes', async (t) => {
+    const field = (name: string): string => run('dpkg-deb', ['--field', deb, name]).stdout.trim()
+    t.equal(field('Package'), 'meliproxy')
+    t.equal(field('Version'), VERSION.replace('-', '~'))
+    t.equal(field('Architecture'), 'amd64')
+    // The executable carries Node; what it links (ldd) is the C and C++ runtime, on every Debian system.
+    const depends = field('Depends').split(',').map((d) => d.trim().split(' ')[0])
+    t.same(depends, ['libc6', 'libgcc-s1', 'libstdc++6'], 'depends on the C and C++ runtimes only')
+    for (const dep of depends) t.equal(run('dpkg-query', ['-W', dep]).status, 0, `${dep} is a package installed on this Debian machine`)
+
+    const conffiles = run('dpkg-deb', ['--info', deb, 'conffiles']).stdout.trim().split('\n')
+    t.same(conffiles, ['/etc/meliproxy/meliproxy.yaml', '/etc/meliproxy/meliproxy.env'])
+
+    const contents = run('dpkg-deb', ['--contents', deb]).stdout
+    const entry = (path: string): string => contents.split('\n').find((l) => l.endsWith(` ${path}`)) ?? `${path} missing`
+    t.match(entry('./usr/bin/meliproxy'), /^-rwxr-xr-x root\/root /)
+    t.match(entry('./lib/systemd/system/meliproxy.service'), /^-rw-r--r-- root\/root /)
+    t.match(entry('./etc/meliproxy/meliproxy.yaml'), /^-rw-r--r-- root\/root /)
+    t.match(entry('./etc/meliproxy/meliproxy.env'), /^-rw------- root\/root /, 'the environment file (secrets) is root-only')
+    t.match(entry('./usr/share/doc/meliproxy/copyright'), /^-rw-r--r-- root\/root /)
+
+    const unit = readFileSync(join(root, 'lib/systemd/system/meliproxy.service'), 'utf8')
+    t.equal(unit, readFileSync(join(ROOT, 'config/meliproxy.service'), 'utf8'), 'the unit is config/meliproxy.service')
+    t.match(unit, /^ExecStart=\/usr\/bin\/meliproxy --config \/etc\/meliproxy\/meliproxy\.yaml$/m)
+    t.match(unit, /^EnvironmentFile=-\/etc\/meliproxy\/meliproxy\.env$/m)
+    t.match(unit, /^User=meliproxy$/m)
+    t.equal(readFileSync(installedConfig, 'utf8'), readFileSync(join(ROOT, 'config/meliproxy.example.yaml'), 'utf8'))
+    const env = readFileSync(join(root, 'etc/meliproxy/meliproxy.env'), 'utf8')
+    t.same(env.split('\n').filter((l) => l.trim() !== '' && !l.startsWith('#')), [], 'the shipped environment file sets nothing')
+  })
+
+  t.test('the maintainer scripts: a system user, the unit enabled and (re)started the Debian way, stopped on remove, /etc/meliproxy gone on purge', async (t) => {
+    const control = join(out, 'control')
+    t.equal(run('dpkg-deb', ['-e', deb, control]).status, 0)
+    const script = (name: string): string => {
+      const path = join(control, name)
+      t.ok(statSync(path).mode & 0o100, `${name} is executable`)
+      t.equal(run('sh', ['-n', path]).status, 0, `${name} parses as sh`)
+      return readFileSync(path, 'utf8')
+    }
+    const postinst = script('postinst')
+    t.match(postinst, /getent passwd meliproxy/, 'the user is created only when missing')
+    t.match(postinst, /adduser --system --group/)
+    t.match(postinst, /useradd --system/, 'useradd where adduser is absent')
+    t.match(postinst, /deb-systemd-helper enable meliproxy\.service/)
+    t.match(postinst, /if \[ -d \/run\/systemd\/system \]; then/, 'start only where systemd runs')
+    t.match(postinst, /if \[ -n "\$2" \]; then action=restart; else action=start; fi/, 'restart on upgrade')
+    t.match(postinst, /deb-systemd-invoke "\$action" meliproxy\.service/)
+    const prerm = script('prerm')
+    t.match(prerm, /"\$1" = remove .*\n\s*deb-systemd-invoke stop meliproxy\.service/)
+    const postrm = script('postrm')
+    t.match(postrm, /if \[ "\$1" = purge \]; then[\s\S]*rm -rf \/etc\/meliproxy/)
+    t.notMatch(postrm, /deluser|userdel/, 'the system user stays on purge')
+  })
+
+  t.test('the extracted executable answers --version and refuses a bad flag like bin/meliproxy', async (t) => {
+    const v = await runBinary(['--version'], {}, installedBin)
+    t.equal(v.code, 0)
+    t.equal(v.stdout.trim(), VERSION, 'the version built in')
+    const bad = await runBinary(['--port', 'abc'], {}, installedBin)
+    t.equal(bad.code, 2)
+    t.match(bad.stderr, /^meliproxy: --port: "abc" is not a port/)
+    t.equal(bad.stderr.trim().split('\n').length, 1, 'one line')
+  })
+
+  t.test('the extracted executable serves with the packaged config, forks its workers from itself and reloads on SIGHUP', async (t) => {
+    let upstream: TestUpstream | undefined
+    let proxy: RunningProxy | undefined
+    t.teardown(async () => {
+      await proxy?.stop()
+      await closeAgents()
+      await upstream?.close()
+    })
+    upstream = await startUpstream()
+    upstream.route('/categories', (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.end('{"id":"MLA1"}')
+    })
+    // The packaged file as is; the flags move it to free loopback ports and the test upstream (flag > file).
+    proxy = await startMeliproxy(['--config', installedConfig, '--upstream', upstream.url], { executable: installedBin, workers: 2 })
+
+    const got = await send(`${proxy.url}/echo/hello`)
+    t.equal(got.status, 200)
+    t.equal(JSON.parse(got.body).url, '/echo/hello', 'the upstream answered the proxied request')
+    t.equal(upstream.hits('/echo/hello'), 1)
+
+    const workers = proxy.workerPids()
+    t.equal(workers.length, 2, 'two workers are children of the primary')
+    for (const pid of workers) t.equal(readlinkSync(`/proc/${pid}/exe`), realpathSync(installedBin), `worker ${pid} runs the executable itself`)
+    const status = await admin(proxy, '/api/status')
+    t.equal(status.body.version, VERSION)
+    t.same([...status.body.workers.pids].sort(), [...workers].sort())
+    t.equal(status.body.redis.configured, false, 'as shipped: no Redis')
+
+    const page = await admin(proxy, '/')
+    t.equal(page.status, 200)
+    t.equal(page.text, readFileSync(join(ROOT, 'src/admin/dashboard/index.html'), 'utf8'), 'the dashboard page, from the embedded assets')
+    for (const file of ['dashboard.js', 'dashboard.css']) {
+      const asset = await admin(proxy, `/${file}`)
+      t.equal(asset.text, readFileSync(join(ROOT, 'src/admin/dashboard', file), 'utf8'), `/${file} is embedded`)
+    }
+    const openapi = await admin(proxy, '/api/openapi.json')
+    t.equal(openapi.status, 200)
+    t.equal(openapi.body.openapi, '3.1.0')
+
+    // SIGHUP: the edited file's rule is enforced by new workers. The packaged "categories" rule allows 10000 a minute.
+    for (let i = 0; i < 3; i++) t.equal((await send(`${proxy.url}/categories/MLA1`)).status, 200, 'under the packaged limit')
+    const text = readFileSync(installedConfig, 'utf8')
+    const edited = text.replace(/(name: categories\n\s+match: \{ path: \/categories\/\* \}\n\s+limit:) 10000/, '$1 1')
+    t.not(edited, text, 'the rule is edited')
+    writeFileSync(installedConfig, edited)
+    proxy.proc.kill('SIGHUP')
+    const reloaded = await waitFor(() => proxy!.stderr.some((l) => l.includes('"reload complete"')), 30_000)
+    t.ok(reloaded, 'the primary logs the reload as complete')
+    // The old workers drain and exit once their replacements listen.
+    const replaced = await waitFor(() => {
+      const now = proxy!.workerPids()
+      return now.length === 2 && now.every((p) => !workers.includes(p))
+    }, 30_000)
+    t.ok(replaced, `both workers replaced by two new ones (${proxy.workerPids().join(', ')}, before ${workers.join(', ')})`)
+    // A fixed window of a minute: of a few requests in a row, at least the second in one window is refused.
+    let refused = 0
+    for (let i = 0; i < 5 && refused === 0; i++) if ((await send(`${proxy.url}/categories/MLA1`)).status === 429) refused++
+    t.equal(refused, 1, 'the reloaded limit of 1 a minute refuses a request')
+  })
+
+  // Installing for real changes this machine (a package, a system user): only as root, and only where meliproxy is not
+  // installed already; everything but what Debian keeps on purge is removed afterwards.
+  const installSkip =
+    process.getuid?.() !== 0
+      ? 'installing with dpkg needs root (this check runs as root in CI)'
+      : run('dpkg-query', ['-W', 'meliproxy']).status === 0 || existsSync('/usr/bin/meliproxy')
+        ? 'meliproxy is already installed on this machine; not touching it'
+        : false
+
+  t.test('installed with dpkg: a system user and the unit enabled; an upgrade keeps an edited config; remove keeps /etc/meliproxy, purge deletes it and keeps the user', { skip: installSkip }, async (t) => {
+    const userBefore = run('getent', ['passwd', 'meliproxy']).status === 0
+    const wants = '/etc/systemd/system/multi-user.target.wants/meliproxy.service'
+    const helper = run('sh', ['-c', 'command -v deb-systemd-helper']).status === 0
+    t.teardown(() => {
+      if (run('dpkg-query', ['-W', 'meliproxy']).status === 0) run('dpkg', ['--purge', 'meliproxy'])
+      if (!userBefore) run('userdel', ['meliproxy'])
+    })
+    const install = run('dpkg', ['--install', deb], 120_000)
+    t.equal(install.status, 0, `dpkg --install: ${install.stderr.trim()}`)
+    t.equal(sha256('/usr/bin/meliproxy'), sha256(exe), '/usr/bin/meliproxy installed')
+    t.equal(run('/usr/bin/meliproxy', ['--version']).stdout.trim(), VERSION)
+    t.ok(existsSync('/lib/systemd/system/meliproxy.service'), 'the unit installed')
+    const user = run('getent', ['passwd', 'meliproxy']).stdout.trim().split(':')
+    t.equal(user[0], 'meliproxy', 'the meliproxy user exists')
+    t.ok(Number(user[2]) < 1000, `a system user (uid ${user[2]})`)
+    t.match(user[6] ?? '', /nologin$/, 'no login shell')
+    if (helper) t.ok(existsSync(wants), 'deb-systemd-helper enabled the unit (multi-user.target.wants)')
+    t.equal(run('dpkg-query', ['-W', '-f', '${Status}', 'meliproxy']).stdout, 'install ok installed')
+
+    // An upgrade (the same package again: postinst runs with the installed version) keeps the edited conffile.
+    writeFileSync('/etc/meliproxy/meliproxy.yaml', readFileSync('/etc/meliproxy/meliproxy.yaml', 'utf8') + '# edited by the operator\n')
+    const again = run('dpkg', ['--install', deb], 120_000)
+    t.equal(again.status, 0, `dpkg --install over itself: ${again.stderr.trim()}`)
+    t.match(readFileSync('/etc/meliproxy/meliproxy.yaml', 'utf8'), /# edited by the operator\n$/, 'the edited config is kept')
+
+    const remove = run('dpkg', ['--remove', 'meliproxy'], 120_000)
+    t.equal(remove.status, 0, `dpkg --remove: ${remove.stderr.trim()}`)
+    t.notOk(existsSync('/usr/bin/meliproxy'), 'remove: the executable is gone')
+    t.notOk(existsSync('/lib/systemd/system/meliproxy.service'), 'remove: the unit is gone')
+    t.ok(existsSync('/etc/meliproxy/meliproxy.yaml'), 'remove: the config stays')
+
+    const purge = run('dpkg', ['--purge', 'meliproxy'], 120_000)
+    t.equal(purge.status, 0, `dpkg --purge: ${purge.stderr.trim()}`)
+    t.notOk(existsSync('/etc/meliproxy'), 'purge: /etc/meliproxy is gone')
+    if (helper) t.notOk(existsSync(wants), 'purge: the enablement is gone')
+    t.equal(run('getent', ['passwd', 'meliproxy']).status, 0, 'purge: the system user stays')
+  })
+
+  const analyze = run('systemd-analyze', ['--version'])
+  const analyzeSkip = analyze.status === 0 ? false : `systemd-analyze cannot run here (${analyze.stderr.trim() || 'not installed: apt-get install systemd, as .ci/run does'})`
+
+  t.test('systemd-analyze verify accepts the packaged unit', { skip: analyzeSkip }, async (t) => {
+    // Verify in the extracted root: the ExecStart binary is the extracted one; the root gets the targets the unit
+    // names and /bin/kill (ExecReload) from this machine.
+    cpSync('/usr/lib/systemd/system', join(root, 'usr/lib/systemd/system'), { recursive: true, dereference: false })
+    mkdirSync(join(root, 'bin'), { recursive: true })
+    cpSync('/bin/kill', join(root, 'bin/kill'))
+    const ok = run('systemd-analyze', ['verify', `--root=${root}`, '/lib/systemd/system/meliproxy.service'])
+    t.equal(ok.status, 0, 'exit 0')
+    t.equal(ok.stderr.trim(), '', 'no warning')
+    // The same check refuses a unit whose ExecStart does not exist, so the pass above means something.
+    const broken = readFileSync(join(root, 'lib/systemd/system/meliproxy.service'), 'utf8').replace('ExecStart=/usr/bin/meliproxy', 'ExecStart=/usr/bin/meliproxy-missing')
+    writeFileSync(join(root, 'lib/systemd/system/meliproxy-broken.service'), broken)
+    const bad = run('systemd-analyze', ['verify', `--root=${root}`, '/lib/systemd/system/meliproxy-broken.service'])
+    t.not(bad.status, 0, 'a missing ExecStart binary fails the check')
+  })
+
+  const lintianSkip = run('sh', ['-c', 'command -v lintian']).status === 0 ? false : 'lintian is not installed on this machine (apt-get install lintian to run this check)'
+
+  t.test('lintian finds no error in the package', { skip: lintianSkip }, async (t) => {
+    const l = run('lintian', ['--fail-on', 'error', deb], 300_000)
+    t.equal(l.status, 0, l.stdout)
+  })
+}
