@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import type { RedisClient } from '../redis/cluster.js'
+import { ErrorCodes, MeliproxyError } from '../errors.js'
 import type { Logger } from '../log.js'
 import { PURGE_CHANNEL } from '../redis/keys.js'
 import type { Purge } from './types.js'
@@ -48,7 +49,15 @@ export class PurgeHub {
     if (typeof match === 'string') return { invalid: match }
     this.publish({ glob }, null)
     if (this.#redis === null || this.#redis.status !== 'ready') return { removed: 0 }
-    const removed = await dropSharedMatching(this.#redis, match)
+    let removed: number
+    try {
+      removed = await dropSharedMatching(this.#redis, match)
+    } catch (err) {
+      // Every L1 has dropped them; some L2 entries may be left (a master down or failing over): the caller retries.
+      const message = (err as Error).message
+      this.#log.warn('cache purge did not reach every Redis master', { glob, error: message })
+      throw new MeliproxyError(ErrorCodes.REDIS_UNAVAILABLE, `the purge may have left entries in Redis (retry): ${message}`)
+    }
     this.#log.info('cache purged', { glob, removedFromL2: removed })
     return { removed }
   }

@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Redis } from 'ioredis'
-import { isCluster, masters, type RedisClient } from '../redis/cluster.js'
+import { isCluster, keyHolders, type RedisClient } from '../redis/cluster.js'
 import { LRUCache } from 'lru-cache'
 import { compilePathGlob } from '../limiter/glob.js'
 import { decodeEntry, encodeEntry, entrySize, keepMs, variantId, type CacheEntry } from './entry.js'
@@ -26,11 +26,12 @@ export function pathGlobMatcher(origin: string, glob: string): ((key: string) =>
 }
 
 /**
- * Deletes from L2 every stored URL `match` accepts (a SCAN over the entry keys of every master: a cluster's keys are
- * spread over its masters); returns how many.
+ * Deletes from L2 every stored URL `match` accepts (a SCAN over the entry keys of every master serving a slot: a
+ * cluster's keys are spread over its masters); returns how many. Rejects when a master could not be scanned, or
+ * during a failover while a slot's new master is not known yet: some entries may be left (the caller says so).
  */
 export async function dropSharedMatching(redis: RedisClient, match: (key: string) => boolean): Promise<number> {
-  const counts = await Promise.all(masters(redis).map((node) => dropMatchingOn(node, match)))
+  const counts = await Promise.all((await keyHolders(redis)).map((node) => dropMatchingOn(node, match)))
   return counts.reduce((a, b) => a + b, 0)
 }
 
