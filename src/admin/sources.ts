@@ -1,5 +1,5 @@
 import { redisMode } from '../redis/client.js'
-import { isCluster, type RedisClient } from '../redis/cluster.js'
+import { askAny, isCluster, type RedisClient } from '../redis/cluster.js'
 import type { PurgeHub } from '../cache/purge-hub.js'
 import type { Supervisor } from '../cluster/supervisor.js'
 import { isLoopback, type Config } from '../config.js'
@@ -76,7 +76,9 @@ export function adminSources(parts: PrimaryParts): AdminSources {
   /** A cluster's state (CLUSTER INFO's cluster_state) and the masters this instance sees, with their connections' state. */
   async function clusterView(): Promise<Record<string, unknown>> {
     if (redis === null || !isCluster(redis)) return {}
-    const info = redis.status === 'ready' ? await within(redis.cluster('INFO').catch(() => null), 500, null) : null
+    // Asked of a node that answers: the cluster client sends it to a random master, perhaps the one that is down.
+    const ask = () => askAny(redis.nodes('all'), (n) => n.cluster('INFO')).catch(() => null)
+    const info = redis.status === 'ready' ? await within(ask(), 500, null) : null
     const state = info === null ? null : (/cluster_state:(\w+)/.exec(String(info))?.[1] ?? null)
     const masters = redis.nodes('master').map((n) => ({ address: `${n.options.host}:${n.options.port}`, state: n.status }))
     masters.sort((a, b) => a.address.localeCompare(b.address))

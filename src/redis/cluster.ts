@@ -40,8 +40,12 @@ export async function keyHolders(client: RedisClient): Promise<Redis[]> {
   return [...holders]
 }
 
-/** The first answer of `nodes` to `ask`, trying the connected ones first; the last failure when none answers. */
-async function askAny<T>(nodes: readonly Redis[], ask: (node: Redis) => Promise<T>): Promise<T> {
+/**
+ * The first answer of `nodes` to `ask`, trying the connected ones first; the last failure when none answers. For a
+ * command about the cluster (CLUSTER INFO, CLUSTER SLOTS): the cluster client sends one to a random master, which may
+ * be the one that is down.
+ */
+export async function askAny<T>(nodes: readonly Redis[], ask: (node: Redis) => Promise<T>): Promise<T> {
   let failure: unknown = new Error('no cluster node known')
   for (const node of [...nodes].sort((a, b) => Number(b.status === 'ready') - Number(a.status === 'ready'))) {
     try {

@@ -190,6 +190,15 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
   const early = await adminCall(b, 'DELETE', `/api/cache?path=${encodeURIComponent('/cat/p*')}`, { token: TOKEN })
   t.equal(early.status, 503, `a purge during the failover is refused, not reported done: ${JSON.stringify(early.body)}`)
   t.equal(early.body.error, 'redis_unavailable')
+  // /api/status all along: the cluster's state is read from a node that answers, never from the dead one.
+  const clusterStates = new Set<string | null>()
+  let watching = true
+  const watched = (async () => {
+    while (watching) {
+      clusterStates.add((await admin(a, '/api/status')).body.redis.clusterState)
+      await new Promise((r) => setTimeout(r, 100))
+    }
+  })()
   const promoted = await waitFor(async () => (await cluster.masters()).length === 3 && (await cluster.healthy(100)), 15_000)
   const failoverMs = Date.now() - killedAt
   t.ok(promoted, 'a replica took over and the cluster is ok again')
@@ -198,6 +207,9 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
     return !masters.some((m) => m.address === `127.0.0.1:${victim.port}`) && masters.filter((m) => m.state === 'ready').length === 3
   }, 10_000)
   t.ok(seen, 'A sees the new master')
+  watching = false
+  await watched
+  t.notOk(clusterStates.has(null), `the status named the cluster's state all along: ${[...clusterStates].join(', ')}`)
   const seenMs = Date.now() - killedAt
   t.ok(
     await waitFor(async () => (await adminCall(b, 'DELETE', `/api/cache?path=${encodeURIComponent('/cat/p*')}`, { token: TOKEN })).status === 200, 10_000),
