@@ -61,6 +61,8 @@ export class Limiter {
    * Null on one Redis, where a failure skips every bucket.
    */
   readonly #failedKeys: Map<string, number> | null
+  /** On a cluster, until when every bucket skips Redis: too many failed at once to remember each. */
+  #skipAllUntil = 0
 
   constructor(rules: RuleSet, stores: LimiterStores, metrics: LimiterMetrics, log: Logger) {
     this.#rules = rules
@@ -191,6 +193,7 @@ export class Limiter {
     if (failed === null) return Date.now() < this.#redisSkipUntil
     if (failed.size === 0) return false
     const now = Date.now()
+    if (now < this.#skipAllUntil) return true // (the map holds the failure that set it: never empty then)
     for (let i = 0; i < items.length; i++) {
       const until = failed.get(items[i]!.key)
       if (until !== undefined && now < until) return true
@@ -205,6 +208,12 @@ export class Limiter {
     if (failed === null) return
     if (failed.size >= FAILED_KEYS_PRUNE_AT) {
       for (const [key, at] of failed) if (at <= until - REDIS_RETRY_MS) failed.delete(key)
+      // Still more than half full: that many buckets failed within a retry period, as good as all of them. Skipping
+      // every bucket for one (the one-Redis rule) keeps the map bounded and this walk rare (not one per request).
+      if (failed.size >= FAILED_KEYS_PRUNE_AT / 2) {
+        failed.clear()
+        this.#skipAllUntil = until
+      }
     }
     for (const b of items) failed.set(b.key, until)
   }
