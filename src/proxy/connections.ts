@@ -10,7 +10,17 @@ import { endRaw } from './reply.js'
  *   forwarding it would execute something upstream that the client never hears about.
  * - A parse error after valid pipelined requests: the requests before it are answered first, then the error, then
  *   the connection closes (writing the error at once would cut the earlier answers).
+ * - A bound: at most MAX_PIPELINED requests of one connection are processed at once. A request beyond it is not
+ *   processed; the connection closes once the earlier ones are answered, and the client sends the rest again on a
+ *   new connection (RFC 9112 9.3.2). So one connection holds at most MAX_PIPELINED request bodies and upstream
+ *   requests, however many requests it pipelines.
  */
+
+/** Requests of one connection processed at once (nginx processes one at a time). */
+export const MAX_PIPELINED = 32
+
+/** Why a request was not processed: pipelined after an answer that closes the connection, or past MAX_PIPELINED. */
+export type NotAccepted = 'after_close' | 'pipeline_full'
 
 interface State {
   /** Requests accepted on the connection whose responses have not closed yet. */
@@ -51,23 +61,29 @@ export class Connections {
   }
 
   /**
-   * A request arrived on `res`'s connection. False when the connection is closing: the request must not be processed
-   * (nor answered: its answer could not be sent).
+   * A request arrived on `res`'s connection: null when it is to be processed, otherwise why not (it must not be
+   * processed, nor answered: its answer could not be sent).
    */
-  accept(socket: Socket, req: IncomingMessage, res: ServerResponse): boolean {
+  accept(socket: Socket, req: IncomingMessage, res: ServerResponse): NotAccepted | null {
     const s = this.#state(socket)
     // An earlier answer that closes the connection may have been decided after its request was handed on (a body read
     // whole, then refused as too large): the parser may already have read the next request from the same bytes.
     if (s.closing || (s.lastRes !== null && !s.lastRes.shouldKeepAlive)) {
       s.closing = true
-      return false
+      return 'after_close'
+    }
+    if (s.pending >= MAX_PIPELINED) {
+      // Close once the requests in progress are answered; this one and any after it are sent again by the client.
+      s.closing = true
+      s.finalAnswer ??= ''
+      return 'pipeline_full'
     }
     s.pending++
     s.last = req
     s.lastRes = res
     ;(res as Tagged<ServerResponse>)[STATE] = s
     res.on('close', answered)
-    return true
+    return null
   }
 
   /** The request just accepted is the connection's last: later ones on it are not processed. */

@@ -111,10 +111,12 @@ export class ProxyServer {
 
   /** Every request Node parsed, in order per connection (pipelined ones too). */
   readonly #request = (req: IncomingMessage, res: ServerResponse): void => {
-    if (!this.#connections.accept(req.socket, req, res)) {
-      // Pipelined after an answer that closes the connection: never processed, never answered, logged.
+    const notAccepted = this.#connections.accept(req.socket, req, res)
+    if (notAccepted !== null) {
+      // Pipelined after an answer that closes the connection, or past the per-connection bound: never processed,
+      // never answered, logged.
       return this.#hooks.refused({
-        ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: 'after_close', counted: true,
+        ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: notAccepted, counted: true,
       })
     }
     if (this.#draining) {

@@ -191,3 +191,18 @@ t.test('an answer cut mid-body with another queued behind it: both are recorded,
   const idle = await waitFor(async () => sumMetric((await admin(proxy, '/metrics')).text, 'meliproxy_in_flight_requests') === 0, 5_000)
   t.ok(idle, 'no request stays counted in flight (a drain would wait for it)')
 })
+
+t.test('one connection pipelining past the bound: 32 processed and answered, the rest never reach the upstream, then close', async (t) => {
+  const before = upstream.hits('/slow')
+  let bytes = ''
+  for (let i = 0; i < 50; i++) bytes += `GET /slow?ms=300&n=${i} HTTP/1.1\r\n${H}\r\n`
+  const got = responses(await rawExchange(proxy.port, bytes, 10_000))
+  t.equal(got.length, 32, 'the first 32 answered, in order, then the connection closed')
+  t.ok(got.every((r) => r.status === 200 && r.body === 'slow done'), 'each answered by the upstream')
+  t.equal(upstream.hits('/slow') - before, 32, 'the upstream saw 32 of the 50')
+  t.ok(
+    await waitFor(() => accessLines().filter((l) => l.path.startsWith('/slow') && l.reason === 'pipeline_full').length >= 1, 2_000),
+    'a request past the bound is logged pipeline_full, status 0',
+  )
+  t.notOk(accessLines().some((l) => l.path.startsWith('/slow') && l.reason === 'pipeline_full' && l.status !== 0), 'nothing was sent for those')
+})
