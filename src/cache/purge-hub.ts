@@ -26,6 +26,16 @@ export class PurgeHub {
     this.#deliver = deliver
     this.#log = log
     subscriber?.subscribe(PURGE_CHANNEL).catch(() => {})
+    // A purge announced while the connection was away (a Redis node gone, the connection moving to the next) is not
+    // delivered later: once subscribed again, this instance's L1 is emptied (L2, shared, was purged by the sender).
+    let connected = subscriber?.status === 'ready'
+    subscriber?.on('ready', () => {
+      if (!connected) return void (connected = true)
+      subscriber.subscribe(PURGE_CHANNEL).then(() => {
+        log.info('purge channel subscribed again; L1 emptied, a purge may have been missed meanwhile')
+        this.#deliver({ glob: '/**' }, null)
+      }, () => {})
+    })
     subscriber?.on('message', (channel: string, text: string) => {
       if (channel !== PURGE_CHANNEL) return
       try {

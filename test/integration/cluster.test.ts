@@ -163,6 +163,20 @@ t.test('a reset of a rule on one instance clears it everywhere', async (t) => {
   t.same(after, [200, 200, 200, 200, 200, 429, 429], 'a fresh 6 across both (one taken above)')
 })
 
+t.test("a subscriber that lost its connection empties its instance's L1: a purge announced meanwhile is not missed", async (t) => {
+  t.equal((await send(`${a.url}/cat/q1`)).headers['x-cache'], 'MISS')
+  t.equal((await send(`${a.url}/cat/q1`)).headers['x-cache'], 'HIT', 'in A\'s L1 (and L2)')
+  // As a purge whose message A missed: the L2 entry goes behind A's back, then A's channel connections are cut.
+  for (const [port, keys] of await keysPerMaster('mp:c:*/cat/q1')) {
+    if (keys.length > 0) await cluster.nodes.find((n) => n.port === port)!.client().del(...keys)
+  }
+  for (const n of cluster.nodes) await n.client().call('CLIENT', 'KILL', 'TYPE', 'pubsub').catch(() => 0)
+  t.ok(
+    await waitFor(async () => (await send(`${a.url}/cat/q1`)).headers['x-cache'] === 'MISS', FLEET_DEADLINE_MS),
+    'A no longer answers from its L1 once subscribed again',
+  )
+})
+
 t.test('a master SIGKILLed under mixed cached and limited load: no request fails', async (t) => {
   const victim = await cluster.masterOf('mp:rl:lim')
   t.not((await cluster.masterOf('mp:rl:side')).port, victim.port, "the side rule's bucket is on another master")
