@@ -1,10 +1,12 @@
 import { spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t from 'tap'
+import { request } from 'undici'
+import { OPENAPI } from '../../src/admin/openapi.js'
 import { closeAgents, send } from '../helpers/client.js'
 import { admin, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -126,7 +128,8 @@ function register(): void {
     const prerm = script('prerm')
     t.match(prerm, /"\$1" = remove .*\n\s*deb-systemd-invoke stop meliproxy\.service/)
     const postrm = script('postrm')
-    t.match(postrm, /if \[ "\$1" = purge \]; then[\s\S]*rm -rf \/etc\/meliproxy/)
+    t.match(postrm, /if \[ "\$1" = purge \]; then[\s\S]*deb-systemd-helper purge meliproxy\.service/)
+    t.notMatch(postrm, /rm -r/, 'purge leaves /etc/meliproxy to dpkg (its conffiles only)')
     t.notMatch(postrm, /deluser|userdel/, 'the system user stays on purge')
   })
 
@@ -138,6 +141,10 @@ function register(): void {
     t.equal(bad.code, 2)
     t.match(bad.stderr, /^meliproxy: --port: "abc" is not a port/)
     t.equal(bad.stderr.trim().split('\n').length, 1, 'one line')
+    const help = await runBinary(['--help'], {}, installedBin)
+    const sourceHelp = await runBinary(['--help'], {})
+    t.equal(help.code, 0)
+    t.equal(help.stdout, sourceHelp.stdout, '--help prints what bin/meliproxy prints: every flag')
   })
 
   t.test('the extracted executable serves with the packaged config, forks its workers from itself and reloads on SIGHUP', async (t) => {
@@ -169,16 +176,20 @@ function register(): void {
     t.same([...status.body.workers.pids].sort(), [...workers].sort())
     t.equal(status.body.redis.configured, false, 'as shipped: no Redis')
 
-    const page = await admin(proxy, '/')
-    t.equal(page.status, 200)
-    t.equal(page.text, readFileSync(join(ROOT, 'src/admin/dashboard/index.html'), 'utf8'), 'the dashboard page, from the embedded assets')
-    for (const file of ['dashboard.js', 'dashboard.css']) {
-      const asset = await admin(proxy, `/${file}`)
-      t.equal(asset.text, readFileSync(join(ROOT, 'src/admin/dashboard', file), 'utf8'), `/${file} is embedded`)
+    // Every file of the source tree's dashboard folder, so a file added there but not embedded fails here.
+    const types: Record<string, string> = { html: 'text/html; charset=utf-8', js: 'text/javascript; charset=utf-8', css: 'text/css; charset=utf-8' }
+    const dashboard = join(ROOT, 'src/admin/dashboard')
+    for (const file of readdirSync(dashboard)) {
+      const path = file === 'index.html' ? '/' : `/${file}`
+      const res = await request(proxy.adminUrl + path)
+      const body = Buffer.from(await res.body.arrayBuffer())
+      t.equal(res.statusCode, 200, `${path} (${file}) is served from the embedded assets`)
+      t.equal(res.headers['content-type'], types[file.split('.').pop()!] ?? `a content type for ${file}`, `${path}: its content type`)
+      t.ok(body.equals(readFileSync(join(dashboard, file))), `${path}: the bytes of src/admin/dashboard/${file}`)
     }
     const openapi = await admin(proxy, '/api/openapi.json')
     t.equal(openapi.status, 200)
-    t.equal(openapi.body.openapi, '3.1.0')
+    t.same(openapi.body, JSON.parse(JSON.stringify(OPENAPI)), "/api/openapi.json is the source tree's document")
 
     // SIGHUP: the edited file's rule is enforced by new workers. The packaged "categories" rule allows 10000 a minute.
     for (let i = 0; i < 3; i++) t.equal((await send(`${proxy.url}/categories/MLA1`)).status, 200, 'under the packaged limit')
@@ -206,7 +217,7 @@ function register(): void {
   const installSkip =
     process.getuid?.() !== 0
       ? 'installing with dpkg needs root (this check runs as root in CI)'
-      : run('dpkg-query', ['-W', 'meliproxy']).status === 0 || existsSync('/usr/bin/meliproxy')
+      : run('dpkg-query', ['-W', 'meliproxy']).status === 0 || existsSync('/usr/bin/meliproxy') || existsSync('/etc/meliproxy')
         ? 'meliproxy is already installed on this machine; not touching it'
         : false
 
@@ -216,6 +227,8 @@ function register(): void {
     const helper = run('sh', ['-c', 'command -v deb-systemd-helper']).status === 0
     t.teardown(() => {
       if (run('dpkg-query', ['-W', 'meliproxy']).status === 0) run('dpkg', ['--purge', 'meliproxy'])
+      // /etc/meliproxy did not exist before (installSkip): what is left is the test's own file.
+      rmSync('/etc/meliproxy', { recursive: true, force: true })
       if (!userBefore) run('userdel', ['meliproxy'])
     })
     const install = run('dpkg', ['--install', deb], 120_000)
@@ -242,9 +255,13 @@ function register(): void {
     t.notOk(existsSync('/lib/systemd/system/meliproxy.service'), 'remove: the unit is gone')
     t.ok(existsSync('/etc/meliproxy/meliproxy.yaml'), 'remove: the config stays')
 
+    // A file the operator put beside the config (a certificate) is not the package's to delete.
+    writeFileSync('/etc/meliproxy/redis-ca.pem', 'operator file\n')
     const purge = run('dpkg', ['--purge', 'meliproxy'], 120_000)
     t.equal(purge.status, 0, `dpkg --purge: ${purge.stderr.trim()}`)
-    t.notOk(existsSync('/etc/meliproxy'), 'purge: /etc/meliproxy is gone')
+    t.notOk(existsSync('/etc/meliproxy/meliproxy.yaml'), 'purge: the config is gone')
+    t.notOk(existsSync('/etc/meliproxy/meliproxy.env'), 'purge: the environment file is gone')
+    t.same(readdirSync('/etc/meliproxy'), ['redis-ca.pem'], "purge: the operator's own file stays, nothing else")
     if (helper) t.notOk(existsSync(wants), 'purge: the enablement is gone')
     t.equal(run('getent', ['passwd', 'meliproxy']).status, 0, 'purge: the system user stays')
   })
