@@ -4,6 +4,7 @@ import { createServer as createHttpServer, get } from 'node:http'
 import { createServer } from 'node:net'
 import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
+import { flag } from './args.js'
 
 /**
  * `npm run bench:executable` (after `npm run package`): the single executable against bin/meliproxy, in one run on
@@ -12,11 +13,6 @@ import { fileURLToPath } from 'node:url'
  * default 5), twice each, alternating. Prints the figures; no pass/fail.
  */
 
-const args = process.argv.slice(2)
-const flag = (name: string, def: number): number => {
-  const i = args.indexOf(name)
-  return i === -1 ? def : Number(args[i + 1])
-}
 const RUNS = flag('--runs', 5)
 const CONNECTIONS = flag('--connections', 32)
 const DURATION = flag('--duration', 5)

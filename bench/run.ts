@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import { clusterMasters, redisCli, startLocalCluster } from '../tools/redis-cluster.js'
 import { buckets } from './buckets.js'
 import { soak } from './soak.js'
+import { args, flag } from './args.js'
 
 /**
  * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
@@ -28,11 +29,6 @@ interface Figures {
   errors: number
 }
 
-const args = process.argv.slice(2)
-const flag = (name: string, def: number): number => {
-  const i = args.indexOf(name)
-  return i === -1 ? def : Number(args[i + 1])
-}
 const DURATION = flag('--duration', 5)
 const CONNECTIONS = flag('--connections', 64)
 const WORKERS = flag('--workers', 2)
