@@ -196,7 +196,7 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
   }
   let stop!: () => void
   const until = new Promise<void>((r) => (stop = r))
-  const load = steadyLoad({ url, concurrency: 6, maxRequests: 100_000, maxMs: 20_000, until })
+  const load = steadyLoad({ url, concurrency: 6, maxRequests: 400_000, maxMs: 120_000, until })
   await new Promise((r) => setTimeout(r, 500))
   const killedAt = Date.now()
   victim.signal('SIGKILL')
@@ -213,7 +213,7 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
       await new Promise((r) => setTimeout(r, 100))
     }
   })()
-  const promoted = await waitFor(async () => (await cluster.masters()).length === 3 && (await cluster.healthy(100)), 15_000)
+  const promoted = await waitFor(async () => (await cluster.masters()).length === 3 && (await cluster.healthy(100)), 45_000)
   const failoverMs = Date.now() - killedAt
   t.ok(promoted, 'a replica took over and the cluster is ok again')
   const seen = await waitFor(async () => {
