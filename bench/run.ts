@@ -4,6 +4,7 @@ import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { Agent, request } from 'undici'
 import { clusterMasters, redisCli, startLocalCluster } from '../tools/redis-cluster.js'
 import { buckets } from './buckets.js'
 import { soak } from './soak.js'
@@ -275,21 +276,25 @@ async function main(): Promise<void> {
     const base = targets.clusterL2!.slice(0, -path.length)
     let next = 0
     const statuses = new Map<string, number>()
+    // Connections of their own: the redis-cli calls above block this event loop (spawnSync) for longer than the
+    // proxy's 5 s keep-alive, so a pooled socket could be handed out after the proxy closed it ("other side closed").
+    const agent = new Agent({ connections: 16 })
     const lane = async (): Promise<void> => {
       while (next < 3_000) {
         const i = next++
         let outcome: string
         try {
-          const r = await fetch(`${base}/categories/MLA${i % 1_000}`)
-          await r.arrayBuffer()
-          outcome = `${r.status} ${r.headers.get('x-cache') ?? ''}`.trim()
+          const r = await request(`${base}/categories/MLA${i % 1_000}`, { dispatcher: agent })
+          await r.body.dump()
+          outcome = `${r.statusCode} ${String(r.headers['x-cache'] ?? '')}`.trim()
         } catch (err) {
-          outcome = String((err as { cause?: unknown }).cause ?? err)
+          outcome = String(err)
         }
         statuses.set(outcome, (statuses.get(outcome) ?? 0) + 1)
       }
     }
     await Promise.all(Array.from({ length: 16 }, lane))
+    await agent.close()
     printSpread(masters, `1,000 URLs x 3 through L2 (${[...statuses].map(([k, n]) => `${k}: ${n}`).join(', ')}), then every key held`)
   }
 }
@@ -320,8 +325,16 @@ function printSpread(masters: readonly number[], what: string): void {
   }
 }
 
-function stopAll(): void {
-  for (const p of started) if (p.exitCode === null) p.kill('SIGTERM')
+/** Stops the proxies first (their last statistics flush still reaches Redis), then Redis and the baselines. */
+async function stopAll(): Promise<void> {
+  const isProxy = (p: ChildProcess) => p.spawnargs[1] === BIN
+  const running = started.filter((p) => p.exitCode === null)
+  for (const group of [running.filter(isProxy), running.filter((p) => !isProxy(p))]) {
+    await Promise.all(group.map((p) => new Promise((r) => {
+      p.once('exit', r)
+      p.kill('SIGTERM')
+    })))
+  }
 }
 
 const run = args.includes('--buckets')
@@ -359,9 +372,9 @@ run()
     process.exitCode = 1
   })
   .finally(() => {
-    stopAll()
     setTimeout(() => {
       for (const p of started) if (p.exitCode === null) p.kill('SIGKILL')
       process.exit()
-    }, 3_000).unref()
+    }, 10_000).unref()
+    return stopAll()
   })
