@@ -80,6 +80,8 @@ export interface Config {
   readonly maxHeaderSize: number
   readonly clientHeadersTimeout: number
   readonly clientRequestTimeout: number
+  /** How long an idle client connection is kept open between requests. */
+  readonly clientKeepaliveTimeout: number
   readonly maxConnections: number
   readonly headersWithUnderscores: UnderscoreAction
   /** Request bodies up to this size are read whole before the upstream request opens (0: every body streams). */
@@ -264,6 +266,7 @@ export const OPTIONS: readonly Option<unknown>[] = [
   opt('maxHeaderSize', '--max-header-size <bytes>', 'largest request line plus headers accepted (431 above)', bytes, 16 * 1024, '16kb'),
   opt('clientHeadersTimeout', '--client-headers-timeout <duration>', 'time a client has to send its request headers (408 after)', timeout, 10_000, '10s'),
   opt('clientRequestTimeout', '--client-request-timeout <duration>', 'time a client has to send its whole request (408 after)', timeout, 120_000, '2m'),
+  opt('clientKeepaliveTimeout', '--client-keepalive-timeout <duration>', 'how long an idle client connection stays open between requests (as nginx keepalive_timeout); behind a load balancer, longer than its idle timeout', timeout, 75_000, '75s'),
   opt('maxConnections', '--max-connections <n>', 'open client connections per worker; more are closed at once', integer(1, 1_000_000, 'a count'), 10_000),
   opt('headersWithUnderscores', '--headers-with-underscores <action>', 'request header names with "_": drop (as nginx), allow (forward: a smuggling risk with CGI/WSGI/PHP back ends), or reject (400)', underscoreAction, 'drop'),
   opt('requestBuffering', '--request-buffering <bytes>', 'request bodies up to this size are read whole before the upstream request opens (0: stream every body)', bytes, 64 * 1024, '64kb'),

@@ -23,7 +23,7 @@ function pick<K extends keyof Config>(config: Config, keys: readonly K[]): Reado
 }
 
 export function serverOptions(config: Config): ProxyServerOptions {
-  return pick(config, ['port', 'host', 'maxHeaderSize', 'clientHeadersTimeout', 'clientRequestTimeout', 'maxConnections', 'drainTimeout'])
+  return pick(config, ['port', 'host', 'maxHeaderSize', 'clientHeadersTimeout', 'clientRequestTimeout', 'clientKeepaliveTimeout', 'maxConnections', 'drainTimeout'])
 }
 
 export function guardOptions(config: Config): GuardOptions {

@@ -55,6 +55,7 @@ export interface ProxyServerOptions {
   readonly maxHeaderSize: number
   readonly clientHeadersTimeout: number
   readonly clientRequestTimeout: number
+  readonly clientKeepaliveTimeout: number
   readonly maxConnections: number
   readonly drainTimeout: number
 }
@@ -78,7 +79,7 @@ export class ProxyServer {
     this.#log = log
     this.#server = createServer(
       {
-        keepAliveTimeout: 5_000,
+        keepAliveTimeout: config.clientKeepaliveTimeout,
         maxHeaderSize: config.maxHeaderSize,
         headersTimeout: config.clientHeadersTimeout,
         requestTimeout: config.clientRequestTimeout,

@@ -271,3 +271,28 @@ t.test('a body refused once read (over --max-body-size): one answer, one line; a
   t.equal(sumMetric(m, 'meliproxy_refused_requests_total'), 3, 'each counted once')
   t.equal(sumMetric(m, 'meliproxy_request_bodies_total'), 0, 'no body went on')
 })
+
+t.test('an idle keep-alive connection stays open for --client-keepalive-timeout (75 s by default), then closes', async (t) => {
+  // The default, announced on every kept-alive answer: longer than the usual load balancer's idle timeout (60 s).
+  const announced = parseRaw(await rawExchange(proxy.port, `GET /cacheable HTTP/1.1\r\n${H}\r\n`, 500))
+  t.match(announced.head, /\r\nKeep-Alive: timeout=75\r\n/i, 'the default is announced')
+
+  const p = await startMeliproxy(['--upstream', upstream.url, '--client-keepalive-timeout', '3s', '--client-headers-timeout', '1s'], { workers: 1 })
+  t.teardown(() => p.stop())
+  const socket = connect({ port: p.port, host: '127.0.0.1' })
+  socket.on('error', () => {})
+  let got = ''
+  socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+  const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())))
+  socket.write(`GET /cacheable HTTP/1.1\r\n${H}\r\n`)
+  t.ok(await waitFor(() => got.includes('cached body'), 5_000), 'answered')
+  const idleFrom = Date.now()
+  t.match(got, /\r\nKeep-Alive: timeout=3\r\n/i, 'the configured timeout is announced')
+  // Past the 1 s headers timeout: an idle connection is not a slow request.
+  await new Promise((r) => setTimeout(r, 2_000))
+  t.ok(!socket.destroyed && socket.readyState === 'open', 'still open after 2 s idle')
+  const closedAt = await Promise.race([closed, new Promise<null>((r) => setTimeout(() => r(null), 15_000))])
+  t.ok(closedAt !== null, 'closed by the proxy once idle past the timeout')
+  t.comment(`idle connection closed after ${closedAt === null ? 'more than 15,000' : closedAt - idleFrom} ms (timeout 3 s)`)
+  socket.destroy()
+})
