@@ -103,6 +103,7 @@ export class WorkerMetrics {
   readonly requestBodies: Counter<'mode'>
   /** Request bodies ended for arriving too slowly, by how they were going: buffered (never forwarded) or streamed. */
   readonly slowBodies: Counter<'mode'>
+  readonly connectionsAtCap: Counter<'action'>
   /** route -> (status * 16 + method index) -> pending count: no string is built per request. */
   readonly #counts = new Map<string, Map<number, { readonly labels: Record<'method' | 'status' | 'route', string>; n: number }>>()
 
@@ -166,6 +167,12 @@ export class WorkerMetrics {
       name: 'meliproxy_slow_request_bodies_total',
       help: 'Requests answered 408 because their body arrived too slowly, by mode (buffered ones never reached the upstream)',
       labelNames: ['mode'],
+      registers: [registry],
+    })
+    this.connectionsAtCap = new Counter({
+      name: 'meliproxy_connections_at_cap_total',
+      help: 'New client connections at --max-connections: idle_closed (an idle keep-alive connection was closed to make room), refused (none was idle; the new one was closed)',
+      labelNames: ['action'],
       registers: [registry],
     })
     collectDefaultMetrics({ register: registry })

@@ -209,6 +209,7 @@ function serverHooks(base: Base, trusted: IpSet, bodies: ReturnType<typeof bodyC
       if (reason === 'ERR_HTTP_REQUEST_TIMEOUT') (x.forwarded ? bodies.slowStreamed : bodies.slowBuffered).inc()
       if (!x.forwarded) base.metrics.refused.labels(reason).inc()
     },
+    atCap: (action) => base.metrics.connectionsAtCap.labels(action).inc(),
     inFlight: () => base.load.inFlight,
     drained,
   }

@@ -12,8 +12,12 @@ import { answerRaw, parserRefusal, refuseConnect } from './reply.js'
  * and the drain. What to do with a request is the caller's (`serve`: the pipeline).
  */
 
-/** While draining, a keep-alive socket idle this long is closed (see #drainStep). */
-const DRAIN_IDLE_MS = 1_000
+/**
+ * A keep-alive socket with no answer under way and no request begun for this long counts as idle: closed while
+ * draining (see #drainStep), and closed to make room for a new connection at --max-connections (#connection).
+ * Closing one the instant it goes idle would race with a client sending its next request on it.
+ */
+const IDLE_MS = 1_000
 
 /**
  * Bytes no pipeline stage saw as a request (refused by the parser, pipelined after a closing answer, a request the
@@ -42,6 +46,8 @@ export interface ProxyServerHooks {
    * the refusal was sent in place of its answer, and the exchange records itself when its response closes.
    */
   refusedDuring(x: Exchange, reason: string): void
+  /** A new connection at --max-connections: an idle one was closed to make room, or the new one was refused. */
+  atCap(action: 'idle_closed' | 'refused'): void
   /** Requests being answered now. */
   inFlight(): number
   /** The drain is over (nothing in flight, no socket left, or the drain timeout passed). */
@@ -68,7 +74,7 @@ export class ProxyServer {
   /** The drain's step and deadline, cleared once drained (the process may go on: a test, an in-process worker). */
   readonly #drainTimers: NodeJS.Timeout[] = []
   readonly #connections = new Connections()
-  /** Open client sockets and when each last started a request (for closing idle ones on drain). */
+  /** Open client sockets and when each was opened or last began a request (for closing idle ones). */
   readonly #sockets = new Map<Socket, number>()
   #draining = false
   #drained = false
@@ -120,24 +126,38 @@ export class ProxyServer {
         ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: notAccepted, counted: true,
       })
     }
-    if (this.#draining) {
-      this.#sockets.set(req.socket, Date.now())
-      res.shouldKeepAlive = false
-    }
+    this.#sockets.set(req.socket, Date.now())
+    if (this.#draining) res.shouldKeepAlive = false
     this.#hooks.serve(req, res)
     // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
     if (!res.shouldKeepAlive) this.#connections.closeAfter(req.socket)
   }
 
   readonly #connection = (socket: Socket): void => {
-    // A flood of connections: past the cap a worker closes new ones at once. (net.Server's maxConnections is not
-    // enforced for connections the cluster primary hands over.)
-    if (this.#sockets.size >= this.#config.maxConnections) {
+    // At the cap, an idle keep-alive connection makes room (as nginx reuses idle connections); when none is idle (a
+    // flood of connections), the new one is closed at once. (net.Server's maxConnections is not enforced for
+    // connections the cluster primary hands over.)
+    if (this.#sockets.size >= this.#config.maxConnections && !this.#closeOneIdle()) {
+      this.#hooks.atCap('refused')
       socket.destroy()
       return
     }
     this.#sockets.set(socket, Date.now())
     socket.once('close', () => this.#sockets.delete(socket))
+  }
+
+  /** Closes the first idle connection found (see IDLE_MS); whether there was one. */
+  #closeOneIdle(): boolean {
+    const now = Date.now()
+    for (const [s, lastRequest] of this.#sockets) {
+      if (!answering(s) && now - lastRequest >= IDLE_MS) {
+        this.#sockets.delete(s)
+        s.destroy()
+        this.#hooks.atCap('idle_closed')
+        return true
+      }
+    }
+    return false
   }
 
   /**
@@ -204,7 +224,7 @@ export class ProxyServer {
     this.#draining = true
     this.#log.info('draining', { reason, inFlight: this.#hooks.inFlight(), timeoutMs: this.#config.drainTimeout })
     NetServer.prototype.close.call(this.#server)
-    // Every open socket gets DRAIN_IDLE_MS from now: one in use will carry a Connection: close response by then.
+    // Every open socket gets IDLE_MS from now: one in use will carry a Connection: close response by then.
     const now = Date.now()
     for (const s of this.#sockets.keys()) this.#sockets.set(s, now)
     this.#drainTimers.push(setInterval(this.#drainStep, 50))
@@ -218,15 +238,13 @@ export class ProxyServer {
 
   /**
    * While draining: a socket whose client keeps using it gets `Connection: close` on its next response and is
-   * closed after it. One left idle for DRAIN_IDLE_MS is closed here: closing a socket the instant it goes idle would
+   * closed after it. One left idle for IDLE_MS is closed here: closing a socket the instant it goes idle would
    * race with a client sending its next request on it. Once nothing is in flight and no socket is left, done.
    */
   readonly #drainStep = (): void => {
     const now = Date.now()
     for (const [s, lastRequest] of this.#sockets) {
-      // node sets _httpMessage while a response is in progress on the socket.
-      const busy = (s as Socket & { _httpMessage?: unknown })._httpMessage != null
-      if (!busy && now - lastRequest >= DRAIN_IDLE_MS) s.destroy()
+      if (!answering(s) && now - lastRequest >= IDLE_MS) s.destroy()
     }
     if (this.#hooks.inFlight() === 0 && this.#sockets.size === 0) this.#done()
   }
@@ -237,4 +255,9 @@ export class ProxyServer {
     for (const timer of this.#drainTimers) clearTimeout(timer)
     this.#hooks.drained()
   }
+}
+
+/** Whether a response is in progress on the socket (node sets `_httpMessage` until it is finished). */
+function answering(socket: Socket): boolean {
+  return (socket as Socket & { _httpMessage?: unknown })._httpMessage != null
 }

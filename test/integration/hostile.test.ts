@@ -120,6 +120,47 @@ t.test('seeded fuzz of request lines and headers: no worker crash, no 5xx but th
   t.equal((await send(`${proxy.url}/echo/after-fuzz`)).status, 200, 'and still serving')
 })
 
+t.test('at --max-connections an idle keep-alive connection makes room for a new one; connections being answered do not', async (t) => {
+  const own = await startUpstream()
+  t.teardown(() => own.close())
+  own.route('/slow', (_req, res) => setTimeout(() => res.end('slow'), 4_000))
+  const capped = await startMeliproxy(['--upstream', own.url, '--max-connections', '4', '--no-cache'], { workers: 1 })
+  t.teardown(() => capped.stop())
+  /** A raw keep-alive connection that sends one request at once; `answered` once its response head arrived. */
+  const open = (path: string) => {
+    const s = connect({ port: capped.port, host: '127.0.0.1' })
+    let got = ''
+    s.on('error', () => {})
+    s.on('data', (c: Buffer) => (got += c.toString('latin1')))
+    s.write(`GET ${path} HTTP/1.1\r\n${HOST}\r\n`)
+    return { s, answered: () => got.includes('\r\n\r\n') }
+  }
+  const metric = async (action: string) => sumMetric((await admin(capped, '/metrics')).text, 'meliproxy_connections_at_cap_total', new RegExp(`action="${action}"`))
+
+  // Four connections, each answered and kept alive: the cap is full of idle connections.
+  const idle = Array.from({ length: 4 }, (_, i) => open(`/echo/idle-${i}`))
+  t.ok(await waitFor(() => idle.every((c) => c.answered()), 5_000), 'four keep-alive connections answered')
+  await new Promise((r) => setTimeout(r, 1_500)) // idle for more than a second
+  t.equal((await send(`${capped.url}/echo/newcomer`)).status, 200, 'a new connection is served')
+  t.ok(await waitFor(() => idle.filter((c) => c.s.destroyed || c.s.readableEnded).length === 1, 5_000), 'exactly one idle connection was closed to make room')
+  t.equal(await metric('idle_closed'), 1)
+  await closeAgents()
+  for (const c of idle) c.s.destroy()
+
+  // Four connections whose requests are being answered (a 4 s upstream): none is taken, the new one is closed.
+  t.equal(await metric('refused'), 0, 'none refused so far')
+  await new Promise((r) => setTimeout(r, 300)) // the worker sees the four close
+  const busy = Array.from({ length: 4 }, (_, i) => open(`/slow?${i}`))
+  t.ok(await waitFor(async () => sumMetric((await admin(capped, '/metrics')).text, 'meliproxy_in_flight_requests') === 4, 3_000), 'four requests in flight')
+  await new Promise((r) => setTimeout(r, 1_200)) // their requests began over a second ago
+  // Closed at once: the client sees the connection end or reset, with nothing sent.
+  const newcomer = await rawExchange(capped.port, `GET /echo/refused HTTP/1.1\r\n${HOST}\r\n`, 2_000).catch((err: Error) => err.message)
+  t.match(newcomer, /^$|ECONNRESET|EPIPE/, 'the new connection is closed without an answer')
+  t.equal(await metric('refused'), 1)
+  t.ok(await waitFor(() => busy.every((c) => c.answered()), 10_000), 'the four in flight are all answered')
+  for (const c of busy) c.s.destroy()
+})
+
 t.test('a flood of connections: past --max-connections a worker closes new ones, and serves again after', async (t) => {
   const capped = await startMeliproxy(['--upstream', upstream.url, '--max-connections', '20'], { workers: 1 })
   t.teardown(() => capped.stop())
