@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { chmodSync, copyFileSync, lutimesSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { chmodSync, copyFileSync, lutimesSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join, relative } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { gzipSync } from 'node:zlib'
@@ -147,6 +147,28 @@ function treeBytes(dir: string): number {
 }
 
 /** The Debian package: files under a staging root, DEBIAN/ control files, then dpkg-deb owned by root. */
+/**
+ * The package's Depends, derived from what the executable links (node links the C and C++ runtimes) and the symbol
+ * versions it uses, by dpkg-shlibdeps as a Debian package build does. It runs in a folder of its own with the
+ * one-stanza debian/control it insists on reading.
+ */
+function shlibDepends(work: string, exe: string): string {
+  const dir = join(work, 'shlibdeps')
+  write(join(dir, 'debian/control'), 'Source: meliproxy\n\nPackage: meliproxy\nArchitecture: amd64\n', 0o644)
+  symlinkSync(exe, join(dir, 'meliproxy'))
+  let printed: string
+  try {
+    printed = execFileSync('dpkg-shlibdeps', ['-O', '-e', 'meliproxy'], { cwd: dir, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: buildEnv() })
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string }
+    if (e.code === 'ENOENT') fail('dpkg-shlibdeps is not installed (apt-get install dpkg-dev)')
+    fail(`dpkg-shlibdeps failed: ${e.stderr ?? e.message}`)
+  }
+  const depends = /^shlibs:Depends=(.+)$/m.exec(printed)?.[1]?.trim()
+  if (depends === undefined || depends === '') fail(`dpkg-shlibdeps printed no shlibs:Depends: ${printed}`)
+  return depends
+}
+
 function debian(work: string, exe: string, version: string, packages: Map<string, string>, target: string): void {
   const root = join(work, 'deb')
   const doc = join(root, 'usr/share/doc/meliproxy')
@@ -189,8 +211,8 @@ function debian(work: string, exe: string, version: string, packages: Map<string
       'Architecture: amd64',
       `Maintainer: ${process.env.DEB_MAINTAINER ?? 'meliproxy maintainers <maintainers@meliproxy.invalid>'}`,
       `Installed-Size: ${installedKb}`,
-      // The executable carries Node; node itself links the C and C++ runtimes (ldd), present on every Debian system.
-      'Depends: libc6 (>= 2.28), libgcc-s1, libstdc++6 (>= 5.2)',
+      // The executable carries Node; node itself links the C and C++ runtimes.
+      `Depends: ${shlibDepends(work, exe)}`,
       'Section: net',
       'Priority: optional',
       'Description: API proxy with fleet-wide rate limits, a shared cache and usage statistics',

@@ -43,9 +43,9 @@ let installedConfig = ''
 
 const sha256 = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
 
-// .ci/run installs dpkg, so CI always runs this file; elsewhere it says why it did not run.
-if (run('sh', ['-c', 'command -v dpkg-deb']).status === 0) register()
-else t.plan(0, 'dpkg-deb is not installed (apt-get install dpkg, as .ci/run does)')
+// .ci/run installs dpkg and dpkg-dev, so CI always runs this file; elsewhere it says why it did not run.
+if (run('sh', ['-c', 'command -v dpkg-deb && command -v dpkg-shlibdeps']).status === 0) register()
+else t.plan(0, 'dpkg-deb or dpkg-shlibdeps is not installed (apt-get install dpkg dpkg-dev, as .ci/run does)')
 
 function register(): void {
   t.before(() => {
@@ -82,10 +82,22 @@ function register(): void {
     t.equal(field('Package'), 'meliproxy')
     t.equal(field('Version'), VERSION.replace('-', '~'))
     t.equal(field('Architecture'), 'amd64')
-    // The executable carries Node; what it links (ldd) is the C and C++ runtime, on every Debian system.
-    const depends = field('Depends').split(',').map((d) => d.trim().split(' ')[0])
-    t.same(depends, ['libc6', 'libgcc-s1', 'libstdc++6'], 'depends on the C and C++ runtimes only')
-    for (const dep of depends) t.equal(run('dpkg-query', ['-W', dep]).status, 0, `${dep} is a package installed on this Debian machine`)
+    // The executable carries Node; what it links is the C and C++ runtime, with the versions its symbols need.
+    const depends = field('Depends').split(',').map((d) => /^(\S+)(?: \((>=) (\S+)\))?$/.exec(d.trim()))
+    t.same(depends.map((d) => d?.[1]), ['libc6', 'libgcc-s1', 'libstdc++6'], `depends on the C and C++ runtimes only: ${field('Depends')}`)
+    const libc = depends.find((d) => d?.[1] === 'libc6')?.[3] ?? '0'
+    // The glibc symbol versions node uses: the libc6 it depends on must provide the newest of them.
+    const glibcUsed = new Set([...run('objdump', ['-T', installedBin]).stdout.matchAll(/GLIBC_(\d+(?:\.\d+)+)/g)].map((m) => m[1]!))
+    const parts = (v: string) => v.split('.').map(Number)
+    const newer = (a: string, b: string) => parts(a)[0]! - parts(b)[0]! || (parts(a)[1] ?? 0) - (parts(b)[1] ?? 0)
+    const newest = [...glibcUsed].sort((a, b) => newer(b, a))[0]
+    t.ok(newest !== undefined, 'objdump lists the glibc symbol versions the executable uses')
+    t.equal(run('dpkg', ['--compare-versions', libc, 'ge', newest ?? '99']).status, 0, `libc6 (>= ${libc}) provides GLIBC_${newest}, the newest the executable uses`)
+    for (const d of depends) {
+      const installed = run('dpkg-query', ['-W', '-f', '${Version}', d?.[1] ?? '-']).stdout
+      const wanted = d?.[3] ?? '0'
+      t.equal(run('dpkg', ['--compare-versions', installed, 'ge', wanted]).status, 0, `${d?.[1]} ${installed} is installed here and satisfies >= ${wanted}`)
+    }
 
     const conffiles = run('dpkg-deb', ['--info', deb, 'conffiles']).stdout.trim().split('\n')
     t.same(conffiles, ['/etc/meliproxy/meliproxy.yaml', '/etc/meliproxy/meliproxy.env'])
