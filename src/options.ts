@@ -8,6 +8,7 @@ import type { UpstreamOptions } from './pipeline/upstream.js'
 import type { BreakerOptions } from './proxy/breaker.js'
 import type { UpstreamTimeouts } from './proxy/upstream-dispatcher.js'
 import type { ProxyServerOptions } from './proxy/server.js'
+import type { RedisConnection } from './redis/client.js'
 import type { StatsOptions } from './stats/service.js'
 
 /**
@@ -20,6 +21,10 @@ function pick<K extends keyof Config>(config: Config, keys: readonly K[]): Reado
   const out = {} as Pick<Config, K>
   for (const k of keys) out[k] = config[k]
   return Object.freeze(out)
+}
+
+export function redisConnection(config: Config): RedisConnection {
+  return pick(config, ['redisUrl', 'redisSentinels', 'redisMaster', 'redisCluster', 'redisPassword', 'redisTls'])
 }
 
 export function serverOptions(config: Config): ProxyServerOptions {

@@ -15,7 +15,7 @@ import { RulesController, withRules } from './limiter/rules-controller.js'
 import { dispatch, type Handlers, type ToPrimary, type CachePurgeMessage, type LeaseGrantMessage, type LimitsResetMessage, type SetRulesMessage } from './messages.js'
 import { BreakerBoard } from './proxy/breaker-board.js'
 import { closeRedis, createRedis, createSubscriber } from './redis/client.js'
-import { statsOptions } from './options.js'
+import { redisConnection, statsOptions } from './options.js'
 import { StatsService } from './stats/service.js'
 
 /**
@@ -58,8 +58,9 @@ export class Primary {
     this.#options = options
     this.#config = options.config
     const log = (this.#log = createLogger(this.#config.logLevel, process.stderr, { role: 'primary', pid: process.pid }))
-    this.#redis = createRedis(this.#config, 'primary', log)
-    this.#subscriber = createSubscriber(this.#config, 'primary-sub', log, this.#redis)
+    const connection = redisConnection(this.#config)
+    this.#redis = createRedis(connection, 'primary', log)
+    this.#subscriber = createSubscriber(connection, 'primary-sub', log, this.#redis)
     this.#stats = new StatsService(statsOptions(this.#config), this.#redis, log)
     // Forgets buckets as they expire, at most 3 ms of work every 100 ms (never a walk of the whole pool).
     const pool = this.#pool

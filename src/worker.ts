@@ -20,6 +20,7 @@ import {
   cacheOptions,
   guardOptions,
   keyOptions,
+  redisConnection,
   serverOptions,
   tierOptions,
   upstreamOptions,
@@ -86,7 +87,7 @@ export class Worker {
     const base = buildBase(config)
     // No automatic re-send of commands left unanswered by a dropped connection: a cache read simply misses, and the
     // limiter's give-backs are idempotent anyway (src/limiter/pool.ts).
-    const redis = createRedis(config, `worker-${base.id}`, base.log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
+    const redis = createRedis(redisConnection(config), `worker-${base.id}`, base.log, { commandTimeout: config.limiterTimeout, autoResendUnfulfilledCommands: false })
     const primaryPool = new PrimaryPool((msg: LeaseAcquireMessage | LeaseReleaseMessage) => toPrimary(msg))
     const limiterMetrics = new LimiterMetrics(base.registry)
     const limiter = buildLimiter(config, redis, primaryPool, limiterMetrics, base.log)

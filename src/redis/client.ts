@@ -12,18 +12,21 @@ import { isCluster, type RedisClient } from './cluster.js'
  * it fails and the caller falls back; a MOVED redirect (never applied) is followed.
  */
 
-/** How the Config reaches Redis. */
+/** The Redis part of the configuration (built at the edge, src/options.ts): one topology, its password and TLS. */
+export type RedisConnection = Readonly<Pick<Config, 'redisUrl' | 'redisSentinels' | 'redisMaster' | 'redisCluster' | 'redisPassword' | 'redisTls'>>
+
+/** How meliproxy reaches Redis. */
 export type RedisMode = 'none' | 'standalone' | 'sentinel' | 'cluster'
 
-/** The Config's Redis topology. */
-export function redisMode(config: Config): RedisMode {
+/** The configured Redis topology. */
+export function redisMode(config: RedisConnection): RedisMode {
   if (config.redisCluster.length > 0) return 'cluster'
   if (config.redisSentinels.length > 0) return 'sentinel'
   return config.redisUrl !== null ? 'standalone' : 'none'
 }
 
-/** True when the Config names a Redis. */
-export function redisConfigured(config: Config): boolean {
+/** True when a Redis is configured. */
+export function redisConfigured(config: RedisConnection): boolean {
   return redisMode(config) !== 'none'
 }
 
@@ -33,7 +36,7 @@ export function redisConfigured(config: Config): boolean {
  * `overrides` are connection options (for a cluster: each node's connection), except `enableOfflineQueue`, which
  * on a cluster is the cluster's own queue (used while it has no slot map yet).
  */
-export function createRedis(config: Config, name: string, log: Logger, overrides: RedisOptions = {}): RedisClient | null {
+export function createRedis(config: RedisConnection, name: string, log: Logger, overrides: RedisOptions = {}): RedisClient | null {
   const client = open(config, name, overrides)
   return client === null ? null : watch(client, name, log)
 }
@@ -46,7 +49,7 @@ export function createRedis(config: Config, name: string, log: Logger, overrides
  * `main` has discovered). Not the cluster client's own subscriber: with every node down, ioredis 6 reselects it in a
  * tight loop that never backs off and leaks a listener per turn (the primary measured at 70% CPU and +120 MB in 10 s).
  */
-export function createSubscriber(config: Config, name: string, log: Logger, main: RedisClient | null): Redis | null {
+export function createSubscriber(config: RedisConnection, name: string, log: Logger, main: RedisClient | null): Redis | null {
   if (main === null) return null
   if (!isCluster(main)) return createRedis(config, name, log, { enableOfflineQueue: true }) as Redis
   const seeds = config.redisCluster
@@ -109,11 +112,11 @@ function common(name: string, overrides: RedisOptions): RedisOptions {
 }
 
 /** A cluster node's connection options: the common ones, the password, TLS. */
-function nodeOptions(config: Config, options: RedisOptions): RedisOptions {
+function nodeOptions(config: RedisConnection, options: RedisOptions): RedisOptions {
   return { ...options, password: config.redisPassword ?? undefined, ...(config.redisTls ? { tls: {} } : {}) }
 }
 
-function open(config: Config, name: string, overrides: RedisOptions): RedisClient | null {
+function open(config: RedisConnection, name: string, overrides: RedisOptions): RedisClient | null {
   const options = common(name, overrides)
   if (config.redisCluster.length > 0) return openCluster(config, options)
   if (config.redisSentinels.length > 0) {
@@ -136,7 +139,7 @@ function open(config: Config, name: string, overrides: RedisOptions): RedisClien
 /** How often a cluster client reads the slot map again by itself (it also does on every MOVED). */
 export const CLUSTER_SLOTS_REFRESH_MS = 1_000
 
-function openCluster(config: Config, options: RedisOptions): Cluster {
+function openCluster(config: RedisConnection, options: RedisOptions): Cluster {
   const { enableOfflineQueue, retryStrategy: _nodeRetry, lazyConnect, ...node } = options
   const clusterOptions: ClusterOptions = {
     // Each node's connection. ioredis keeps a node's own offline queue on (it queues while the node connects) and
