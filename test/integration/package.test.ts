@@ -10,6 +10,8 @@ import { OPENAPI } from '../../src/admin/openapi.js'
 import { closeAgents, send } from '../helpers/client.js'
 import { admin, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
+import { bootContainer, containerUnavailable } from '../helpers/container.js'
+import { freePort } from '../helpers/ports.js'
 
 /**
  * `npm run package` as an operator meets it: the build writes the single executable, the Debian package and their
@@ -283,10 +285,10 @@ function register(): void {
 
   t.test('systemd-analyze verify accepts the packaged unit', { skip: analyzeSkip }, async (t) => {
     // Verify in the extracted root: the ExecStart binary is the extracted one; the root gets the targets the unit
-    // names and /bin/kill (ExecReload) from this machine.
+    // names and /bin/sh (ExecReload) from this machine.
     cpSync('/usr/lib/systemd/system', join(root, 'usr/lib/systemd/system'), { recursive: true, dereference: false })
     mkdirSync(join(root, 'bin'), { recursive: true })
-    cpSync('/bin/kill', join(root, 'bin/kill'))
+    cpSync('/bin/sh', join(root, 'bin/sh'), { dereference: true })
     const ok = run('systemd-analyze', ['verify', `--root=${root}`, '/lib/systemd/system/meliproxy.service'])
     t.equal(ok.status, 0, 'exit 0')
     t.equal(ok.stderr.trim(), '', 'no warning')
@@ -295,6 +297,68 @@ function register(): void {
     writeFileSync(join(root, 'lib/systemd/system/meliproxy-broken.service'), broken)
     const bad = run('systemd-analyze', ['verify', `--root=${root}`, '/lib/systemd/system/meliproxy-broken.service'])
     t.not(bad.status, 0, 'a missing ExecStart binary fails the check')
+  })
+
+  t.test('under a live systemd (a Debian container booted with systemd-nspawn): install, serve, reload, restart after a crash, no restart loop on a config error, stop, purge', { skip: containerUnavailable() ?? false }, async (t) => {
+    const upstream = await startUpstream()
+    t.teardown(() => upstream.close())
+    const [port, adminPort] = [await freePort(), await freePort()]
+    const box = await bootContainer({ [deb]: '/root/meliproxy.deb' })
+    t.teardown(() => box.stop())
+    const sh = (command: string) => box.sh(command)
+    const show = (props: string): Record<string, string> =>
+      Object.fromEntries(sh(`systemctl show meliproxy -p ${props}`).stdout.trim().split('\n').map((l) => l.split('=', 2) as [string, string]))
+    const journal = () => sh('journalctl -u meliproxy --no-pager -o cat').stdout
+    t.comment(`container: ${sh('systemctl --version').stdout.split('\n')[0]}`)
+
+    // As configuration management does: the environment file first, then the package (which keeps it).
+    const env = [`MELIPROXY_UPSTREAM=${upstream.url}`, `MELIPROXY_PORT=${port}`, `MELIPROXY_ADMIN_PORT=${adminPort}`, 'MELIPROXY_WORKERS=2'].join('\n')
+    t.equal(sh(`mkdir -p /etc/meliproxy && printf '%s\\n' '${env.replaceAll('\n', "' '")}' > /etc/meliproxy/meliproxy.env`).status, 0)
+    const install = sh('DEBIAN_FRONTEND=noninteractive dpkg --force-confold -i /root/meliproxy.deb')
+    t.equal(install.status, 0, `dpkg -i in the container: ${install.stderr.trim()}`)
+    t.ok(await waitFor(() => sh('systemctl is-active meliproxy').stdout.trim() === 'active', 30_000), 'systemd started the unit')
+    const served = async () => (await send(`http://127.0.0.1:${port}/echo/under-systemd`).catch(() => ({ status: 0 }))).status === 200
+    t.ok(await waitFor(served, 30_000), 'it proxies a request to the upstream')
+    t.equal(show('User').User, 'meliproxy')
+    const status = (await (await request(`http://127.0.0.1:${adminPort}/api/status`)).body.json()) as { workers?: { listening?: number } }
+    t.equal(status.workers?.listening, 2, 'two workers listen')
+
+    // systemctl reload: SIGHUP through ExecReload; the primary stays, the workers are replaced.
+    const pid = show('MainPID').MainPID
+    const reload = sh('systemctl reload meliproxy')
+    t.equal(reload.status, 0, `systemctl reload: ${reload.stderr.trim()}`)
+    t.ok(await waitFor(() => journal().includes('"reload complete"'), 30_000), 'the primary reloaded')
+    t.equal(show('MainPID').MainPID, pid, 'same primary')
+
+    // The primary killed: systemd starts it again (Restart=always).
+    t.equal(sh(`kill -9 ${pid}`).status, 0)
+    t.ok(await waitFor(() => show('NRestarts').NRestarts === '1' && sh('systemctl is-active meliproxy').stdout.trim() === 'active', 30_000), 'restarted once')
+    t.not(show('MainPID').MainPID, pid, 'a new primary')
+    t.ok(await waitFor(served, 30_000), 'and serving again')
+
+    // A configuration error exits 2: systemd does not restart it in a loop (RestartPreventExitStatus=2).
+    sh("echo 'MELIPROXY_WORKERS=abc' >> /etc/meliproxy/meliproxy.env")
+    sh('systemctl restart meliproxy')
+    t.ok(await waitFor(() => show('ActiveState').ActiveState === 'failed', 30_000), 'the unit failed')
+    await new Promise((r) => setTimeout(r, 3_000)) // three times RestartSec
+    const failed = show('ActiveState,ExecMainStatus,NRestarts')
+    t.same(failed, { ActiveState: 'failed', ExecMainStatus: '2', NRestarts: '0' }, 'exit 2, not restarted')
+    t.match(journal(), /MELIPROXY_WORKERS: "abc" is not a worker count/, 'the journal names the field')
+
+    // Fixed, started, stopped: the drain ends it cleanly.
+    sh("sed -i '/MELIPROXY_WORKERS=abc/d' /etc/meliproxy/meliproxy.env && systemctl reset-failed meliproxy && systemctl start meliproxy")
+    t.ok(await waitFor(served, 30_000), 'serving after the fix')
+    t.equal(sh('systemctl stop meliproxy').status, 0)
+    t.same(show('ActiveState,Result'), { ActiveState: 'inactive', Result: 'success' }, 'stopped cleanly')
+    t.ok(journal().includes('"stopped"'), 'the primary logged its stop')
+
+    const exposure = /Overall exposure level for meliproxy\.service: ([\d.]+)/.exec(sh('systemd-analyze security meliproxy --no-pager').stdout)
+    t.ok(exposure !== null && Number(exposure[1]) <= 4, `systemd-analyze security: exposure ${exposure?.[1]} (OK is below 5)`)
+
+    const purge = sh('dpkg --purge meliproxy')
+    t.equal(purge.status, 0, `dpkg --purge: ${purge.stderr.trim()}`)
+    t.equal(sh('test -e /lib/systemd/system/meliproxy.service || test -e /etc/meliproxy').status, 1, 'the unit and /etc/meliproxy are gone')
+    t.equal(sh('getent passwd meliproxy').status, 0, 'the system user stays')
   })
 
   const lintianSkip = run('sh', ['-c', 'command -v lintian']).status === 0 ? false : 'lintian is not installed on this machine (apt-get install lintian to run this check)'
