@@ -33,6 +33,8 @@ interface State {
   last: IncomingMessage | null
   lastRes: ServerResponse | null
   readonly socket: Socket
+  /** The owner's `quiet` (see the constructor). */
+  readonly quiet: (socket: Socket) => void
 }
 
 /** Where a connection's state hangs: on its socket, and on each of its responses (no lookup, no closure per request). */
@@ -47,14 +49,21 @@ function answered(this: Tagged<ServerResponse>): void {
     const answer = s.finalAnswer
     s.finalAnswer = null
     endRaw(s.socket, answer)
-  }
+  } else if (s.pending === 0 && !s.closing) s.quiet(s.socket)
 }
 
 export class Connections {
+  readonly #quiet: (socket: Socket) => void
+
+  /** `quiet` is called when a connection that stays open has answered every request accepted on it. */
+  constructor(quiet: (socket: Socket) => void) {
+    this.#quiet = quiet
+  }
+
   #state(socket: Tagged<Socket>): State {
     let s = socket[STATE]
     if (s === undefined) {
-      s = { pending: 0, closing: false, finalAnswer: null, last: null, lastRes: null, socket }
+      s = { pending: 0, closing: false, finalAnswer: null, last: null, lastRes: null, socket, quiet: this.#quiet }
       socket[STATE] = s
     }
     return s

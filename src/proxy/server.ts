@@ -13,11 +13,18 @@ import { answerRaw, parserRefusal, refuseConnect } from './reply.js'
  */
 
 /**
- * A keep-alive socket with no answer under way and no request begun for this long counts as idle: closed while
- * draining (see #drainStep), and closed to make room for a new connection at --max-connections (#connection).
- * Closing one the instant it goes idle would race with a client sending its next request on it.
+ * A keep-alive socket idle this long is closed while draining (no answer under way, no request begun: see
+ * #drainStep), and may be closed to make room for a new connection at --max-connections (quiet: every request on it
+ * answered or none sent, and not a byte received since: see #closeOneIdle). Closing one the instant it goes idle would
+ * race with a client sending its next request on it.
  */
 const IDLE_MS = 1_000
+
+/** When a connection went quiet (opened, or its last answer went out), and the bytes it had received by then. */
+interface Quiet {
+  readonly at: number
+  readonly bytesRead: number
+}
 
 /**
  * Bytes no pipeline stage saw as a request (refused by the parser, pipelined after a closing answer, a request the
@@ -73,9 +80,14 @@ export class ProxyServer {
   readonly #server: Server
   /** The drain's step and deadline, cleared once drained (the process may go on: a test, an in-process worker). */
   readonly #drainTimers: NodeJS.Timeout[] = []
-  readonly #connections = new Connections()
-  /** Open client sockets and when each was opened or last began a request (for closing idle ones). */
+  readonly #connections = new Connections((socket) => this.#quietFrom(socket))
+  /** Open client sockets (while draining: and when each last began a request, for closing idle ones). */
   readonly #sockets = new Map<Socket, number>()
+  /**
+   * Open sockets with nothing under way, oldest quiet first (a socket is moved to the end when it goes quiet again):
+   * the candidates for making room at --max-connections, so a new connection at the cap looks at no busy one.
+   */
+  readonly #quiet = new Map<Socket, Quiet>()
   #draining = false
   #drained = false
 
@@ -126,8 +138,11 @@ export class ProxyServer {
         ip: normalizeIp(req.socket.remoteAddress ?? ''), method: req.method ?? '-', path: req.url ?? '-', status: 0, bytes: 0, reason: notAccepted, counted: true,
       })
     }
-    this.#sockets.set(req.socket, Date.now())
-    if (this.#draining) res.shouldKeepAlive = false
+    this.#quiet.delete(req.socket)
+    if (this.#draining) {
+      this.#sockets.set(req.socket, Date.now())
+      res.shouldKeepAlive = false
+    }
     this.#hooks.serve(req, res)
     // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
     if (!res.shouldKeepAlive) this.#connections.closeAfter(req.socket)
@@ -142,20 +157,39 @@ export class ProxyServer {
       socket.destroy()
       return
     }
-    this.#sockets.set(socket, Date.now())
-    socket.once('close', () => this.#sockets.delete(socket))
+    const now = Date.now()
+    this.#sockets.set(socket, now)
+    this.#quiet.set(socket, { at: now, bytesRead: 0 })
+    socket.once('close', () => {
+      this.#sockets.delete(socket)
+      this.#quiet.delete(socket)
+    })
   }
 
-  /** Closes the first idle connection found (see IDLE_MS); whether there was one. */
+  /** Every request accepted on the socket is answered and it stays open (see Connections). */
+  #quietFrom(socket: Socket): void {
+    // A response cut by the client's leaving closes after its socket did.
+    if (socket.destroyed || !this.#sockets.has(socket)) return
+    this.#quiet.delete(socket)
+    this.#quiet.set(socket, { at: Date.now(), bytesRead: socket.bytesRead })
+  }
+
+  /**
+   * Closes the connection quiet the longest if it has been so for IDLE_MS; whether there was one. One on which a
+   * request is arriving is not idle (a slow client in the middle of a request's head, or at the start of its next one;
+   * a request pipelined partly before the last answer went out): it leaves the candidates until its next answer went
+   * out. So each socket is looked at here once each time it goes quiet: a flood at the cap scans no busy connection.
+   */
   #closeOneIdle(): boolean {
     const now = Date.now()
-    for (const [s, lastRequest] of this.#sockets) {
-      if (!answering(s) && now - lastRequest >= IDLE_MS) {
-        this.#sockets.delete(s)
-        s.destroy()
-        this.#hooks.atCap('idle_closed')
-        return true
-      }
+    for (const [s, q] of this.#quiet) {
+      if (now - q.at < IDLE_MS) return false // and so are all after it
+      this.#quiet.delete(s)
+      if (answering(s) || s.bytesRead !== q.bytesRead || (s.bytesRead > 0 && midRequest(s))) continue
+      this.#sockets.delete(s)
+      s.destroy()
+      this.#hooks.atCap('idle_closed')
+      return true
     }
     return false
   }
@@ -260,4 +294,12 @@ export class ProxyServer {
 /** Whether a response is in progress on the socket (node sets `_httpMessage` until it is finished). */
 function answering(socket: Socket): boolean {
   return (socket as Socket & { _httpMessage?: unknown })._httpMessage != null
+}
+
+/**
+ * Whether node's parser of the socket has begun a request it has not finished (`duration()`: ms since it began, 0 when
+ * none has; from the connection's opening on a new one, hence the caller's check for bytes received).
+ */
+function midRequest(socket: Socket): boolean {
+  return ((socket as Socket & { parser?: { duration?(): number } | null }).parser?.duration?.() ?? 0) > 0
 }

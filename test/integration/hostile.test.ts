@@ -161,6 +161,66 @@ t.test('at --max-connections an idle keep-alive connection makes room for a new 
   for (const c of busy) c.s.destroy()
 })
 
+/** A raw connection to `port` that keeps what it receives and whether it closed. */
+function rawClient(port: number) {
+  const s = connect({ port, host: '127.0.0.1' })
+  let got = ''
+  let closed = false
+  s.on('error', () => {})
+  s.on('close', () => (closed = true))
+  s.on('data', (c: Buffer) => (got += c.toString('latin1')))
+  return { s, got: () => got, closed: () => closed, answers: () => got.split('HTTP/1.1 200 ').length - 1 }
+}
+
+t.test('at --max-connections a connection whose request is still arriving is not idle: the new one is refused, the request is answered', async (t) => {
+  const capped = await startMeliproxy(['--upstream', upstream.url, '--max-connections', '3', '--no-cache', '--client-headers-timeout', '10s'], { workers: 1 })
+  t.teardown(() => capped.stop())
+  const metric = async (action: string) => sumMetric((await admin(capped, '/metrics')).text, 'meliproxy_connections_at_cap_total', new RegExp(`action="${action}"`))
+  // One connection answered once and now sending its next request slowly; one new connection sending its first; one
+  // that pipelined part of its second request with its first, answered since.
+  const again = rawClient(capped.port)
+  again.s.write(`GET /echo/first HTTP/1.1\r\n${HOST}\r\n`)
+  t.ok(await waitFor(() => again.answers() === 1, 5_000), 'the first request answered')
+  again.s.write('GET /echo/second HTTP/1.1\r\n')
+  const fresh = rawClient(capped.port)
+  fresh.s.write('GET /echo/fresh HTTP/1.1\r\n')
+  const pipelined = rawClient(capped.port)
+  pipelined.s.write(`GET /echo/p1 HTTP/1.1\r\n${HOST}\r\nGET /echo/p2 HTTP/1.1\r\n`)
+  t.ok(await waitFor(() => pipelined.answers() === 1, 5_000), 'the pipelined first request answered')
+  await new Promise((r) => setTimeout(r, 1_500)) // the three heads arriving for more than a second
+  const newcomer = await rawExchange(capped.port, `GET /echo/newcomer HTTP/1.1\r\n${HOST}\r\n`, 2_000).catch((err: Error) => err.message)
+  t.match(newcomer, /^$|ECONNRESET|EPIPE/, 'the new connection is closed without an answer')
+  t.equal(await metric('idle_closed'), 0, 'no connection taken as idle')
+  t.equal(await metric('refused'), 1)
+  for (const c of [again, fresh, pipelined]) c.s.write(`${HOST}\r\n`)
+  t.ok(await waitFor(() => again.answers() === 2 && fresh.answers() === 1 && pipelined.answers() === 2, 5_000), 'the three slow requests answered')
+  t.notOk(again.closed() || fresh.closed() || pipelined.closed(), 'no connection closed')
+  for (const c of [again, fresh, pipelined]) c.s.destroy()
+})
+
+t.test('at --max-connections a connection whose long answer just ended is not idle: its client sends its next request on it', async (t) => {
+  const own = await startUpstream()
+  t.teardown(() => own.close())
+  own.route('/slow', (_req, res) => setTimeout(() => res.end('slow'), 1_500))
+  const capped = await startMeliproxy(['--upstream', own.url, '--max-connections', '1', '--no-cache'], { workers: 1 })
+  t.teardown(() => capped.stop())
+  const metric = async (action: string) => sumMetric((await admin(capped, '/metrics')).text, 'meliproxy_connections_at_cap_total', new RegExp(`action="${action}"`))
+  const c = rawClient(capped.port)
+  c.s.write(`GET /slow HTTP/1.1\r\n${HOST}\r\n`)
+  t.ok(await waitFor(() => c.answers() === 1, 5_000), 'the 1.5 s request answered')
+  // A new connection right after the answer, and the client's next request on its connection a moment later: its
+  // request began over a second ago, but the connection has been idle for less than one.
+  const newcomer = rawExchange(capped.port, `GET /echo/newcomer HTTP/1.1\r\n${HOST}\r\n`, 2_000).catch((err: Error) => err.message)
+  await new Promise((r) => setTimeout(r, 300))
+  c.s.write(`GET /echo/next HTTP/1.1\r\n${HOST}\r\n`)
+  t.ok(await waitFor(() => c.answers() === 2 || c.closed(), 5_000), 'the next request answered or the connection closed')
+  t.equal(c.answers(), 2, 'the next request on the connection is answered')
+  t.match(await newcomer, /^$|ECONNRESET|EPIPE/, 'the new connection is closed without an answer')
+  t.equal(await metric('idle_closed'), 0, 'no connection taken as idle')
+  t.equal(await metric('refused'), 1)
+  c.s.destroy()
+})
+
 t.test('a flood of connections: past --max-connections a worker closes new ones, and serves again after', async (t) => {
   const capped = await startMeliproxy(['--upstream', upstream.url, '--max-connections', '20'], { workers: 1 })
   t.teardown(() => capped.stop())
