@@ -159,10 +159,10 @@ for (const [name, make] of pools) {
     const asked = Date.now()
     const full = await pool.acquire(req)
     const answered = Date.now()
-    t.equal(full.granted, 0, 'half a window later: still full')
     // Room comes back when the first slot leaves the window, a slot and a window after the slot began: measured from
     // some moment between asking and the answer (the pool's own clock), whatever the machine's delays.
     const leaves = firstSlot + 100 + 1_000
+    t.ok(answered >= leaves || full.granted === 0, 'half a window later: still full')
     t.ok(
       full.retryMs >= leaves - answered - 10 && full.retryMs <= leaves - asked + 10,
       `room when the first slot leaves the window (${full.retryMs} ms, between ${leaves - answered} and ${leaves - asked})`,
