@@ -1,4 +1,4 @@
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -359,6 +359,49 @@ function register(): void {
     t.equal(purge.status, 0, `dpkg --purge: ${purge.stderr.trim()}`)
     t.equal(sh('test -e /lib/systemd/system/meliproxy.service || test -e /etc/meliproxy').status, 1, 'the unit and /etc/meliproxy are gone')
     t.equal(sh('getent passwd meliproxy').status, 0, 'the system user stays')
+  })
+
+  t.test('the test container goes with its test: the process that booted it killed, the container powers off and its copy is deleted; one that will not power off is killed whole', { skip: containerUnavailable() ?? false }, async (t) => {
+    const alive = (pid: number): boolean => {
+      try {
+        process.kill(pid, 0)
+        return true
+      } catch {
+        return false
+      }
+    }
+    const gone = (c: { leader: number; nspawn: number; copy: string }) => () => !alive(c.leader) && !alive(c.nspawn) && !existsSync(c.copy)
+
+    // A test process killed with no teardown run (SIGKILL; tap's timeout is SIGALRM then SIGKILL).
+    const helper = new URL('../helpers/container.js', import.meta.url).href
+    const child = spawn(
+      process.execPath,
+      [...process.execArgv, '--input-type=module', '-e',
+        `const box = await (await import(${JSON.stringify(helper)})).bootContainer({}); ` +
+        'console.log(JSON.stringify({ leader: box.leader, nspawn: box.nspawn, copy: box.copy })); setInterval(() => {}, 60_000)'],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    )
+    let line = ''
+    child.stdout!.on('data', (c: Buffer) => (line += c.toString()))
+    t.teardown(() => {
+      child.kill('SIGKILL')
+    })
+    t.ok(await waitFor(() => line.includes('\n'), 180_000), `a child process booted a container: ${line.trim()}`)
+    const first = JSON.parse(line) as { leader: number; nspawn: number; copy: string }
+    t.teardown(() => {
+      if (alive(first.leader)) process.kill(first.leader, 'SIGKILL') // nspawn then deletes the copy
+    })
+    t.ok(first.leader > 0 && alive(first.leader) && existsSync(first.copy), `its systemd ${first.leader} runs on the copy ${first.copy}`)
+    child.kill('SIGKILL')
+    t.ok(await waitFor(gone(first), 120_000), 'once it is killed: the container, nspawn and the copy are gone')
+
+    // A container whose power-off hangs (a unit that ignores its stop signal, with no stop timeout).
+    const box = await bootContainer({})
+    t.teardown(() => box.stop(0))
+    const stubborn = box.sh('systemd-run --unit=stubborn -p KillSignal=SIGCONT -p SendSIGKILL=no -p TimeoutStopSec=infinity sleep infinity')
+    t.equal(stubborn.status, 0, `a unit that will not stop: ${stubborn.stderr.trim()}`)
+    await box.stop(5_000)
+    t.ok(await waitFor(gone(box), 60_000), 'stop() ends it anyway: its systemd killed, nspawn exited, the copy deleted')
   })
 
   const lintianSkip = run('sh', ['-c', 'command -v lintian']).status === 0 ? false : 'lintian is not installed on this machine (apt-get install lintian to run this check)'
