@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto'
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import t from 'tap'
 import { request } from 'undici'
@@ -44,6 +45,18 @@ let installedBin = ''
 let installedConfig = ''
 
 const sha256 = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
+
+/** A port below 1024 nothing listens on here (the container shares this machine's network), or 0. */
+async function freeLowPort(): Promise<number> {
+  for (let port = 1023; port >= 1000; port--) {
+    const free = await new Promise<boolean>((resolve) => {
+      const server = createServer().once('error', () => resolve(false))
+      server.listen(port, '0.0.0.0', () => server.close(() => resolve(true)))
+    })
+    if (free) return port
+  }
+  return 0
+}
 
 // .ci/run installs dpkg and dpkg-dev, so CI always runs this file; elsewhere it says why it did not run.
 if (run('sh', ['-c', 'command -v dpkg-deb && command -v dpkg-shlibdeps']).status === 0) register()
@@ -299,7 +312,7 @@ function register(): void {
     t.not(bad.status, 0, 'a missing ExecStart binary fails the check')
   })
 
-  t.test('under a live systemd (a Debian container booted with systemd-nspawn): install, serve, reload, restart after a crash, no restart loop on a config error, stop, purge', { skip: containerUnavailable() ?? false }, async (t) => {
+  t.test('under a live systemd (a Debian container booted with systemd-nspawn): install, serve, reload, restart after a crash, no restart loop on a config error, a port below 1024 only with the capability, stop, purge', { skip: containerUnavailable() ?? false }, async (t) => {
     const upstream = await startUpstream()
     t.teardown(() => upstream.close())
     const [port, adminPort] = [await freePort(), await freePort()]
@@ -348,6 +361,24 @@ function register(): void {
     // Fixed, started, stopped: the drain ends it cleanly.
     sh("sed -i '/MELIPROXY_WORKERS=abc/d' /etc/meliproxy/meliproxy.env && systemctl reset-failed meliproxy && systemctl start meliproxy")
     t.ok(await waitFor(served, 30_000), 'serving after the fix')
+
+    // A port below 1024: the unit holds no capability, so the workers cannot bind it. The primary stays up (active,
+    // workers respawned with backoff, /readyz 503) and the journal says why; the drop-in README.md gives lets it bind.
+    const low = await freeLowPort()
+    if (low === 0) t.comment('no free port below 1024 on this machine: the privileged-port check is left out')
+    else {
+      const ready = async () => (await request(`http://127.0.0.1:${adminPort}/readyz`).then((r) => r.body.dump().then(() => r.statusCode)).catch(() => 0))
+      sh(`echo 'MELIPROXY_PORT=${low}' >> /etc/meliproxy/meliproxy.env && systemctl restart meliproxy`)
+      t.ok(await waitFor(() => journal().includes(`bind EACCES 0.0.0.0:${low}`), 30_000), `the journal says the workers cannot bind port ${low} (EACCES)`)
+      t.equal(show('ActiveState').ActiveState, 'active', 'the unit stays active (the primary respawns the workers)')
+      t.equal(await ready(), 503, '/readyz is 503: no worker listens')
+      sh(`mkdir -p /etc/systemd/system/meliproxy.service.d && printf '[Service]\\nAmbientCapabilities=CAP_NET_BIND_SERVICE\\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\\n' > /etc/systemd/system/meliproxy.service.d/port.conf && systemctl daemon-reload && systemctl restart meliproxy`)
+      t.ok(await waitFor(async () => (await send(`http://127.0.0.1:${low}/echo/low-port`).catch(() => ({ status: 0 }))).status === 200, 30_000), `with the drop-in it serves on port ${low}`)
+      t.equal(await ready(), 200, '/readyz is 200')
+      sh(`rm -r /etc/systemd/system/meliproxy.service.d && sed -i '/MELIPROXY_PORT=${low}/d' /etc/meliproxy/meliproxy.env && systemctl daemon-reload && systemctl restart meliproxy`)
+      t.ok(await waitFor(served, 30_000), 'back on its own port')
+    }
+
     t.equal(sh('systemctl stop meliproxy').status, 0)
     t.same(show('ActiveState,Result'), { ActiveState: 'inactive', Result: 'success' }, 'stopped cleanly')
     t.ok(journal().includes('"stopped"'), 'the primary logged its stop')
