@@ -78,6 +78,11 @@ export async function main(argv: string[], env: NodeJS.ProcessEnv): Promise<void
   process.on('SIGTERM', () => primary.close('SIGTERM'))
   process.on('SIGINT', () => primary.close('SIGINT'))
   process.on('SIGHUP', () => void primary.reload())
-  await primary.start()
+  try {
+    await primary.start()
+  } catch (err) {
+    if (err instanceof ConfigError) fail(err.message) // an address that can never be listened on: exit 2, no restart loop
+    throw err
+  }
   process.exit(await primary.stopped)
 }

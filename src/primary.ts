@@ -9,6 +9,8 @@ import { PurgeHub } from './cache/purge-hub.js'
 import { broadcast, toWorker } from './cluster/ipc.js'
 import { Supervisor, type WorkerState } from './cluster/supervisor.js'
 import { createLogger, type Logger } from './log.js'
+import { unusableAddress } from './net/listen.js'
+import { ConfigError } from './errors.js'
 import { MemoryPool } from './limiter/pool.js'
 import { STALE_REQUEST_MS } from './limiter/primary-pool.js'
 import { RulesController, withRules } from './limiter/rules-controller.js'
@@ -148,8 +150,14 @@ export class Primary {
   }
 
   /** Listens on the admin port and forks the workers; resolves once the admin listener is up. */
+  /**
+   * Listens on the admin port and starts the workers; throws a ConfigError naming the flag when an address can never
+   * be listened on (src/net/listen.ts).
+   */
   async start(): Promise<void> {
     const config = this.#config
+    const proxyUnusable = await unusableAddress(config.port, config.host)
+    if (proxyUnusable !== null) throw new ConfigError('--port', proxyUnusable)
     const admin = createAdminServer(
       adminSources({
         config: () => this.#config,
@@ -167,6 +175,8 @@ export class Primary {
       (err) => this.#log.error('admin error', { error: err.message }),
     )
     this.#admin = admin
+    const adminUnusable = await unusableAddress(config.adminPort, config.adminHost)
+    if (adminUnusable !== null) throw new ConfigError('--admin-port', adminUnusable)
     await new Promise<void>((resolve, reject) => {
       admin.once('error', reject)
       admin.listen(config.adminPort, config.adminHost, () => {
