@@ -3,6 +3,7 @@ import { Command, CommanderError, Option } from 'commander'
 import { version } from './assets.js'
 import { loadConfig, OPTIONS, workerConfigFromEnv, type Config } from './config.js'
 import { ConfigError } from './errors.js'
+import { journaldStream, priorityPrefix } from './log.js'
 import { Primary } from './primary.js'
 import { Worker } from './worker.js'
 
@@ -46,7 +47,7 @@ function configFrom(program: Command, env: NodeJS.ProcessEnv): Config {
 }
 
 function fail(message: string): never {
-  process.stderr.write(`meliproxy: ${message}\n`)
+  process.stderr.write(`${priorityPrefix('error', journaldStream(2))}meliproxy: ${message}\n`)
   process.exit(EXIT_USAGE)
 }
 

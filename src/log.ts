@@ -1,3 +1,5 @@
+import { fstatSync } from 'node:fs'
+
 /** Log levels, least to most severe. */
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const
 /** One of LOG_LEVELS. */
@@ -32,6 +34,30 @@ export interface Logger {
 
 const noop = (): void => {}
 
+/** The syslog priority (RFC 5424) of each level: journald files a line by its `<N>` prefix. */
+const PRIORITY: Record<LogLevel, number> = { debug: 7, info: 6, warn: 4, error: 3 }
+
+/**
+ * Whether file descriptor `fd` is a stream journald reads: systemd sets JOURNAL_STREAM to its `device:inode` for a
+ * service whose output goes to the journal. There a line may start with its priority (`<3>`), which journald strips
+ * and files, so `journalctl -p warning` finds warnings and errors; anywhere else lines stay plain JSON.
+ */
+export function journaldStream(fd: number, env: NodeJS.ProcessEnv = process.env): boolean {
+  const stream = env.JOURNAL_STREAM
+  if (stream === undefined || stream === '') return false
+  try {
+    const s = fstatSync(fd)
+    return `${s.dev}:${s.ino}` === stream
+  } catch {
+    return false
+  }
+}
+
+/** The `<N>` prefix of a level's lines where `syslog` is on, else ''. */
+export function priorityPrefix(level: LogLevel, syslog: boolean): string {
+  return syslog ? `<${PRIORITY[level]}>` : ''
+}
+
 /** URL user information (`redis://:secret@host`, `http://user:pass@host`), wherever it appears in a string. */
 const USERINFO = /(\/\/)[^/@\s"]*@/g
 /** Fields that can carry a URL or a message quoting one (a config error echoes the bad value): userinfo removed. */
@@ -56,7 +82,7 @@ function members(fields: Record<string, unknown>): string {
  * A Logger at level index `min` whose lines carry `bound`, serialised once as `bindings`. A field named like a
  * binding replaces it (one member per name, as the object spread did), at the cost of serialising both on that line.
  */
-function logger(min: number, sink: Sink, bound: Record<string, unknown>, bindings: string): Logger {
+function logger(min: number, sink: Sink, bound: Record<string, unknown>, bindings: string, syslog: boolean): Logger {
   const rest = (fields: Record<string, unknown> | undefined): string => {
     if (fields === undefined) return bindings
     for (const k in fields) if (k in bound) return members({ ...bound, ...fields })
@@ -64,9 +90,10 @@ function logger(min: number, sink: Sink, bound: Record<string, unknown>, binding
   }
   const level = (name: LogLevel): Logger[LogLevel] => {
     if (LOG_LEVELS.indexOf(name) < min) return noop
+    const start = `${priorityPrefix(name, syslog)}{"time":"`
     const head = `","level":"${name}","msg":`
     return (msg, fields) =>
-      sink.write(`{"time":"${new Date().toISOString()}${head}${JSON.stringify(msg)}${rest(fields)}}\n`)
+      sink.write(`${start}${new Date().toISOString()}${head}${JSON.stringify(msg)}${rest(fields)}}\n`)
   }
   return {
     debug: level('debug'),
@@ -75,7 +102,7 @@ function logger(min: number, sink: Sink, bound: Record<string, unknown>, binding
     error: level('error'),
     child: (more) => {
       const all = { ...bound, ...more }
-      return logger(min, sink, all, members(all))
+      return logger(min, sink, all, members(all), syslog)
     },
   }
 }
@@ -83,10 +110,10 @@ function logger(min: number, sink: Sink, bound: Record<string, unknown>, binding
 /**
  * Creates a Logger writing one JSON object per line to `sink`, dropping lines below `level`: `time`, `level`, `msg`,
  * the `base` bindings, then the fields (a field named like a binding replaces it). Credentials in the fields are
- * redacted (see URL_FIELDS, SECRET_FIELDS).
+ * redacted (see URL_FIELDS, SECRET_FIELDS). With `syslog` (see journaldStream), each line starts with its priority.
  */
-export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>): Logger {
-  return logger(LOG_LEVELS.indexOf(level), sink, base, members(base))
+export function createLogger(level: LogLevel, sink: Sink, base: Record<string, unknown>, syslog = false): Logger {
+  return logger(LOG_LEVELS.indexOf(level), sink, base, members(base), syslog)
 }
 
 /** Characters that need escaping inside a JSON string. */

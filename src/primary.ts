@@ -8,7 +8,7 @@ import type { Purge } from './cache/types.js'
 import { PurgeHub } from './cache/purge-hub.js'
 import { broadcast, toWorker } from './cluster/ipc.js'
 import { Supervisor, type WorkerState } from './cluster/supervisor.js'
-import { createLogger, type Logger } from './log.js'
+import { createLogger, journaldStream, type Logger } from './log.js'
 import { unusableAddress } from './net/listen.js'
 import { ConfigError } from './errors.js'
 import { MemoryPool } from './limiter/pool.js'
@@ -59,7 +59,7 @@ export class Primary {
   constructor(options: PrimaryOptions) {
     this.#options = options
     this.#config = options.config
-    const log = (this.#log = createLogger(this.#config.logLevel, process.stderr, { role: 'primary', pid: process.pid }))
+    const log = (this.#log = createLogger(this.#config.logLevel, process.stderr, { role: 'primary', pid: process.pid }, journaldStream(2)))
     const connection = redisConnection(this.#config)
     this.#redis = createRedis(connection, 'primary', log)
     this.#subscriber = createSubscriber(connection, 'primary-sub', log, this.#redis)

@@ -9,7 +9,7 @@ import { SWEEP_MS } from './limiter/leases.js'
 import { PrimaryPool } from './limiter/primary-pool.js'
 import { RedisPool } from './limiter/redis-pool.js'
 import { RuleSet } from './limiter/rules.js'
-import { AccessLog, createLogger, type Logger } from './log.js'
+import { AccessLog, createLogger, journaldStream, type Logger } from './log.js'
 import { dispatch, type Handlers, type ToWorker, type LeaseAcquireMessage, type LeaseReleaseMessage } from './messages.js'
 import { WorkerMetrics } from './metrics.js'
 import { IpSet } from './net/ip.js'
@@ -186,7 +186,7 @@ function buildBase(config: Config): Base {
   const load = { inFlight: 0 }
   return {
     id,
-    log: createLogger(config.logLevel, process.stderr, { worker: id }),
+    log: createLogger(config.logLevel, process.stderr, { worker: id }, journaldStream(2)),
     accessLog: config.accessLog ? new AccessLog(process.stdout, id) : null,
     registry,
     metrics: new WorkerMetrics(registry, () => load.inFlight),

@@ -357,6 +357,11 @@ function register(): void {
     const failed = show('ActiveState,ExecMainStatus,NRestarts')
     t.same(failed, { ActiveState: 'failed', ExecMainStatus: '2', NRestarts: '0' }, 'exit 2, not restarted')
     t.match(journal(), /MELIPROXY_WORKERS: "abc" is not a worker count/, 'the journal names the field')
+    // Lines carry their priority to journald: errors are found by priority, info lines are not, and no <N> shows.
+    const errors = sh('journalctl -u meliproxy -p err -o cat --no-pager').stdout
+    t.match(errors, /^meliproxy: MELIPROXY_WORKERS: "abc" is not a worker count/m, 'journalctl -p err finds the configuration error')
+    t.notMatch(errors, /"msg":"meliproxy started"/, 'and not the info lines')
+    t.match(sh('journalctl -u meliproxy -p info -o cat --no-pager').stdout, /^\{"time":"[^"]+","level":"info","msg":"meliproxy started"/m, 'an info line is plain JSON in the journal')
 
     // Fixed, started, stopped: the drain ends it cleanly.
     sh("sed -i '/MELIPROXY_WORKERS=abc/d' /etc/meliproxy/meliproxy.env && systemctl reset-failed meliproxy && systemctl start meliproxy")

@@ -1,5 +1,8 @@
+import { closeSync, fstatSync, mkdtempSync, openSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import t from 'tap'
-import { AccessLog, createLogger } from '../../src/log.js'
+import { AccessLog, createLogger, journaldStream } from '../../src/log.js'
 
 /** A sink that keeps what is written (the access log writes to process.stdout in production). */
 function collector(): { lines: () => Record<string, unknown>[]; text: () => string; write: (s: string) => void } {
@@ -86,4 +89,28 @@ t.test('credentials in logged fields are redacted', async (t) => {
   t.equal(a!.authorization, '[redacted]')
   t.equal(b!.upstream, 'http://[redacted]@api.internal:8080')
   t.equal(b!.workers, 2)
+})
+
+t.test('under journald each event line starts with its syslog priority; elsewhere lines are plain JSON', async (t) => {
+  const lines: string[] = []
+  const sink = { write: (s: string) => lines.push(s) }
+  const log = createLogger('debug', sink, { role: 'primary' }, true)
+  log.debug('d')
+  log.info('i')
+  log.warn('w')
+  log.child({ worker: 1 }).error('e', { code: 'x' })
+  t.same(lines.map((l) => l.slice(0, 3)), ['<7>', '<6>', '<4>', '<3>'], 'debug 7, info 6, warn 4, error 3 (RFC 5424)')
+  t.same(JSON.parse(lines[3]!.slice(3)), { time: JSON.parse(lines[3]!.slice(3)).time, level: 'error', msg: 'e', role: 'primary', worker: 1, code: 'x' }, 'the rest is the JSON line')
+  const plain: string[] = []
+  createLogger('info', { write: (s: string) => plain.push(s) }, {}).error('e')
+  t.equal(plain[0]![0], '{', 'without it, no prefix')
+
+  // journald is recognised by JOURNAL_STREAM naming this very stream (device:inode), as systemd sets it.
+  const dir = mkdtempSync(join(tmpdir(), 'meliproxy-log-'))
+  const fd = openSync(join(dir, 'stream'), 'w')
+  t.teardown(() => closeSync(fd))
+  const s = fstatSync(fd)
+  t.ok(journaldStream(fd, { JOURNAL_STREAM: `${s.dev}:${s.ino}` }), 'its own device:inode')
+  t.notOk(journaldStream(fd, { JOURNAL_STREAM: `${s.dev}:${s.ino + 1}` }), 'another stream (output redirected elsewhere)')
+  t.notOk(journaldStream(fd, {}), 'not set')
 })
