@@ -9,7 +9,7 @@ import { PurgeHub } from './cache/purge-hub.js'
 import { broadcast, toWorker } from './cluster/ipc.js'
 import { Supervisor, type WorkerState } from './cluster/supervisor.js'
 import { createLogger, journaldStream, type Logger } from './log.js'
-import { unusableAddress } from './net/listen.js'
+import { listenError, unusableAddress, unusableBecause } from './net/listen.js'
 import { ConfigError } from './errors.js'
 import { MemoryPool } from './limiter/pool.js'
 import { STALE_REQUEST_MS } from './limiter/primary-pool.js'
@@ -149,14 +149,14 @@ export class Primary {
     cluster.on('message', (worker, msg: unknown) => dispatch(fromWorkers, msg, worker))
   }
 
-  /** Listens on the admin port and forks the workers; resolves once the admin listener is up. */
   /**
    * Listens on the admin port and starts the workers; throws a ConfigError naming the flag when an address can never
-   * be listened on (src/net/listen.ts).
+   * be listened on (src/net/listen.ts), the admin listener's own address included when it takes the proxy's.
    */
   async start(): Promise<void> {
     const config = this.#config
-    const proxyUnusable = await unusableAddress(config.port, config.host)
+    const proxyError = await listenError(config.port, config.host)
+    const proxyUnusable = unusableBecause(proxyError, config.port, config.host)
     if (proxyUnusable !== null) throw new ConfigError('--port', proxyUnusable)
     const admin = createAdminServer(
       adminSources({
@@ -184,6 +184,12 @@ export class Primary {
         resolve()
       })
     })
+    // The same port on an overlapping address (0.0.0.0 and 127.0.0.1, localhost and 127.0.0.1): free a moment ago, in
+    // use now that the admin listener holds it, and every worker would fail to listen on it for as long as this runs.
+    if (proxyError === null && config.port !== 0 && config.port === config.adminPort && (await listenError(config.port, config.host)) === 'EADDRINUSE') {
+      admin.close()
+      throw new ConfigError('--admin-port', `${config.adminHost}:${config.adminPort} takes the proxy's address ${config.host}:${config.port}: give the admin listener a port of its own`)
+    }
     const address = admin.address()
     this.#log.info('meliproxy started', {
       version: this.#options.version,
@@ -227,6 +233,13 @@ export class Primary {
         next = this.#options.reloadConfig()
       } catch (err) {
         this.#log.error('reload rejected: the new config is invalid; the old one keeps serving', { error: (err as Error).message })
+        return
+      }
+      // A proxy address that can never be listened on would leave every new worker failing, and the config the
+      // workers that die later are replaced with: refused like an invalid config (a port in use is not refused).
+      const unusable = await unusableAddress(next.port, next.host)
+      if (unusable !== null) {
+        this.#log.error('reload rejected: the new config is invalid; the old one keeps serving', { error: `--port: ${unusable}` })
         return
       }
       next = this.#rules.reload(next)

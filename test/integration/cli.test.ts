@@ -1,8 +1,9 @@
+import { spawn } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { runBinary } from '../helpers/meliproxy.js'
+import { binCommand, childPids, cleanEnv, runBinary, waitFor } from '../helpers/meliproxy.js'
 import { freePort } from '../helpers/ports.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'meliproxy-cli-'))
@@ -105,4 +106,41 @@ t.test('an address that can never be listened on: exit 2 before any worker start
   }
   // A port below 1024 without the capability (EACCES) is the same case: the package test checks it under systemd, as
   // the unprivileged user. A port in use is not: its holder may leave, and the workers retry (crash.test.ts).
+})
+
+t.test('the admin listener on the proxy\'s own port: exit 2 naming --admin-port, not workers failing to listen forever', async (t) => {
+  const port = await freePort()
+  for (const host of ['0.0.0.0', 'localhost', '127.0.0.1']) {
+    const r = await runBinary(['--workers', '1', '--host', host, '--port', String(port), '--admin-port', String(port)])
+    t.equal(r.code, 2, `--host ${host}: exit 2`)
+    t.match(r.stderr.trim(), new RegExp(`^meliproxy: --admin-port: 127\\.0\\.0\\.1:${port} takes the proxy's address ${host}:${port}: give the admin listener a port of its own$`), r.stderr.trim())
+  }
+})
+
+t.test('a reload (SIGHUP) to an address that can never be listened on is rejected: the old workers serve, and one that dies is replaced on the old address', async (t) => {
+  const [port, adminPort] = [await freePort(), await freePort()]
+  const config = file('reload-address.yaml', `host: 127.0.0.1\nport: ${port}\nadminPort: ${adminPort}\nworkers: 2\nupstream: http://127.0.0.1:9\n`)
+  const [cmd, argv] = binCommand(['--config', config])
+  const proc = spawn(cmd, argv, { env: cleanEnv(), stdio: ['ignore', 'ignore', 'pipe'] })
+  let stderr = ''
+  proc.stderr!.on('data', (c: Buffer) => (stderr += c.toString()))
+  t.teardown(() => void proc.kill('SIGKILL'))
+  const listening = async (): Promise<number> => {
+    try {
+      const r = await fetch(`http://127.0.0.1:${adminPort}/readyz`)
+      return ((await r.json()) as { workers: { listening: number } }).workers.listening
+    } catch {
+      return -1
+    }
+  }
+  t.ok(await waitFor(async () => (await listening()) === 2, 15_000), 'two workers listening')
+  writeFileSync(config, `host: 192.0.2.1\nport: ${port}\nadminPort: ${adminPort}\nworkers: 2\nupstream: http://127.0.0.1:9\n`)
+  proc.kill('SIGHUP')
+  t.ok(await waitFor(() => /reload rejected/.test(stderr), 5_000), 'the reload is rejected')
+  t.match(stderr, /"--port: cannot listen on 192\.0\.2\.1:\d+: this machine has no such address \(EADDRNOTAVAIL\)"/)
+  process.kill(childPids(proc.pid!)[0]!, 'SIGKILL')
+  t.ok(await waitFor(async () => /worker died/.test(stderr) && (await listening()) === 2, 5_000), 'the dead worker is replaced, listening')
+  await new Promise((r) => setTimeout(r, 1_000))
+  t.notMatch(stderr, /bind EADDRNOTAVAIL/, 'no worker tried the new address')
+  t.equal(proc.exitCode, null, 'still running')
 })
