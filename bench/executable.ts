@@ -1,10 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
 import { createServer as createHttpServer, get } from 'node:http'
-import { createServer } from 'node:net'
 import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
 import { flag } from './args.js'
+import { freePort } from './ports.js'
 
 /**
  * `npm run bench:executable` (after `npm run package`): the single executable against bin/meliproxy, in one run on
@@ -23,16 +23,6 @@ const EXE = here(`../../build/package/meliproxy-${VERSION}-linux-x64`)
 const BIN = here('../../bin/meliproxy')
 type Autocannon = (o: { url: string; connections: number; duration: number }) => Promise<{ requests: { average: number }; non2xx: number }>
 const autocannon = createRequire(import.meta.url)('autocannon') as Autocannon
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer()
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address()
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0))
-    })
-  })
-}
 
 const status = (url: string): Promise<number> =>
   new Promise((resolve) => {

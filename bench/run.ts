@@ -1,6 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -9,6 +8,7 @@ import { clusterMasters, redisCli, startLocalCluster } from '../tools/redis-clus
 import { buckets } from './buckets.js'
 import { soak } from './soak.js'
 import { args, flag } from './args.js'
+import { freePort } from './ports.js'
 
 /**
  * `npm run bench`: self-contained on loopback. Starts a mock upstream, two baselines and meliproxy, loads each for
@@ -41,16 +41,6 @@ const SERVERS = here('./servers.js')
 const BIN = here('../../bin/meliproxy')
 const AUTOCANNON = here('../../node_modules/autocannon/autocannon.js')
 const started: ChildProcess[] = []
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = createServer()
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address()
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0))
-    })
-  })
-}
 
 function launch(cmd: string, argv: string[]): ChildProcess {
   const p = spawn(cmd, argv, { stdio: ['ignore', 'ignore', 'inherit'] })
