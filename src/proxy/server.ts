@@ -13,10 +13,10 @@ import { answerRaw, parserRefusal, refuseConnect } from './reply.js'
  */
 
 /**
- * A keep-alive socket idle this long is closed while draining (no answer under way, no request begun: see
- * #drainStep), and may be closed to make room for a new connection at --max-connections (quiet: every request on it
- * answered or none sent, and not a byte received since: see #closeOneIdle). Closing one the instant it goes idle would
- * race with a client sending its next request on it.
+ * A keep-alive socket quiet this long (every request on it answered or none sent, and not a byte received since) is
+ * closed while draining (counted from the drain's start at the earliest: see #drainStep), and may be closed to make
+ * room for a new connection at --max-connections (see #closeOneIdle). Closing one the instant it goes quiet would race
+ * with a client sending its next request on it.
  */
 const IDLE_MS = 1_000
 
@@ -81,14 +81,16 @@ export class ProxyServer {
   /** The drain's step and deadline, cleared once drained (the process may go on: a test, an in-process worker). */
   readonly #drainTimers: NodeJS.Timeout[] = []
   readonly #connections = new Connections((socket) => this.#quietFrom(socket))
-  /** Open client sockets (while draining: and when each last began a request, for closing idle ones). */
-  readonly #sockets = new Map<Socket, number>()
+  /** Open client sockets. */
+  readonly #sockets = new Set<Socket>()
   /**
    * Open sockets with nothing under way, oldest quiet first (a socket is moved to the end when it goes quiet again):
    * the candidates for making room at --max-connections, so a new connection at the cap looks at no busy one.
    */
   readonly #quiet = new Map<Socket, Quiet>()
   #draining = false
+  /** When the drain began (0 before). */
+  #drainStart = 0
   #drained = false
 
   constructor(config: ProxyServerOptions, hooks: ProxyServerHooks, log: Logger) {
@@ -139,10 +141,7 @@ export class ProxyServer {
       })
     }
     this.#quiet.delete(req.socket)
-    if (this.#draining) {
-      this.#sockets.set(req.socket, Date.now())
-      res.shouldKeepAlive = false
-    }
+    if (this.#draining) res.shouldKeepAlive = false
     this.#hooks.serve(req, res)
     // Decided before Node hands over the next pipelined request: after a closing answer nothing more is processed.
     if (!res.shouldKeepAlive) this.#connections.closeAfter(req.socket)
@@ -157,9 +156,8 @@ export class ProxyServer {
       socket.destroy()
       return
     }
-    const now = Date.now()
-    this.#sockets.set(socket, now)
-    this.#quiet.set(socket, { at: now, bytesRead: 0 })
+    this.#sockets.add(socket)
+    this.#quiet.set(socket, { at: Date.now(), bytesRead: 0 })
     socket.once('close', () => {
       this.#sockets.delete(socket)
       this.#quiet.delete(socket)
@@ -185,7 +183,7 @@ export class ProxyServer {
     for (const [s, q] of this.#quiet) {
       if (now - q.at < IDLE_MS) return false // and so are all after it
       this.#quiet.delete(s)
-      if (answering(s) || s.bytesRead !== q.bytesRead || (s.bytesRead > 0 && midRequest(s))) continue
+      if (!idle(s, q)) continue
       this.#sockets.delete(s)
       s.destroy()
       this.#hooks.atCap('idle_closed')
@@ -259,8 +257,7 @@ export class ProxyServer {
     this.#log.info('draining', { reason, inFlight: this.#hooks.inFlight(), timeoutMs: this.#config.drainTimeout })
     NetServer.prototype.close.call(this.#server)
     // Every open socket gets IDLE_MS from now: one in use will carry a Connection: close response by then.
-    const now = Date.now()
-    for (const s of this.#sockets.keys()) this.#sockets.set(s, now)
+    this.#drainStart = Date.now()
     this.#drainTimers.push(setInterval(this.#drainStep, 50))
     const deadline = setTimeout(() => {
       this.#log.warn('drain timeout: closing remaining connections', { inFlight: this.#hooks.inFlight() })
@@ -272,13 +269,15 @@ export class ProxyServer {
 
   /**
    * While draining: a socket whose client keeps using it gets `Connection: close` on its next response and is
-   * closed after it. One left idle for IDLE_MS is closed here: closing a socket the instant it goes idle would
-   * race with a client sending its next request on it. Once nothing is in flight and no socket is left, done.
+   * closed after it. One quiet for IDLE_MS (since the drain began at the earliest) is closed here: closing a socket
+   * the instant it goes quiet would race with a client sending its next request on it. One on which a request is
+   * arriving is left to finish it (within --client-headers-timeout and --client-request-timeout; the drain timeout
+   * bounds the rest). Once nothing is in flight and no socket is left, done.
    */
   readonly #drainStep = (): void => {
-    const now = Date.now()
-    for (const [s, lastRequest] of this.#sockets) {
-      if (!answering(s) && now - lastRequest >= IDLE_MS) s.destroy()
+    const since = Date.now() - IDLE_MS
+    for (const [s, q] of this.#quiet) {
+      if (Math.max(q.at, this.#drainStart) <= since && idle(s, q)) s.destroy()
     }
     if (this.#hooks.inFlight() === 0 && this.#sockets.size === 0) this.#done()
   }
@@ -289,6 +288,11 @@ export class ProxyServer {
     for (const timer of this.#drainTimers) clearTimeout(timer)
     this.#hooks.drained()
   }
+}
+
+/** Whether a socket quiet since `q` still is: no response in progress, no byte received since, no request begun. */
+function idle(socket: Socket, q: Quiet): boolean {
+  return !answering(socket) && socket.bytesRead === q.bytesRead && !(socket.bytesRead > 0 && midRequest(socket))
 }
 
 /** Whether a response is in progress on the socket (node sets `_httpMessage` until it is finished). */

@@ -26,6 +26,17 @@ export function rawExchange(port: number, bytes: string, ms = 3_000, localAddres
   })
 }
 
+/** A raw connection to `port` that keeps what it receives and whether it closed; `answers`: 200 responses seen. */
+export function rawClient(port: number) {
+  const s = connect({ port, host: '127.0.0.1' })
+  let got = ''
+  let closed = false
+  s.on('error', () => {})
+  s.on('close', () => (closed = true))
+  s.on('data', (c: Buffer) => (got += c.toString('latin1')))
+  return { s, got: () => got, closed: () => closed, answers: () => got.split('HTTP/1.1 200 ').length - 1 }
+}
+
 /** The status code and body of a raw HTTP/1.1 response text (body as sent, not de-chunked). */
 export function parseRaw(text: string): { status: number; head: string; body: string } {
   const split = text.indexOf('\r\n\r\n')

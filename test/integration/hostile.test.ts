@@ -3,7 +3,7 @@ import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
 import { admin, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { sumMetric } from '../helpers/load.js'
-import { parseRaw, rawExchange } from '../helpers/raw.js'
+import { parseRaw, rawClient, rawExchange } from '../helpers/raw.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
 /**
@@ -160,17 +160,6 @@ t.test('at --max-connections an idle keep-alive connection makes room for a new 
   t.ok(await waitFor(() => busy.every((c) => c.answered()), 10_000), 'the four in flight are all answered')
   for (const c of busy) c.s.destroy()
 })
-
-/** A raw connection to `port` that keeps what it receives and whether it closed. */
-function rawClient(port: number) {
-  const s = connect({ port, host: '127.0.0.1' })
-  let got = ''
-  let closed = false
-  s.on('error', () => {})
-  s.on('close', () => (closed = true))
-  s.on('data', (c: Buffer) => (got += c.toString('latin1')))
-  return { s, got: () => got, closed: () => closed, answers: () => got.split('HTTP/1.1 200 ').length - 1 }
-}
 
 t.test('at --max-connections a connection whose request is still arriving is not idle: the new one is refused, the request is answered', async (t) => {
   const capped = await startMeliproxy(['--upstream', upstream.url, '--max-connections', '3', '--no-cache', '--client-headers-timeout', '10s'], { workers: 1 })

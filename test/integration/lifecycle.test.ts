@@ -3,6 +3,7 @@ import t from 'tap'
 import { Agent, request } from 'undici'
 import { admin, startMeliproxy, waitFor, writeConfig } from '../helpers/meliproxy.js'
 import { steadyLoad, sumMetric } from '../helpers/load.js'
+import { rawClient } from '../helpers/raw.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
 let upstream: TestUpstream
@@ -47,6 +48,41 @@ t.test('SIGTERM lets an in-flight slow request finish, then exits 0', async (t) 
   t.equal(await res.body.text(), 'slow done', 'the in-flight request got its whole answer')
   t.equal(await proxy.exited, 0, 'the primary exited 0')
   t.same(proxy.workerPids(), [], 'no worker is left behind')
+})
+
+t.test('SIGTERM: an idle keep-alive connection is closed after a second; requests still arriving are answered with Connection: close', async (t) => {
+  const proxy = await startMeliproxy(['--upstream', upstream.url, '--no-access-log', '--client-headers-timeout', '10s'], { workers: 1 })
+  t.teardown(() => proxy.stop())
+  const HOST = 'Host: x\r\n'
+  // One connection answered and left idle; one answered and now sending its next request slowly; one new connection
+  // sending its first; one that pipelined part of its second request with its first, answered since.
+  const idle = rawClient(proxy.port)
+  idle.s.write(`GET /echo/idle HTTP/1.1\r\n${HOST}\r\n`)
+  const again = rawClient(proxy.port)
+  again.s.write(`GET /echo/first HTTP/1.1\r\n${HOST}\r\n`)
+  const pipelined = rawClient(proxy.port)
+  pipelined.s.write(`GET /echo/p1 HTTP/1.1\r\n${HOST}\r\nGET /echo/p2 HTTP/1.1\r\n`)
+  t.ok(await waitFor(() => idle.answers() === 1 && again.answers() === 1 && pipelined.answers() === 1, 10_000), 'the first requests answered')
+  again.s.write('GET /echo/second HTTP/1.1\r\n')
+  const fresh = rawClient(proxy.port)
+  fresh.s.write('GET /echo/fresh HTTP/1.1\r\n')
+  await waitFor(() => upstream.seen.some((s) => s.url === '/echo/p1'), 2_000)
+  await new Promise((r) => setTimeout(r, 300)) // the worker has read the partial heads
+  const drainAt = Date.now()
+  proxy.proc.kill('SIGTERM')
+  t.ok(await waitFor(() => idle.closed(), 15_000), `the idle connection is closed (after ${Date.now() - drainAt} ms)`)
+  t.ok(Date.now() - drainAt >= 900, 'not before about a second: a request may be on its way')
+  // The three heads keep arriving past that second: none is cut.
+  await new Promise((r) => setTimeout(r, Math.max(0, drainAt + 1_500 - Date.now())))
+  t.notOk(again.closed() || fresh.closed() || pipelined.closed(), 'no connection with a request arriving is closed')
+  for (const c of [again, fresh, pipelined]) c.s.write(`${HOST}\r\n`)
+  t.ok(await waitFor(() => again.closed() && fresh.closed() && pipelined.closed(), 15_000), 'each is answered, then closed')
+  t.same([again.answers(), fresh.answers(), pipelined.answers()], [2, 1, 2], 'every request got its 200')
+  for (const c of [again, fresh, pipelined]) {
+    const last = c.got().slice(c.got().lastIndexOf('HTTP/1.1 200 ')).toLowerCase()
+    t.match(last, /\r\nconnection: close\r\n/, 'the last answer says Connection: close')
+  }
+  t.equal(await proxy.exited, 0, 'the primary exited 0')
 })
 
 t.test('SIGHUP under a steady stream of requests fails none of them and replaces every worker', async (t) => {
