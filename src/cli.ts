@@ -51,6 +51,16 @@ function fail(message: string): never {
   process.exit(EXIT_USAGE)
 }
 
+/**
+ * The launcher's last resort (bin/meliproxy): an error nothing else handled is one JSON line at error priority (under
+ * journald: `journalctl -p err` finds it), and exit 1.
+ */
+export function fatal(err: unknown): never {
+  const error = err instanceof Error ? err.message : String(err)
+  process.stderr.write(`${priorityPrefix('error', journaldStream(2))}${JSON.stringify({ level: 'error', msg: 'fatal', error })}\n`)
+  process.exit(1)
+}
+
 /** Runs the command line. */
 export async function main(argv: string[], env: NodeJS.ProcessEnv): Promise<void> {
   if (cluster.isWorker) {

@@ -1,5 +1,5 @@
-import { spawn } from 'node:child_process'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { closeSync, fstatSync, mkdtempSync, openSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
@@ -143,4 +143,20 @@ t.test('a reload (SIGHUP) to an address that can never be listened on is rejecte
   await new Promise((r) => setTimeout(r, 1_000))
   t.notMatch(stderr, /bind EADDRNOTAVAIL/, 'no worker tried the new address')
   t.equal(proc.exitCode, null, 'still running')
+})
+
+t.test('the launcher\'s last resort: an error nothing handled is one JSON line, at error priority under journald, exit 1', async (t) => {
+  const cli = new URL('../../dist/cli.js', import.meta.url).href
+  const script = file('fatal.mjs', `import { fatal } from ${JSON.stringify(cli)}\nfatal(new Error('boom'))\n`)
+  for (const journald of [true, false]) {
+    const out = join(dir, `fatal-${journald}.err`)
+    const fd = openSync(out, 'w')
+    const s = fstatSync(fd)
+    const env = cleanEnv(journald ? { JOURNAL_STREAM: `${s.dev}:${s.ino}` } : {})
+    const r = spawnSync('env', ['-u', 'NODE_OPTIONS', process.execPath, script], { env, stdio: ['ignore', 'ignore', fd] })
+    closeSync(fd)
+    t.equal(r.status, 1, 'exit code 1')
+    const line = readFileSync(out, 'utf8')
+    t.equal(line, `${journald ? '<3>' : ''}{"level":"error","msg":"fatal","error":"boom"}\n`, journald ? 'prefixed <3> for journald' : 'plain JSON elsewhere')
+  }
 })
