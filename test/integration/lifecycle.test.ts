@@ -1,4 +1,5 @@
 import { writeFileSync } from 'node:fs'
+import { connect } from 'node:net'
 import t from 'tap'
 import { Agent, request } from 'undici'
 import { admin, startMeliproxy, waitFor, writeConfig } from '../helpers/meliproxy.js'
@@ -83,6 +84,45 @@ t.test('SIGTERM: an idle keep-alive connection is closed after a second; request
     t.match(last, /\r\nconnection: close\r\n/, 'the last answer says Connection: close')
   }
   t.equal(await proxy.exited, 0, 'the primary exited 0')
+})
+
+t.test('SIGTERM: no client holds the drain past --drain-timeout (connections the drain step leaves to it)', async (t) => {
+  upstream.route('/big', (_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(16 * 1024 * 1024) })
+    res.end(Buffer.alloc(16 * 1024 * 1024, 97))
+  })
+  const proxy = await startMeliproxy(['--upstream', upstream.url, '--no-access-log', '--no-cache', '--drain-timeout', '3s'], { workers: 1 })
+  t.teardown(() => proxy.stop())
+  const HOST = 'Host: x\r\n'
+  // Answered, then a lone CRLF (no request begun, but a byte received since: never idle by the drain's rule).
+  const crlf = rawClient(proxy.port)
+  crlf.s.write(`GET /echo/crlf HTTP/1.1\r\n${HOST}\r\n`)
+  // Answered, then a request head begun and abandoned (within --client-headers-timeout, 10 s by default).
+  const partial = rawClient(proxy.port)
+  partial.s.write(`GET /echo/partial HTTP/1.1\r\n${HOST}\r\n`)
+  // CONNECT refused with 405, the client keeping its side open.
+  const tunnel = connect({ port: proxy.port, host: '127.0.0.1', allowHalfOpen: true })
+  let tunnelGot = ''
+  tunnel.on('error', () => {})
+  tunnel.on('data', (c: Buffer) => (tunnelGot += c.toString('latin1')))
+  tunnel.write('CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n')
+  // A large answer its client never reads.
+  const stalled = connect({ port: proxy.port, host: '127.0.0.1' })
+  stalled.on('error', () => {})
+  stalled.pause()
+  stalled.write(`GET /big HTTP/1.1\r\n${HOST}\r\n`)
+  t.ok(await waitFor(() => crlf.answers() === 1 && partial.answers() === 1 && tunnelGot.includes(' 405 ') && upstream.hits('/big') === 1, 10_000), 'set up')
+  crlf.s.write('\r\n')
+  partial.s.write('GET /echo/abandoned HTTP/1.1\r\n')
+  await new Promise((r) => setTimeout(r, 300))
+  const drainAt = Date.now()
+  proxy.proc.kill('SIGTERM')
+  const code = await Promise.race([proxy.exited, new Promise((r) => setTimeout(() => r('still running'), 20_000))])
+  const took = Date.now() - drainAt
+  t.equal(code, 0, `the primary exited 0 (${took} ms after SIGTERM, --drain-timeout 3s)`)
+  t.ok(took < 3_000 + 4_000, `by the drain timeout and the worker's last flush (${took} ms)`)
+  t.same(proxy.workerPids(), [], 'no worker is left behind')
+  for (const s of [crlf.s, partial.s, tunnel, stalled]) s.destroy()
 })
 
 t.test('SIGHUP under a steady stream of requests fails none of them and replaces every worker', async (t) => {
