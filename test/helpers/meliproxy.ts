@@ -75,7 +75,8 @@ export function runBinary(
     let stderr = ''
     p.stdout.on('data', (c: Buffer) => (stdout += c))
     p.stderr.on('data', (c: Buffer) => (stderr += c))
-    const timer = setTimeout(() => p.kill('SIGKILL'), 10_000)
+    // Generous: a busy machine starts node slowly (these runs end by themselves in well under a second otherwise).
+    const timer = setTimeout(() => p.kill('SIGKILL'), 30_000)
     p.on('close', (code) => {
       clearTimeout(timer)
       resolve({ code, stdout, stderr })
@@ -153,7 +154,10 @@ export async function startMeliproxy(
       if (gone) return
       const workersLeft = childPids(proc.pid!)
       proc.kill('SIGTERM')
-      const done = await Promise.race([exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 8_000))])
+      // Generous for a busy machine (a drain, a --shutdown-delay); the timer is cleared so that it keeps nothing alive.
+      let timer: NodeJS.Timeout | undefined
+      const done = await Promise.race([exited.then(() => true), new Promise((r) => (timer = setTimeout(() => r(false), 15_000)))])
+      clearTimeout(timer)
       if (done) return
       proc.kill('SIGKILL')
       for (const pid of workersLeft) {
@@ -175,7 +179,7 @@ export async function startMeliproxy(
     } catch {
       return false
     }
-  }, 15_000)
+  }, 30_000) // a primary, its workers and perhaps a Redis connection: slow to start on a busy machine
   if (!ready) {
     await running.stop()
     throw new Error(`meliproxy did not become ready; stderr:\n${stderr.join('\n')}`)

@@ -66,7 +66,7 @@ export async function startRedis(replicaOf?: number): Promise<RedisProcess> {
     '--repl-diskless-sync-delay', '0', '--dir', dir]
   if (replicaOf !== undefined) args.push('--replicaof', '127.0.0.1', String(replicaOf))
   const r = launch(args, port)
-  if (!(await waitFor(() => answers(port), 5_000))) {
+  if (!(await waitFor(() => answers(port), 15_000))) {
     await r.stop()
     throw new Error(`redis-server on ${port} did not start`)
   }
@@ -190,7 +190,7 @@ export async function startCluster(): Promise<ClusterTopology> {
       ),
     )
   }
-  if (!(await waitFor(async () => (await Promise.all(nodes.map((n) => answers(n.port)))).every(Boolean), 5_000))) {
+  if (!(await waitFor(async () => (await Promise.all(nodes.map((n) => answers(n.port)))).every(Boolean), 15_000))) {
     await stopAll()
     throw new Error('cluster nodes did not start')
   }

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
-import { adminCall, runBinary, startMeliproxy, type RunningProxy } from '../helpers/meliproxy.js'
+import { adminCall, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -100,7 +100,9 @@ t.test('every mutating admin call needs the token; tokens and Authorization head
   t.equal((await adminCall(chatty, 'PUT', '/api/limits', { body: { limits: [] }, token: TOKEN })).status, 200, 'the right token works')
   await send(`${chatty.url}/items/secret`, { headers: { authorization: 'Bearer client-credential-xyz', cookie: 'session=abc' } })
   await send(`${chatty.url}/items/secret?x=1`, { headers: { authorization: 'Basic dXNlcjpwYXNzd29yZA==' } })
-  await new Promise((r) => setTimeout(r, 300)) // the access log is written in batches
+  // The access log is written in batches: both lines are waited for (a busy machine writes them later).
+  const logged = () => chatty.stdout.filter((l) => l.includes('/items/secret')).length
+  t.ok(await waitFor(() => logged() >= 2, 15_000), `both requests reached the access log (${logged()} lines)`)
   const logs = chatty.stdout.concat(chatty.stderr).join('\n')
   t.match(logs, /\/items\/secret/, 'the requests were logged')
   for (const secret of [TOKEN, 'wrong-token-in-a-log-would-leak', 'client-credential-xyz', 'dXNlcjpwYXNzd29yZA==', 'session=abc']) {

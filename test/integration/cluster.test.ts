@@ -18,8 +18,8 @@ const ITEMS = { name: 'items-ip', match: { path: '/items/*' }, per: ['ip'], limi
 const LIM = { name: 'lim', match: { path: '/lim/*' }, limit: 40, window: '1h' }
 /** A rule whose bucket (`mp:rl:side`) is on another master than LIM's (`mp:rl:lim`) in a 3-master cluster. */
 const SIDE = { name: 'side', match: { path: '/side/*' }, limit: 40, window: '1h' }
-/** The rules controller's RESYNC_MS, and room for a busy machine. */
-const FLEET_DEADLINE_MS = 8_000
+/** The rules controller's RESYNC_MS, and generous room for a busy machine. */
+const FLEET_DEADLINE_MS = 5_000 + 20_000
 
 let upstream: TestUpstream
 let cluster: ClusterTopology
@@ -97,7 +97,9 @@ t.test('statistics from both instances add up exactly, spread over several shard
     t.equal(r.status, 200)
     await new Promise((r) => setTimeout(r, 100))
   }
-  t.ok(await waitFor(async () => (await totals(a)) === 30 && (await totals(b)) === 30, 5_000), 'both report the 30 requests')
+  // Statistics are flushed about once a second; a busy machine flushes later.
+  let seen: number[] = []
+  t.ok(await waitFor(async () => (seen = [await totals(a), await totals(b)]).every((n) => n === 30), 20_000), `both report the 30 requests (saw ${seen.join(' and ')})`)
   const shards = new Set<string>()
   const masters = new Set<number>()
   for (const [port, keys] of await keysPerMaster('mp:st:{s:*}:m:*:c')) {
@@ -131,7 +133,7 @@ t.test("one instance's upstream fetch serves the other from L2; a glob purge emp
   t.equal(purged.body.removedFromL2, 30, 'the purge removed the 30 entries from every master')
   t.same([...(await keysPerMaster('mp:c:*')).values()].flat(), [], 'none left')
   t.ok(
-    await waitFor(async () => (await send(`${b.url}/cat/7`)).headers['x-cache'] === 'MISS', 3_000),
+    await waitFor(async () => (await send(`${b.url}/cat/7`)).headers['x-cache'] === 'MISS', 15_000),
     "B's L1 dropped it too (the purge reached B through pub/sub)",
   )
 })
@@ -222,14 +224,14 @@ t.test('a master SIGKILLed under mixed cached and limited load: no request fails
   const seen = await waitFor(async () => {
     const masters = (await admin(a, '/api/status')).body.redis.masters as { address: string; state: string }[]
     return !masters.some((m) => m.address === `127.0.0.1:${victim.port}`) && masters.filter((m) => m.state === 'ready').length === 3
-  }, 10_000)
+  }, 30_000)
   t.ok(seen, 'A sees the new master')
   watching = false
   await watched
   t.notOk(clusterStates.has(null), `the status named the cluster's state all along: ${[...clusterStates].join(', ')}`)
   const seenMs = Date.now() - killedAt
   t.ok(
-    await waitFor(async () => (await adminCall(b, 'DELETE', `/api/cache?path=${encodeURIComponent('/cat/p*')}`, { token: TOKEN })).status === 200, 10_000),
+    await waitFor(async () => (await adminCall(b, 'DELETE', `/api/cache?path=${encodeURIComponent('/cat/p*')}`, { token: TOKEN })).status === 200, 30_000),
     'the purge retried once B knows the new master succeeds',
   )
   t.equal(await toPurge(), 0, 'it removed the entries on every master, the promoted one included')

@@ -72,7 +72,7 @@ t.test('slow bodies up to --request-buffering never reach the upstream: no reque
   const p = await startMeliproxy(['--upstream', own.url, '--client-headers-timeout', '1s', '--client-request-timeout', '3s'])
   t.teardown(() => p.stop())
   const N = 30
-  const clients = Array.from({ length: N }, (_, i) => dripClient(p.port, `POST /echo/drip-${i} HTTP/1.1\r\n${H}Content-Length: 40\r\n\r\n`, 15_000))
+  const clients = Array.from({ length: N }, (_, i) => dripClient(p.port, `POST /echo/drip-${i} HTTP/1.1\r\n${H}Content-Length: 40\r\n\r\n`, 30_000))
   // Meanwhile a GET is answered, and the upstream has no connection but the probe's (one per worker at most).
   await new Promise((r) => setTimeout(r, 1_500))
   const probeStarted = performance.now()
@@ -89,7 +89,9 @@ t.test('slow bodies up to --request-buffering never reach the upstream: no reque
   t.ok(own.openConnections() <= 2, 'nor held a connection for them')
   const m = await metrics(p)
   t.equal(sumMetric(m, 'meliproxy_slow_request_bodies_total', /mode="buffered"/), N, 'counted as slow buffered bodies')
-  t.ok(await waitFor(() => accessLines(p).filter((l) => l.path.startsWith('/echo/drip') && l.status === 408).length === N, 3_000), 'each logged with the 408 it got')
+  // The access log is written in batches (later on a busy machine): generous deadlines for its lines in this file.
+  const logged408 = () => accessLines(p).filter((l) => l.path.startsWith('/echo/drip') && l.status === 408).length
+  t.ok(await waitFor(() => logged408() === N, 15_000), `each logged with the 408 it got (${logged408()} of ${N})`)
 })
 
 t.test('a 5 MB upload streams through; a small one, chunked, is buffered and sent with its length', async (t) => {
@@ -125,11 +127,11 @@ t.test('a streamed body slower than --request-body-min-rate: 408, and the upstre
   const p = await startMeliproxy(['--upstream', own.url, '--request-buffering', '1kb', '--request-body-min-rate', '1kb', '--client-request-timeout', '60s'], { workers: 1 })
   t.teardown(() => p.stop())
   const c = dripClient(p.port, `POST /echo/trickle HTTP/1.1\r\n${H}Content-Length: 100000\r\n\r\n${'a'.repeat(4_000)}`, 20_000)
-  t.ok(await waitFor(() => own.openConnections() === 1, 3_000), 'the body streams upstream')
+  t.ok(await waitFor(() => own.openConnections() === 1, 15_000), 'the body streams upstream')
   const got = parseRaw(await c.done)
   t.equal(got.status, 408)
   t.equal(JSON.parse(got.body).error, 'request_timeout')
-  t.ok(await waitFor(() => own.openConnections() === 0, 5_000), 'the upstream request was aborted (its connection closed)')
+  t.ok(await waitFor(() => own.openConnections() === 0, 15_000), 'the upstream request was aborted (its connection closed)')
   t.equal(own.hits('/echo/trickle'), 0, 'no complete request reached the upstream')
   const m = await metrics(p)
   t.equal(sumMetric(m, 'meliproxy_slow_request_bodies_total', /mode="streamed"/), 1)
@@ -158,7 +160,8 @@ const framing: [string, string, number, string | null][] = [
 for (const [name, bytes, status, code] of framing) {
   t.test(`${name}: ${status}, never forwarded`, async (t) => {
     const before = upstream.seen.length
-    const r = parseRaw(await rawExchange(proxy.port, bytes))
+    // Answered and closed at once: the deadline only matters on a busy machine.
+    const r = parseRaw(await rawExchange(proxy.port, bytes, 15_000))
     t.equal(r.status, status)
     if (code !== null) t.equal(JSON.parse(r.body).error, code)
     t.match(r.head.toLowerCase(), /connection: close/, 'the connection is closed after it')
@@ -169,15 +172,15 @@ for (const [name, bytes, status, code] of framing) {
 
 t.test('a bare HTTP/0.9 line (`GET /` and nothing more) is never forwarded: 408 when the headers time out', async (t) => {
   const before = upstream.seen.length
-  const r = parseRaw(await rawExchange(proxy.port, 'GET /echo/v09-bare\r\n', 5_000))
+  const r = parseRaw(await rawExchange(proxy.port, 'GET /echo/v09-bare\r\n', 15_000))
   t.equal(r.status, 408)
   t.equal(upstream.seen.length, before, 'the upstream saw nothing')
 })
 
 t.test('a GET with a bad chunk is refused before a cached answer is written', async (t) => {
   t.equal((await send(`${proxy.url}/cacheable`)).status, 200)
-  t.ok(await waitFor(async () => (await send(`${proxy.url}/cacheable`)).headers['x-cache'] === 'HIT', 3_000), 'cached')
-  const text = await rawExchange(proxy.port, `GET /cacheable HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n`)
+  t.ok(await waitFor(async () => (await send(`${proxy.url}/cacheable`)).headers['x-cache'] === 'HIT', 15_000), 'cached')
+  const text = await rawExchange(proxy.port, `GET /cacheable HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n`, 15_000)
   t.match(text, /^HTTP\/1\.1 400 /, 'the first (and only) answer is the 400')
   t.equal(text.match(/HTTP\/1\.1 /g)?.length, 1, 'no cached 200 before it')
 })
@@ -187,13 +190,13 @@ t.test('a bad chunk in a request pipelined behind a slow one: the slow answer fi
   const text = await rawExchange(
     proxy.port,
     `GET /slow?ms=400 HTTP/1.1\r\n${H}\r\nPOST /echo/queued-bad HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n`,
-    3_000,
+    15_000,
     from,
   )
   t.same([...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1])), [200, 400], 'in order')
   t.match(text, /slow done/, 'the slow answer whole')
   t.equal(upstream.hits('/echo/queued-bad'), 0)
-  t.ok(await waitFor(() => accessLines().some((l) => l.path === '/echo/queued-bad' && l.status === 400), 2_000), 'logged with the 400 it got')
+  t.ok(await waitFor(() => accessLines().some((l) => l.path === '/echo/queued-bad' && l.status === 400), 15_000), 'logged with the 400 it got')
 })
 
 t.test('header names with "_" are dropped by default: not forwarded, not the body framing', async (t) => {
@@ -208,10 +211,10 @@ t.test('header names with "_" are dropped by default: not forwarded, not the bod
 
 t.test('the access log: one line per answer with the status the client got; nothing sent is status 0 with a reason', async (t) => {
   const from = '127.0.0.91'
-  const text = await rawExchange(proxy.port, `GET /echo/log1 HTTP/1.1\r\n${H}\r\nGET /echo/log2 HTTP/1.1\r\n\r\n\x01junk\r\n\r\n`, 3_000, from)
+  const text = await rawExchange(proxy.port, `GET /echo/log1 HTTP/1.1\r\n${H}\r\nGET /echo/log2 HTTP/1.1\r\n\r\n\x01junk\r\n\r\n`, 15_000, from)
   const got = [...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1]))
   t.same(got, [200, 400], 'the client got 200 then 400 (and the close)')
-  t.ok(await waitFor(() => accessLines().filter((l) => l.ip === from).length >= 3, 3_000))
+  t.ok(await waitFor(() => accessLines().filter((l) => l.ip === from).length >= 3, 15_000), `three lines logged (${accessLines().filter((l) => l.ip === from).length})`)
   await new Promise((r) => setTimeout(r, 200))
   const lines = accessLines().filter((l) => l.ip === from)
   t.same(lines.filter((l) => l.status !== 0).map((l) => [l.path, l.status]), [['/echo/log1', 200], ['/echo/log2', 400]], 'the statuses the client got')
@@ -232,7 +235,7 @@ t.test('a client that closes in the middle of its request: status 0, client_clos
   streamed.write(`POST /echo/gone HTTP/1.1\r\n${H}Content-Length: 200000\r\n\r\n${'b'.repeat(30_000)}`)
   setTimeout(() => streamed.destroy(), 500)
   t.ok(
-    await waitFor(() => ['/echo/half', '/echo/gone'].every((p) => accessLines().some((l) => l.path === p)), 5_000),
+    await waitFor(() => ['/echo/half', '/echo/gone'].every((p) => accessLines().some((l) => l.path === p)), 15_000),
     'both logged',
   )
   for (const path of ['/echo/half', '/echo/gone']) {
@@ -253,15 +256,16 @@ t.test('a body refused once read (over --max-body-size): one answer, one line; a
   // The whole chunked body (over the limit) and the next request arrive in one write: the parser reads the next
   // request before the 413 is decided.
   const big = `96\r\n${'a'.repeat(150)}\r\n0\r\n\r\n`
-  const text = await rawExchange(p.port, `POST /echo/over HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n${big}GET /echo/after-413 HTTP/1.1\r\n${H}\r\n`)
+  const text = await rawExchange(p.port, `POST /echo/over HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n${big}GET /echo/after-413 HTTP/1.1\r\n${H}\r\n`, 15_000)
   t.same([...text.matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1])), [413], 'the 413, then the close')
-  t.ok(await waitFor(() => accessLines(p).some((l) => l.path === '/echo/after-413'), 3_000))
+  t.ok(await waitFor(() => accessLines(p).some((l) => l.path === '/echo/after-413'), 15_000), 'the pipelined request is logged')
   t.equal(accessLines(p).find((l) => l.path === '/echo/after-413')!.reason, 'after_close', 'the pipelined request was dropped, not served')
   t.equal(own.hits('/echo/after-413'), 0)
   // A coding refused before its body was read: the body's bytes the parser then refuses are no request of their own.
-  const r = parseRaw(await rawExchange(p.port, `POST /echo/gz HTTP/1.1\r\n${H}Transfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n`))
+  const r = parseRaw(await rawExchange(p.port, `POST /echo/gz HTTP/1.1\r\n${H}Transfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n`, 15_000))
   t.equal(r.status, 501)
-  await new Promise((res) => setTimeout(res, 300))
+  t.ok(await waitFor(() => accessLines(p).some((l) => l.path === '/echo/gz'), 15_000), 'the refused coding is logged')
+  await new Promise((res) => setTimeout(res, 300)) // a moment for any line that should not be there
   t.same(
     accessLines(p).map((l) => [l.path, l.status, l.reason]),
     [['/echo/over', 413, 'body_too_large'], ['/echo/after-413', 0, 'after_close'], ['/echo/gz', 501, 'unknown_transfer_coding']],
@@ -274,7 +278,15 @@ t.test('a body refused once read (over --max-body-size): one answer, one line; a
 
 t.test('an idle keep-alive connection stays open for --client-keepalive-timeout (75 s by default), then closes', async (t) => {
   // The default, announced on every kept-alive answer: longer than the usual load balancer's idle timeout (60 s).
-  const announced = parseRaw(await rawExchange(proxy.port, `GET /cacheable HTTP/1.1\r\n${H}\r\n`, 500))
+  // Kept alive, so read until the answer is in (a fixed time could end before it on a busy machine).
+  const first = connect({ port: proxy.port, host: '127.0.0.1' })
+  first.on('error', () => {})
+  let firstGot = ''
+  first.on('data', (c: Buffer) => (firstGot += c.toString('latin1')))
+  first.write(`GET /cacheable HTTP/1.1\r\n${H}\r\n`)
+  await waitFor(() => firstGot.includes('cached body'), 15_000)
+  first.destroy()
+  const announced = parseRaw(firstGot)
   t.match(announced.head, /\r\nKeep-Alive: timeout=75\r\n/i, 'the default is announced')
 
   const p = await startMeliproxy(['--upstream', upstream.url, '--client-keepalive-timeout', '3s', '--client-headers-timeout', '1s'], { workers: 1 })
@@ -282,16 +294,20 @@ t.test('an idle keep-alive connection stays open for --client-keepalive-timeout 
   const socket = connect({ port: p.port, host: '127.0.0.1' })
   socket.on('error', () => {})
   let got = ''
-  socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+  let lastData = 0
+  socket.on('data', (c: Buffer) => {
+    got += c.toString('latin1')
+    lastData = Date.now()
+  })
   const closed = new Promise<number>((resolve) => socket.on('close', () => resolve(Date.now())))
   socket.write(`GET /cacheable HTTP/1.1\r\n${H}\r\n`)
-  t.ok(await waitFor(() => got.includes('cached body'), 5_000), 'answered')
-  const idleFrom = Date.now()
+  t.ok(await waitFor(() => got.includes('cached body'), 15_000), 'answered')
+  const idleFrom = lastData
   t.match(got, /\r\nKeep-Alive: timeout=3\r\n/i, 'the configured timeout is announced')
   // Past the 1 s headers timeout: an idle connection is not a slow request.
-  await new Promise((r) => setTimeout(r, 2_000))
-  t.ok(!socket.destroyed && socket.readyState === 'open', 'still open after 2 s idle')
+  // When it closed, not whether it is open at a moment: a test delayed past the 3 s timeout would see it closed.
   const closedAt = await Promise.race([closed, new Promise<null>((r) => setTimeout(() => r(null), 15_000))])
+  t.ok(closedAt === null || closedAt - idleFrom >= 2_000, `still open after 2 s idle (closed ${closedAt === null ? 'not at all' : `after ${closedAt - idleFrom} ms`})`)
   t.ok(closedAt !== null, 'closed by the proxy once idle past the timeout')
   t.comment(`idle connection closed after ${closedAt === null ? 'more than 15,000' : closedAt - idleFrom} ms (timeout 3 s)`)
   socket.destroy()

@@ -44,7 +44,8 @@ t.before(async () => {
     cache: false,
     stats: false,
     instances: 2,
-    limiterTimeout: '200ms',
+    // Generous: on a busy machine a 200 ms call to a live Redis can expire, and the local fallback then decides.
+    limiterTimeout: '1s',
     redisUrl: `redis://127.0.0.1:${redis.port}`,
     limits: [
       { name: 'tb10', match: { path: '/tb10/*' }, algorithm: 'token-bucket', limit: 10, window: '1s', burst: 5 },
@@ -197,7 +198,8 @@ t.test('delay delivers: three delayed requests on a rate of 1/s (burst 1) are al
     const seen = [...r].sort((p, q) => p.ms - q.ms).map((x) => `${x.status} after ${x.ms} ms`)
     t.comment(`round ${round}: ${seen.join(', ')} (N / r = 3000 ms)`)
     t.same(r.map((x) => x.status), [200, 200, 200], `round ${round}: all three admitted`)
-    t.ok(Math.max(...times) <= 3_000 + 1_500, `round ${round}: the last within N / r + slack (${Math.max(...times)} ms)`)
+    // The slack is for a busy machine (how long is in the comment above); a request held past its turn still fails it.
+    t.ok(Math.max(...times) <= 3_000 + 4_000, `round ${round}: the last within N / r + slack (${Math.max(...times)} ms)`)
   }
 })
 
@@ -326,7 +328,7 @@ t.test('a give-back delivered twice (same holder and sequence) is counted once, 
     client.disconnect()
     await relay.close()
   })
-  t.ok(await waitFor(() => client.status === 'ready', 5_000), 'connected through the relay')
+  t.ok(await waitFor(() => client.status === 'ready', 15_000), 'connected through the relay')
   const pool = new RedisPool(client, { call() {} })
   const limit = 100
   const req: LeaseRequest = { key: `giveback-${Date.now()}`, limit, windowMs: HOUR, want: 10, need: 1, holders: 1, algorithm: 'fixed', burst: 1 }
@@ -355,10 +357,10 @@ t.test('a give-back delivered twice (same holder and sequence) is counted once, 
   relay.holdReplies()
   pool.release({ ...back, tokens: 3, holder, seq: 1 })
   expected -= 3
-  const arrived = await waitFor(() => times() >= 1, 2_000)
+  const arrived = await waitFor(() => times() >= 1, 15_000)
   await sleep(300) // Redis applied it; its answer was dropped
   relay.cut()
-  const resent = await waitFor(() => client.status === 'ready' && times() >= 2, 5_000)
+  const resent = await waitFor(() => client.status === 'ready' && times() >= 2, 15_000)
   await sleep(300)
   t.ok(arrived, 'the give-back reached Redis')
   t.ok(resent, `the client re-sent it after the dropped connection (sent ${times()} times)`)

@@ -112,7 +112,8 @@ t.test('SIGKILL the master, then SIGSTOP the next one, under load: no 5xx, no wr
   t.ok(demoted, 'the sentinels demoted the resumed master')
   t.same(fresh, [], 'meliproxy opened no connection to it while it could take writes')
   t.ok(
-    await waitFor(async () => !/name=meliproxy-/.test((await old.call('CLIENT', 'LIST')) as string), 5_000),
+    // It notices the connections its clients dropped once it runs again: later on a busy machine.
+    await waitFor(async () => !/name=meliproxy-/.test((await old.call('CLIENT', 'LIST')) as string), 20_000),
     'and holds none to it now',
   )
 

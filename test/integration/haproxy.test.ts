@@ -1,5 +1,6 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { readFileSync, writeFileSync, mkdtempSync } from 'node:fs'
+import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
@@ -29,6 +30,40 @@ function register(): void {
   let haproxy: ChildProcess
   let lb: string
   let config: string
+  let statsSocket: string
+
+  /**
+   * HAProxy's own view of the backend's servers, by name (a, b): UP, DOWN, or a state on the way ("UP 1/2"), from
+   * `show stat` on its stats socket (the test adds one to the config). Empty when the socket does not answer.
+   */
+  async function servers(): Promise<Record<string, string>> {
+    const csv = await new Promise<string>((resolve) => {
+      const s = connect(statsSocket)
+      let out = ''
+      s.on('data', (c: Buffer) => (out += c.toString()))
+      s.on('error', () => resolve(''))
+      s.on('close', () => resolve(out))
+      s.end('show stat\n')
+    })
+    const [header, ...rows] = csv.trim().split('\n')
+    const columns = (header ?? '').replace(/^# /, '').split(',')
+    const status = columns.indexOf('status')
+    const out: Record<string, string> = {}
+    for (const row of rows) {
+      const cells = row.split(',')
+      if (cells[0] === 'meliproxy' && (cells[1] === 'a' || cells[1] === 'b')) out[cells[1]] = cells[status] ?? ''
+    }
+    return out
+  }
+  /** Waits until HAProxy reports server `name` as `state` (UP, or DOWN whatever its count); what it reports last. */
+  async function serverState(name: 'a' | 'b', state: 'UP' | 'DOWN', ms: number): Promise<{ ok: boolean; seen: string }> {
+    let seen = ''
+    const ok = await waitFor(async () => {
+      seen = (await servers())[name] ?? ''
+      return state === 'UP' ? seen === 'UP' : seen.startsWith('DOWN')
+    }, ms)
+    return { ok, seen }
+  }
 
   t.before(async () => {
     upstream = await startUpstream()
@@ -54,13 +89,19 @@ function register(): void {
       .replace('127.0.0.1:8081 check port 9091', `127.0.0.1:${a.port} check port ${a.adminPort}`)
       .replace('127.0.0.1:8082 check port 9092', `127.0.0.1:${b.port} check port ${b.adminPort}`)
     const dir = mkdtempSync(join(tmpdir(), 'meliproxy-haproxy-'))
-    writeFileSync(join(dir, 'haproxy.cfg'), cfg)
+    // A stats socket, for the test to see when HAProxy takes a server out of the rotation or back (not in the shipped file).
+    statsSocket = join(dir, 'stats.sock')
+    writeFileSync(join(dir, 'haproxy.cfg'), cfg.replace('global\n', `global\n    stats socket ${statsSocket}\n`))
     haproxy = spawn('haproxy', ['-db', '-f', join(dir, 'haproxy.cfg')], { stdio: ['ignore', 'ignore', 'pipe'] })
     let haproxyLog = ''
     haproxy.stderr!.on('data', (c: Buffer) => (haproxyLog += c))
     lb = `http://127.0.0.1:${front}`
-    if (!(await waitFor(async () => (await send(`${lb}/load/up`).catch(() => ({ status: 0 }))).status === 200, 10_000))) {
+    if (!(await waitFor(async () => (await send(`${lb}/load/up`).catch(() => ({ status: 0 }))).status === 200, 30_000))) {
       throw new Error(`haproxy did not come up: ${haproxyLog}`)
+    }
+    for (const name of ['a', 'b'] as const) {
+      const up = await serverState(name, 'UP', 30_000)
+      if (!up.ok) throw new Error(`haproxy did not put instance ${name} in the rotation (${up.seen}): ${haproxyLog}`)
     }
   })
   t.teardown(async () => {
@@ -81,11 +122,15 @@ function register(): void {
 
     let stop!: () => void
     const until = new Promise<void>((r) => (stop = r))
-    const load = steadyLoad({ url: `${lb}/load/steady`, concurrency: 6, maxRequests: 100_000, maxMs: 20_000, until })
+    const load = steadyLoad({ url: `${lb}/load/steady`, concurrency: 6, maxRequests: 400_000, maxMs: 60_000, until })
     await new Promise((r) => setTimeout(r, 800))
     const killed = [a.proc.pid!, ...a.workerPids()]
+    const killedAt = Date.now()
     for (const pid of killed) process.kill(pid, 'SIGKILL')
-    await new Promise((r) => setTimeout(r, 3_000)) // several health-check intervals
+    await new Promise((r) => setTimeout(r, 3_000)) // several health-check intervals under load
+    // HAProxy's checks take it out (about a second; later on a busy machine): the load goes on until they have.
+    const down = await serverState('a', 'DOWN', 30_000)
+    t.ok(down.ok, `HAProxy took the killed instance out of the rotation (${down.seen}, ${Date.now() - killedAt} ms after the kill)`)
     stop()
     const result = await load
     const failed = result.errors.length + Object.entries(result.byStatus).filter(([s]) => Number(s) >= 500).reduce((n, [, c]) => n + c, 0)
@@ -108,17 +153,21 @@ function register(): void {
   t.test('a rolling restart of the fleet behind HAProxy under load: zero failed requests', async (t) => {
     // A was killed above: it comes back on its ports first.
     a = await startMeliproxy(['--config', config], { port: a.port, adminPort: a.adminPort })
-    await new Promise((r) => setTimeout(r, 1_500)) // HAProxy's check brings it back (rise 1, inter 500 ms)
+    // HAProxy's check brings it back (rise 1, inter 500 ms; later on a busy machine).
+    const back = await serverState('a', 'UP', 30_000)
+    t.ok(back.ok, `HAProxy put the restarted instance back (${back.seen})`)
     let stop!: () => void
     const until = new Promise<void>((r) => (stop = r))
-    const load = steadyLoad({ url: `${lb}/load/rolling`, concurrency: 6, maxRequests: 200_000, maxMs: 60_000, until })
+    const load = steadyLoad({ url: `${lb}/load/rolling`, concurrency: 6, maxRequests: 400_000, maxMs: 120_000, until })
     for (const name of ['a', 'b'] as const) {
       const old = name === 'a' ? a : b
       await old.stop() // SIGTERM: /readyz turns 503, the port closes, in-flight requests finish
       const fresh = await startMeliproxy(['--config', config], { port: old.port, adminPort: old.adminPort })
       if (name === 'a') a = fresh
       else b = fresh
-      await new Promise((r) => setTimeout(r, 1_500))
+      // The next one stops only once HAProxy sends to this one again (a fixed wait could end before its check did).
+      const up = await serverState(name, 'UP', 30_000)
+      t.ok(up.ok, `HAProxy put the new ${name} in the rotation (${up.seen})`)
     }
     stop()
     const result = await load
@@ -132,17 +181,18 @@ function register(): void {
     const until = new Promise<void>((r) => (stop = r))
     let n = 0
     const url = (): string => (n++ % 2 === 0 ? `${lb}/cat/1` : `${lb}/load/redis-${n % 50}`)
-    const load = steadyLoad({ url, concurrency: 6, maxRequests: 200_000, maxMs: 60_000, until })
+    const load = steadyLoad({ url, concurrency: 6, maxRequests: 400_000, maxMs: 150_000, until })
     await new Promise((r) => setTimeout(r, 500))
     const oldMaster = topo.master.port
     topo.master.signal('SIGKILL')
-    t.ok(await waitFor(async () => (await topo.currentMasterPort()) !== oldMaster, 15_000), 'the replica was promoted')
+    // A sentinel starved of CPU for 2 s enters TILT and acts on nothing for 30 s: the deadline allows TILT plus a failover.
+    t.ok(await waitFor(async () => (await topo.currentMasterPort()) !== oldMaster, 45_000), 'the replica was promoted')
     await new Promise((r) => setTimeout(r, 1_000))
     topo.replica.signal('SIGKILL') // no Redis left at all
     const readiness = await waitFor(async () => {
       const both = await Promise.all([admin(a, '/readyz'), admin(b, '/readyz')])
       return both.every((r) => r.status === 200 && r.body.redis === 'unreachable')
-    }, 5_000)
+    }, 30_000)
     t.ok(readiness, 'both instances stay ready and report Redis unreachable in /readyz')
     await new Promise((r) => setTimeout(r, 3_000)) // several health-check intervals with Redis gone
     stop()

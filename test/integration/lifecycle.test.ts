@@ -23,12 +23,14 @@ t.test('a worker killed with SIGKILL is replaced and requests keep succeeding', 
   // The primary notices the death and forks a replacement; meanwhile the surviving worker keeps serving.
   // (A connection the primary hands to the worker in the instant it dies can be lost with it: that window
   // is measured under load by the fault-tolerance tests, not here.)
+  // A generous deadline: a busy machine forks and starts a worker slowly; how long it took is reported.
+  const killedAt = Date.now()
   const replaced = await waitFor(async () => {
     const pids = proxy.workerPids()
     const r = await admin(proxy, '/readyz')
     return pids.length === 2 && !pids.includes(before[0]!) && r.body.workers.listening === 2
-  }, 5_000)
-  t.ok(replaced, 'a new worker took the dead one’s place')
+  }, 20_000)
+  t.ok(replaced, `a new worker took the dead one’s place (after ${Date.now() - killedAt} ms; workers ${proxy.workerPids().join(', ')})`)
   const result = await steadyLoad({ url: `${proxy.url}/echo/after-kill`, concurrency: 4, maxRequests: 200, maxMs: 5_000 })
   t.equal(result.byStatus[200], result.sent, `all ${result.sent} requests after the replacement succeeded`)
   t.same(result.errors, [])
@@ -42,7 +44,7 @@ t.test('SIGTERM lets an in-flight slow request finish, then exits 0', async (t) 
   const agent = new Agent()
   t.teardown(() => agent.close())
   const slow = request(`${proxy.url}/slow?ms=1200`, { dispatcher: agent })
-  await waitFor(() => upstream.seen.some((s) => s.url === '/slow?ms=1200'), 2_000)
+  t.ok(await waitFor(() => upstream.seen.some((s) => s.url === '/slow?ms=1200'), 15_000), 'the slow request reached the upstream')
   proxy.proc.kill('SIGTERM')
   const res = await slow
   t.equal(res.statusCode, 200)
@@ -134,21 +136,23 @@ t.test('SIGHUP under a steady stream of requests fails none of them and replaces
 
   let reloaded!: () => void
   const done = new Promise<void>((r) => (reloaded = r))
-  const load = steadyLoad({ url: `${proxy.url}/echo/reload`, concurrency: 8, maxRequests: 20_000, maxMs: 15_000, until: done })
+  const load = steadyLoad({ url: `${proxy.url}/echo/reload`, concurrency: 8, maxRequests: 100_000, maxMs: 60_000, until: done })
   await new Promise((r) => setTimeout(r, 300))
   proxy.proc.kill('SIGHUP')
+  const hupAt = Date.now()
   const swapped = await waitFor(() => {
     const now = proxy.workerPids()
     return now.length === 2 && now.every((p) => !before.includes(p))
-  }, 10_000)
+  }, 30_000)
+  const swappedMs = Date.now() - hupAt
   await new Promise((r) => setTimeout(r, 300))
   reloaded()
   const result = await load
-  t.ok(swapped, 'both workers were replaced')
+  t.ok(swapped, `both workers were replaced (${swappedMs} ms after SIGHUP)`)
   t.ok(result.sent > 100, `a steady stream was sent (${result.sent} requests)`)
   t.equal(result.byStatus[200], result.sent, 'every request succeeded')
   t.same(result.errors, [], 'no request failed')
-  t.ok(proxy.stderr.some((l) => l.includes('reload complete')), 'the reload is logged')
+  t.ok(await waitFor(() => proxy.stderr.some((l) => l.includes('reload complete')), 10_000), 'the reload is logged')
 })
 
 t.test('SIGHUP with an invalid config file is rejected with a log line and the old config keeps serving', async (t) => {
@@ -158,7 +162,7 @@ t.test('SIGHUP with an invalid config file is rejected with a log line and the o
   const before = proxy.workerPids().sort()
   writeFileSync(file, JSON.stringify({ upstream: upstream.url, port: 99999 }))
   proxy.proc.kill('SIGHUP')
-  const logged = await waitFor(() => proxy.stderr.some((l) => l.includes('reload rejected') && l.includes('99999')), 5_000)
+  const logged = await waitFor(() => proxy.stderr.some((l) => l.includes('reload rejected') && l.includes('99999')), 15_000)
   t.ok(logged, 'the rejection names the bad value')
   t.same(proxy.workerPids().sort(), before, 'the old workers keep running')
   const res = await request(`${proxy.url}/echo/still`)
@@ -177,7 +181,9 @@ t.test('/metrics sums the request counts of both workers', async (t) => {
     await res.body.dump()
     await agent.close()
   }
-  await waitFor(() => proxy.stdout.filter((l) => l.includes('/echo/count')).length === n, 2_000)
+  // The access log is written in batches: every line is waited for (a busy machine writes later).
+  const countLines = () => proxy.stdout.filter((l) => l.includes('/echo/count')).length
+  t.ok(await waitFor(() => countLines() === n, 15_000), `all ${n} requests are in the access log (saw ${countLines()})`)
   const workersSeen = new Set(
     proxy.stdout.filter((l) => l.includes('/echo/count')).map((l) => (JSON.parse(l) as { worker: number }).worker),
   )

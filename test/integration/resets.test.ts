@@ -14,8 +14,8 @@ import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
 const TOKEN = 'resets-test-token'
 const HOUR = 3_600_000
-/** RESYNC_MS of the rules controller, and room for a busy machine. */
-const RESYNC_DEADLINE_MS = 5_000 + 3_000
+/** RESYNC_MS of the rules controller, and generous room for a busy machine (how long it took is reported). */
+const RESYNC_DEADLINE_MS = 5_000 + 20_000
 const RULE = { name: 'items-ip', match: { path: '/items/*' }, per: ['ip'], limit: 3, window: '1h' }
 
 let upstream: TestUpstream
@@ -55,6 +55,9 @@ async function scans(): Promise<number> {
   return Number(/^cmdstat_scan:calls=(\d+)/m.exec(text)?.[1] ?? 0)
 }
 
+/** A key this file deletes itself after `during`, so its notification comes after every one before it. */
+const MARKER = 'resets-test:marker'
+
 /** Every key deleted while `during` runs (Redis keyspace notifications), and what `during` returned. */
 async function deletedBy<T>(during: () => Promise<T>): Promise<{ deleted: string[]; result: T }> {
   const sub = redis.client()
@@ -64,8 +67,13 @@ async function deletedBy<T>(during: () => Promise<T>): Promise<{ deleted: string
   sub.on('message', (_channel: string, key: string) => deleted.push(key))
   try {
     const result = await during()
-    await new Promise((res) => setTimeout(res, 200)) // notifications still on their way
-    return { deleted, result }
+    await new Promise((res) => setTimeout(res, 200)) // a moment for any deletion made after the answer
+    // Redis publishes notifications in the order it runs the commands: once the marker's arrives, every deletion made
+    // before it has arrived too, however slow the machine (a fixed wait alone could miss one).
+    await r.set(MARKER, '1')
+    await r.del(MARKER)
+    if (!(await waitFor(() => deleted.includes(MARKER), 15_000))) throw new Error(`the marker's notification did not come; seen: ${deleted.join(', ')}`)
+    return { deleted: deleted.filter((k) => k !== MARKER), result }
   } finally {
     sub.disconnect()
   }
@@ -123,7 +131,9 @@ t.test('a reset of a rule is one generation step for the fleet: nothing scanned 
   t.same(deleted, [], 'no key deleted')
   t.equal(await r.hget('mp:limits:generations', 'items-ip'), '1', 'the rule is at generation 1')
   t.same(await statuses(a, '127.0.0.33', 1), [200], 'the reset instance counts afresh at once')
-  t.ok(await waitFor(async () => (await statuses(b, '127.0.0.34', 1))[0] === 200, 2_000), 'and the other within milliseconds')
+  // Over pub/sub, within milliseconds when the machine is not busy: how long is reported, not asserted.
+  const resetAt = Date.now()
+  t.ok(await waitFor(async () => (await statuses(b, '127.0.0.34', 1))[0] === 200, 15_000), `and the other soon after (${Date.now() - resetAt} ms)`)
   t.same(await statuses(b, '127.0.0.33', 3), [200, 200, 429], 'one count for the fleet again: 1 on A, 2 on B, then full')
   t.ok(before.every((k) => k.startsWith('mp:rl:items-ip|')), 'the old buckets were generation 0')
   t.same((await r.keys('mp:rl:items-ip*')).filter((k) => !before.includes(k)).sort(), ['mp:rl:items-ip~1|127.0.0.33', 'mp:rl:items-ip~1|127.0.0.34'],
@@ -139,7 +149,7 @@ t.test('a reset no subscriber heard is in force on every instance within the re-
   const all = await deaf(() => adminCall(a, 'POST', '/api/limits/reset', { body: { rule: 'items-ip' }, token: TOKEN }))
   t.same(all.body, { rule: 'items-ip', key: null, generation: 2 })
   t.ok(await waitFor(async () => (await statuses(b, '127.0.0.35', 1))[0] === 200, RESYNC_DEADLINE_MS), 'B counts the client afresh')
-  t.ok(b.stderr.slice(lines).some((l) => l.includes('rule generations read from the store')),
+  t.ok(await waitFor(() => b.stderr.slice(lines).some((l) => l.includes('rule generations read from the store')), 10_000),
     'B learnt it by reading, not from the channel')
 })
 

@@ -28,7 +28,8 @@ t.before(async () => {
     accessLog: false,
     cache: false,
     instances: 2,
-    limiterTimeout: '200ms',
+    // Generous: on a busy machine a 200 ms call to a live Redis can expire, and the local fallback then decides.
+    limiterTimeout: '1s',
     redisUrl: `redis://127.0.0.1:${redis.port}`,
     limits: [
       { name: 's', match: { path: '/users/*' }, algorithm: 'sliding', limit: 10, window: '10s' },
@@ -52,26 +53,35 @@ t.teardown(async () => {
 })
 
 t.test('sliding 10 per 10 s: never more than 10 admitted in any 10-second span, across window edges', async (t) => {
-  const admitted: number[] = []
+  // When each admitted request was sent and when its answer came: it was decided somewhere in between.
+  const admitted: { sent: number; answered: number }[] = []
   const retryAfter: number[] = []
   const start = Date.now()
   // A request every 100 ms for 18 s, alternating instances: traffic across two window edges.
   for (let i = 0; i < 180 && Date.now() - start < 30_000; i++) {
+    const sent = Date.now()
     const r = await send(`${(i % 2 ? a : b).url}/users/${i}`)
-    if (r.status === 200) admitted.push(Date.now())
+    if (r.status === 200) admitted.push({ sent, answered: Date.now() })
     else {
       t.equal(r.status, 429)
       retryAfter.push(Number(r.headers['retry-after']))
     }
     await sleep(Math.max(0, start + (i + 1) * 100 - Date.now()))
   }
+  // Admitted ones decided surely within 10 s of each other: the later answered less than 10 s after the earlier was
+  // sent (a slow answer to the earlier one cannot make them look closer than they were). The count by answer times
+  // alone is reported.
   let most = 0
+  let byAnswers = 0
   for (let i = 0; i < admitted.length; i++) {
     let j = i
-    while (j < admitted.length && admitted[j]! - admitted[i]! < 10_000) j++
+    while (j < admitted.length && admitted[j]!.answered - admitted[i]!.sent < 10_000) j++
     most = Math.max(most, j - i)
+    let k = i
+    while (k < admitted.length && admitted[k]!.answered - admitted[i]!.answered < 10_000) k++
+    byAnswers = Math.max(byAnswers, k - i)
   }
-  t.ok(most <= 10, `at most 10 in any 10 s span (most seen: ${most})`)
+  t.ok(most <= 10, `at most 10 in any 10 s span (most seen: ${most}; by answer times ${byAnswers})`)
   t.ok(Math.max(...retryAfter) >= 5, `Retry-After says when the oldest slot leaves the window, not the slot's end (up to ${Math.max(...retryAfter)} s)`)
   t.ok(admitted.length >= 15, `room came back after each window (${admitted.length} admitted over ${Date.now() - start} ms)`)
 })
@@ -140,8 +150,13 @@ t.test('delay: a request over the limit waits for room; one whose turn cannot co
   const times: number[] = []
   const r = await burst(100, 100, () => send(`${a.url}/slow-lane/q`).then((g) => (times.push(Date.now() - started), g)))
   t.ok((r.byStatus[429] ?? 0) >= 36, `at least 100 - 64 refused (${JSON.stringify(r.byStatus)})`)
-  t.ok(Math.min(...times) < 1_000, `a refusal came at once (${Math.min(...times)} ms)`)
-  t.ok((r.byStatus[200] ?? 0) <= 6, `about 1 per second over 3 s admitted (${r.byStatus[200] ?? 0})`)
+  // "At once": well before maxDelay (3 s), which a refusal that waited would take; a busy machine is slower to answer.
+  t.ok(Math.min(...times) < 2_500, `a refusal came at once (${Math.min(...times)} ms)`)
+  // One token a second and a bucket of 1: in the time the burst took (about 3 s, longer on a busy machine, where the
+  // 100 arrive over a longer time) at most 1 + one a second can be admitted; 6 allows for about 4 s.
+  const lastMs = Math.max(...times)
+  const most = Math.max(6, 2 + Math.ceil(lastMs / 1_000))
+  t.ok((r.byStatus[200] ?? 0) <= most, `about 1 per second over 3 s admitted (${r.byStatus[200] ?? 0} in ${lastMs} ms; at most ${most})`)
   const m = await admin(a, '/metrics')
   t.ok(sumMetric(m.text, 'meliproxy_limiter_delayed_total', /outcome="too_long"/) >= 36, 'refused at once as too_long: room could not come within maxDelay')
   t.ok(sumMetric(m.text, 'meliproxy_limiter_delayed_total', /outcome="admitted"/) > 0, 'admitted after waiting counted')
@@ -149,10 +164,10 @@ t.test('delay: a request over the limit waits for room; one whose turn cannot co
   t.ok(limited >= (r.byStatus[429] ?? 0), `every 429 counted limited, queued ones never decided included (${limited} limited, ${r.byStatus[429] ?? 0} refused)`)
   t.ok(limited <= 101, `a request is counted limited once, not per time it asked again (${limited} limited for 101 requests to this instance)`)
   let shadow = 0
-  for (let i = 0; i < 50 && shadow < 101; i++) {
-    if (i > 0) await sleep(100)
+  await waitFor(async () => {
     shadow = sumMetric((await admin(a, '/metrics')).text, 'meliproxy_limiter_requests_total', /rule="ds",outcome="shadow_/)
-  }
+    return shadow >= 101
+  }, 20_000)
   t.equal(shadow, 101, 'the shadow rule on the same path counted each of the 101 requests to this instance once, those refused while queued included')
 })
 
