@@ -187,6 +187,20 @@ export async function startMeliproxy(
   return running
 }
 
+/**
+ * Starts instances at once, one per argument list; when one fails to start, the others are stopped before the error
+ * is thrown (a test file's teardown never sees them, and they would keep it running until tap's timeout).
+ */
+export async function startTogether<T extends string[][]>(argsList: [...T]): Promise<{ [K in keyof T]: RunningProxy }> {
+  const settled = await Promise.allSettled(argsList.map((args) => startMeliproxy(args)))
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected')
+  if (failed !== undefined) {
+    await Promise.all(settled.map((r) => (r.status === 'fulfilled' ? r.value.stop() : undefined)))
+    throw failed.reason
+  }
+  return settled.map((r) => (r as PromiseFulfilledResult<RunningProxy>).value) as { [K in keyof T]: RunningProxy }
+}
+
 /** Writes a config file (JSON, which the binary reads by its extension) into a fresh temp folder; returns its path. */
 export function writeConfig(doc: Record<string, unknown>, name = 'meliproxy.json'): string {
   const dir = mkdtempSync(join(tmpdir(), 'meliproxy-config-'))

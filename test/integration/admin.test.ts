@@ -1,6 +1,6 @@
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
-import { adminCall, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
+import { adminCall, runBinary, startMeliproxy, startTogether, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -18,7 +18,7 @@ t.before(async () => {
   })
   redis = await startRedis()
   const args = ['--upstream', upstream.url, '--redis-url', `redis://127.0.0.1:${redis.port}`, '--admin-token', TOKEN]
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

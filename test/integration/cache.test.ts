@@ -1,6 +1,6 @@
 import t from 'tap'
 import { burst, closeAgents, send } from '../helpers/client.js'
-import { admin, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, startTogether, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { steadyLoad, sumMetric } from '../helpers/load.js'
 import { startRedis, startSentinels, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -95,7 +95,7 @@ t.before(async () => {
   })
   redis = await startRedis()
   const args = ['--upstream', upstream.url, '--redis-url', `redis://127.0.0.1:${redis.port}`, '--no-access-log', '--cache-max-object', '2kb']
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
 })
 
 t.teardown(async () => {

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs'
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
 import { steadyLoad, sumMetric } from '../helpers/load.js'
-import { admin, adminCall, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, adminCall, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startCluster, type ClusterTopology } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -44,7 +44,7 @@ t.before(async () => {
   // test below tells a bucket that skipped Redis because of its own master from one that timed out.
   const args = ['--upstream', upstream.url, '--redis-cluster', cluster.seedList, '--admin-token', TOKEN, '--limiter-timeout', '1s', '--instances', '2',
     '--config', writeConfig({ accessLog: false, limits: [ITEMS, LIM, SIDE] })]
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

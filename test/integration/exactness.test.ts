@@ -7,7 +7,7 @@ import type { Giveback, LeaseRequest } from '../../src/limiter/types.js'
 import { RedisPool } from '../../src/limiter/redis-pool.js'
 import { awayFromWindowEdge, closeAgents, send } from '../helpers/client.js'
 import { sumMetric } from '../helpers/load.js'
-import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startRelay } from '../helpers/relay.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -55,7 +55,7 @@ t.before(async () => {
       ...Array.from({ length: WEIGHTED_ROUNDS }, (_, i) => ({ name: `w${i}`, match: { path: `/w${i}/*` }, limit: 10, window: '1h', cost: 5 })),
     ],
   })
-  ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+  ;[a, b] = await startTogether([['--config', config], ['--config', config]])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

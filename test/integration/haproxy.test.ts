@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
 import { steadyLoad } from '../helpers/load.js'
-import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { freePort } from '../helpers/ports.js'
 import { startSentinels, type SentinelTopology } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -82,7 +82,7 @@ function register(): void {
       shutdownDelay: '2s', // longer than HAProxy needs to see /readyz fail (inter 500ms, fall 2)
       limits: [{ name: 'per-client', match: { path: '/lim/*' }, per: ['ip'], limit: 30, window: '1h' }],
     })
-    ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+    ;[a, b] = await startTogether([['--config', config], ['--config', config]])
     const front = await freePort()
     const cfg = readFileSync(new URL('../../config/haproxy.cfg', import.meta.url), 'utf8')
       .replace('127.0.0.1:8080', `127.0.0.1:${front}`)

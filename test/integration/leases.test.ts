@@ -1,7 +1,7 @@
 import t from 'tap'
 import { awayFromWindowEdge, burst, closeAgents, send } from '../helpers/client.js'
 import { sumMetric } from '../helpers/load.js'
-import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -33,7 +33,7 @@ t.before(async () => {
       { name: 'high-client', match: { path: '/high/*' }, per: ['ip'], limit: 100_000_000, window: '1h' },
     ],
   })
-  ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+  ;[a, b] = await startTogether([['--config', config], ['--config', config]])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

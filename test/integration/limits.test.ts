@@ -1,6 +1,6 @@
 import t, { type Test } from 'tap'
 import { awayFromWindowEdge, burst, closeAgents, send, type Got } from '../helpers/client.js'
-import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startMeliproxy, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { sumMetric } from '../helpers/load.js'
 import { startRedis, startSentinels } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
@@ -105,7 +105,7 @@ t.test('standalone Redis: the example rules; two instances of two workers admit 
     redisUrl: `redis://127.0.0.1:${redis.port}`,
     limits: [...exampleRules, { name: 'shared', match: { path: '/shared/**' }, limit: 100, window: '1h' }],
   })
-  const [a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+  const [a, b] = await startTogether([['--config', config], ['--config', config]])
   t.teardown(() => Promise.all([a.stop(), b.stop()]))
   await exampleRulesScenario(t, a)
 

@@ -1,7 +1,7 @@
 import t from 'tap'
 import type { Redis } from 'ioredis'
 import { awayFromWindowEdge, closeAgents, send } from '../helpers/client.js'
-import { admin, adminCall, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, adminCall, startMeliproxy, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -34,7 +34,7 @@ t.before(async () => {
   r = redis.client()
   const args = ['--upstream', upstream.url, '--redis-url', `redis://127.0.0.1:${redis.port}`, '--admin-token', TOKEN,
     '--config', writeConfig({ limits: [RULE] })]
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

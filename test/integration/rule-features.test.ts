@@ -1,7 +1,7 @@
 import t from 'tap'
 import { burst, closeAgents, send } from '../helpers/client.js'
 import { sumMetric } from '../helpers/load.js'
-import { admin, startMeliproxy, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, startTogether, waitFor, writeConfig, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -43,7 +43,7 @@ t.before(async () => {
       { name: 'ds', match: { path: '/slow-lane/*' }, limit: 1_000_000, window: '1h', mode: 'shadow' },
     ],
   })
-  ;[a, b] = await Promise.all([startMeliproxy(['--config', config]), startMeliproxy(['--config', config])])
+  ;[a, b] = await startTogether([['--config', config], ['--config', config]])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])

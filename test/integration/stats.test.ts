@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs'
 import t from 'tap'
 import { awayFromWindowEdge, closeAgents, send } from '../helpers/client.js'
-import { admin, adminCall, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, adminCall, startMeliproxy, startTogether, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startRedis, type RedisProcess } from '../helpers/redis.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 
@@ -28,7 +28,7 @@ t.before(async () => {
   }
   redis = await startRedis()
   args = ['--upstream', upstream.url, '--redis-url', `redis://127.0.0.1:${redis.port}`, '--admin-token', TOKEN]
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
 })
 t.teardown(async () => {
   await Promise.all([a?.stop(), b?.stop()])
@@ -78,7 +78,7 @@ t.test('statistics from two instances sharing Redis add up exactly to the reques
 
 t.test('statistics survive a restart of every instance', async (t) => {
   await Promise.all([a.stop(), b.stop()])
-  ;[a, b] = await Promise.all([startMeliproxy(args), startMeliproxy(args)])
+  ;[a, b] = await startTogether([args, args])
   t.equal(await totals(a), 50, 'the restarted instance reads what was stored')
   await send(`${b.url}/items/MLA1`, { from: '127.0.0.6' })
   let seen = -1
