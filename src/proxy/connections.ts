@@ -101,6 +101,18 @@ export class Connections {
   }
 
   /**
+   * The worker drains: a connection whose last accepted request's answer has not begun closes after it, and that
+   * answer says so (`Connection: close`); later requests on it are not processed. (One whose answer has begun keeps
+   * its keep-alive answer and is closed once idle, or by the next request's answer.)
+   */
+  drain(socket: Socket): void {
+    const s = (socket as Tagged<Socket>)[STATE]
+    if (s === undefined || s.pending === 0 || s.lastRes === null || s.lastRes.headersSent) return
+    s.lastRes.shouldKeepAlive = false
+    s.closing = true
+  }
+
+  /**
    * The parser refused bytes on the connection; what becomes of `answer` (a raw response with Connection: close, or ''
    * to close only):
    * - the bytes are the rest of the request being read (a bad chunk, a body too slow) and its answer is still to come:

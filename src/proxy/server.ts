@@ -258,6 +258,7 @@ export class ProxyServer {
     NetServer.prototype.close.call(this.#server)
     // Every open socket gets IDLE_MS from now: one in use will carry a Connection: close response by then.
     this.#drainStart = Date.now()
+    for (const s of this.#sockets) this.#connections.drain(s)
     this.#drainTimers.push(setInterval(this.#drainStep, 50))
     const deadline = setTimeout(() => {
       this.#log.warn('drain timeout: closing remaining connections', { inFlight: this.#hooks.inFlight() })

@@ -48,6 +48,7 @@ t.test('SIGTERM lets an in-flight slow request finish, then exits 0', async (t) 
   proxy.proc.kill('SIGTERM')
   const res = await slow
   t.equal(res.statusCode, 200)
+  t.equal(res.headers.connection, 'close', 'its answer says the connection closes (its head went out after the drain began)')
   t.equal(await res.body.text(), 'slow done', 'the in-flight request got its whole answer')
   t.equal(await proxy.exited, 0, 'the primary exited 0')
   t.same(proxy.workerPids(), [], 'no worker is left behind')
