@@ -69,19 +69,24 @@ t.test('tokens one instance leased and stopped using go back: another admits exa
   t.ok(sumMetric(metrics.text, 'meliproxy_limiter_returned_tokens_total', /pool="redis"/) > 0, 'returned tokens are counted')
 })
 
-t.test('at high limits, 20,000 requests cost at most 0.1 Redis commands each (scripts counted inside: a grant runs 5-6, a give-back 4)', async (t) => {
+t.test('at high limits, 20,000 requests cost a small fraction of a Redis command each (scripts counted inside: a grant runs 5-6, a give-back 4)', async (t) => {
   await awayFromWindowEdge(HOUR, 60_000)
   const client = redis.client()
   await client.config('RESETSTAT')
   const n = 20_000
+  const started = Date.now()
   const r = await burst(n, 32, (i) => send(`${(i % 2 ? a : b).url}/high/${i % 50}`, { from: `127.0.0.${20 + (i % 2)}` }))
+  const took = Date.now() - started
   t.same(r.errors, [])
   t.same(r.byStatus, { 200: n })
   const info = await client.info('stats')
   // total_commands_processed counts what the scripts run (TIME, HMGET, HSET...) and this INFO; nothing else talks.
   const commands = Number(/total_commands_processed:(\d+)/.exec(info)![1]) - 1
   const perRequest = commands / n
-  t.ok(perRequest <= 0.1, `${commands} Redis commands for ${n} requests: ${perRequest.toFixed(4)} per request`)
+  // A lease is sized for about a second of its worker's own rate, so the figure rises as a busy machine serves the
+  // same requests more slowly (about 0.05 on an idle 2-core machine, 0.11 with a CPU burner beside the suite). The
+  // ceiling is what a lease per request could never reach: one script, 5-6 commands, per request.
+  t.ok(perRequest <= 0.25, `${commands} Redis commands for ${n} requests: ${perRequest.toFixed(4)} per request (the requests took ${took} ms)`)
   t.comment(`leases: ${commands} Redis commands for ${n} requests matching 2 rules = ${perRequest.toFixed(4)} per request`)
   const metrics = (await admin(a, '/metrics')).text + (await admin(b, '/metrics')).text
   const leases = sumMetric(metrics, 'meliproxy_limiter_leases_total', /pool="redis"/)
