@@ -103,11 +103,13 @@ export class Connections {
   /**
    * The worker drains: a connection whose last accepted request's answer has not begun closes after it, and that
    * answer says so (`Connection: close`); later requests on it are not processed. (One whose answer has begun keeps
-   * its keep-alive answer and is closed once idle, or by the next request's answer.)
+   * its keep-alive answer and is closed once idle, or by the next request's answer. One with a parser refusal queued
+   * after its answers keeps them as they are: that refusal, already logged as sent, goes out last and closes it.)
    */
   drain(socket: Socket): void {
     const s = (socket as Tagged<Socket>)[STATE]
     if (s === undefined || s.pending === 0 || s.lastRes === null || s.lastRes.headersSent) return
+    if (s.finalAnswer !== null && s.finalAnswer !== '') return
     s.lastRes.shouldKeepAlive = false
     s.closing = true
   }

@@ -202,3 +202,21 @@ t.test('/metrics sums the request counts of both workers', async (t) => {
     t.ok(k in entry, `access log has ${k}`)
   }
 })
+
+t.test('SIGTERM: a parser refusal queued behind an answer in progress still goes out, as logged, and closes the connection', async (t) => {
+  const proxy = await startMeliproxy(['--upstream', upstream.url, '--no-cache'], { workers: 1 })
+  t.teardown(() => proxy.stop())
+  // A slow request, then bytes the parser refuses: the 400 waits for the slow answer (logged as sent at once).
+  const c = rawClient(proxy.port)
+  c.s.write('GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n\x01junk\r\n\r\n')
+  t.ok(await waitFor(() => upstream.seen.some((s) => s.url === '/slow?ms=1500'), 10_000), 'the slow request reached the upstream')
+  await new Promise((r) => setTimeout(r, 200))
+  const drainAt = Date.now()
+  proxy.proc.kill('SIGTERM')
+  t.ok(await waitFor(() => c.closed(), 15_000), `the connection closed (${Date.now() - drainAt} ms after SIGTERM)`)
+  t.same([...c.got().matchAll(/HTTP\/1\.1 (\d{3})/g)].map((m) => Number(m[1])), [200, 400], 'the slow answer, then the refusal')
+  t.match(c.got(), /slow done/, 'the slow answer whole')
+  t.equal(await proxy.exited, 0, 'the primary exited 0')
+  const lines = proxy.stdout.filter((l) => l.startsWith('{"time"')).map((l) => JSON.parse(l) as { path: string; status: number })
+  t.same(lines.map((l) => [l.path, l.status]).sort(), [['-', 400], ['/slow?ms=1500', 200]], 'each logged with the status the client got')
+})
