@@ -26,6 +26,16 @@ export interface RunningProxy {
   stop(): Promise<void>
 }
 
+/** Whether a process with this PID exists (signal 0 checks without sending anything). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch {
+    return false
+  }
+}
+
 /** Child PIDs of `pid`, from /proc (Linux). */
 export function childPids(pid: number): number[] {
   const out: number[] = []

@@ -2,7 +2,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import t from 'tap'
 import { closeAgents, send } from '../helpers/client.js'
-import { childPids, cleanEnv, waitFor } from '../helpers/meliproxy.js'
+import { alive, childPids, cleanEnv, waitFor } from '../helpers/meliproxy.js'
 import { freePort } from '../helpers/ports.js'
 import { startUpstream } from '../helpers/upstream.js'
 
@@ -23,15 +23,6 @@ const TOPOLOGIES = [
 /** Every process below `pid`, depth first. */
 function descendants(pid: number): number[] {
   return childPids(pid).flatMap((c) => [c, ...descendants(c)])
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch {
-    return false
-  }
 }
 
 if (!hasTools) t.plan(0, 'redis-server or haproxy is not installed (.ci/run installs both)')

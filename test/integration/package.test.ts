@@ -9,7 +9,7 @@ import t from 'tap'
 import { request } from 'undici'
 import { OPENAPI } from '../../src/admin/openapi.js'
 import { closeAgents, send } from '../helpers/client.js'
-import { admin, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
+import { admin, alive, runBinary, startMeliproxy, waitFor, type RunningProxy } from '../helpers/meliproxy.js'
 import { startUpstream, type TestUpstream } from '../helpers/upstream.js'
 import { bootContainer, containerUnavailable } from '../helpers/container.js'
 import { freePort } from '../helpers/ports.js'
@@ -45,15 +45,6 @@ let installedBin = ''
 let installedConfig = ''
 
 const sha256 = (path: string): string => createHash('sha256').update(readFileSync(path)).digest('hex')
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch {
-    return false
-  }
-}
 
 /** Whether a test container is gone: its systemd, its nspawn and its throw-away copy of the root file system. */
 const containerGone = (c: { leader: number; nspawn: number; copy: string }) => (): boolean => !alive(c.leader) && !alive(c.nspawn) && !existsSync(c.copy)
