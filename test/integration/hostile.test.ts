@@ -137,12 +137,9 @@ t.test('at --max-connections an idle keep-alive connection makes room for a new 
   t.teardown(() => capped.stop())
   /** A raw keep-alive connection that sends one request at once; `answered` once its response head arrived. */
   const open = (path: string) => {
-    const s = connect({ port: capped.port, host: '127.0.0.1' })
-    let got = ''
-    s.on('error', () => {})
-    s.on('data', (c: Buffer) => (got += c.toString('latin1')))
-    s.write(`GET ${path} HTTP/1.1\r\n${HOST}\r\n`)
-    return { s, answered: () => got.includes('\r\n\r\n') }
+    const c = rawClient(capped.port)
+    c.s.write(`GET ${path} HTTP/1.1\r\n${HOST}\r\n`)
+    return { s: c.s, answered: () => c.got().includes('\r\n\r\n') }
   }
   const metric = async (action: string) => sumMetric((await admin(capped, '/metrics')).text, 'meliproxy_connections_at_cap_total', new RegExp(`action="${action}"`))
 
